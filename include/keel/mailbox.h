@@ -1,0 +1,228 @@
+/*
+ * keel/mailbox.h: mailboxes and proxying.
+ *
+ * Every task has a mailbox: a multi-producer, single-consumer queue of
+ * messages {work, cancel, arg}. Sending is lock-free and never blocks.
+ *
+ * The guarantee: every message a mailbox accepts gets exactly one outcome.
+ * Its work runs on the target, or its cancel handler runs on the target
+ * when the target's mailbox closes first. A refused send runs neither. This
+ * holds with any number of senders racing the target's close.
+ *
+ * Messages run only at explicit serve points: keel_serve(), which an event
+ * loop calls when keel_mailbox_fd() is readable, and the drain when the
+ * mailbox closes. They never run inside another keel call. One sender's
+ * messages to one target run in the order they were sent.
+ *
+ * See docs/mailbox.md.
+ */
+#ifndef KEEL_MAILBOX_H
+#define KEEL_MAILBOX_H
+
+#include "common.h"
+#include "task.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Work, done and cancel callbacks of plain messages. */
+typedef void (*keel_work_fn)(void *arg);
+
+/**
+ * typedef keel_ctx_t - a unit of proxied work that finishes later.
+ *
+ * Handed to a keel_ctx_work_fn. The work may return with the ctx still
+ * unfinished and complete it later, from any thread, with
+ * keel_ctx_finish(). A keel_ctx_t pointer is an opaque handle checked by
+ * generation, not an address: keel never dereferences a stale one.
+ */
+typedef struct keel_ctx keel_ctx_t;
+
+/* Work callback of the _ctx variants. */
+typedef void (*keel_ctx_work_fn)(keel_ctx_t *ctx, void *arg);
+
+/**
+ * keel_post() - send a fire-and-forget message.
+ * @target: the task to run it.
+ * @work:   run on @target at one of its serve points; must not be NULL.
+ * @cancel: run on @target instead of @work if its mailbox closes with the
+ *          message still queued; may be NULL.
+ * @arg:    passed to @work or @cancel.
+ *
+ * If the call returns 0, exactly one of @work or @cancel will run (a NULL
+ * @cancel counts as having run). If it returns an error, neither runs.
+ *
+ * Context: any thread, including threads keel did not start (the caller is
+ * not adopted); lock-free, never blocks; not a cancellation point; any
+ * locks may be held.
+ * Return: 0 if the message was accepted; -EINVAL if @work is NULL; -ESRCH
+ * if @target is not a live task (never was, or has ended); -ESHUTDOWN if
+ * its mailbox is closed; -ENOMEM if no memory was left for the message.
+ */
+KEEL_API int keel_post(keel_task_t target, keel_work_fn work,
+		       keel_work_fn cancel, void *arg);
+
+/**
+ * keel_serve() - run the calling task's pending messages.
+ * @deadline: absolute time to give up waiting; 0 drains without blocking.
+ *
+ * Runs the pending messages in order. If none is pending, spins for a few
+ * microseconds and then sleeps until one arrives, the deadline passes, or
+ * the task is cancelled; a task asleep here uses no CPU. Returns after a
+ * batch once the mailbox is empty, so a message that keeps posting to its
+ * own task cannot trap the caller.
+ *
+ * Context: the calling task (adopted if needed); blocks until @deadline;
+ * a cancellation point. Must not be called from inside a message.
+ * Return: the number of messages run (at least 1); -ETIMEDOUT if the
+ * deadline passed before any ran (including @deadline 0 with nothing
+ * pending); -ECANCELED if the task is cancelled; -ESHUTDOWN if its mailbox
+ * is closed; -EBUSY if called from inside a message being served; -ENOMEM
+ * if the thread could not be adopted.
+ */
+KEEL_API int keel_serve(keel_time_t deadline);
+
+/**
+ * keel_mailbox_fd() - a file descriptor that is readable while messages
+ * are pending for the calling task.
+ *
+ * For a task with its own event loop (epoll, poll, libuv, GLib): watch the
+ * fd for readability and call keel_serve(0) when it fires. The fd may
+ * occasionally be readable with nothing pending; keel_serve(0) then returns
+ * -ETIMEDOUT, which the loop ignores. The fd belongs to keel: do not read,
+ * write or close it. It is closed when the task ends, so take it out of
+ * your poll set before then. Repeated calls return the same fd.
+ *
+ * Context: the calling task (adopted if needed); never blocks.
+ * Return: the fd (an eventfd on Linux, the read end of a pipe elsewhere);
+ * -ESHUTDOWN if the mailbox is closed; -ENOMEM or another negative errno
+ * value if the fd could not be created.
+ */
+KEEL_API int keel_mailbox_fd(void);
+
+/**
+ * keel_mailbox_close() - stop accepting messages and cancel what is queued.
+ *
+ * After it returns, every send to the calling task is refused with
+ * -ESHUTDOWN, and every message it had accepted has had its outcome: the
+ * queued ones had their cancel handlers run, in order, on this task before
+ * this call returned. Replies this task was still owed by keel_call_then()
+ * get their cancel handler too (waiting for work already running on its
+ * target to return). A task's mailbox is closed this way when it ends,
+ * before anything else of the task is torn down. The fd of
+ * keel_mailbox_fd(), if any, stays open until the task ends.
+ *
+ * Context: the calling task; may wait for senders that are mid-send and for
+ * keel_call_then() work running elsewhere; not a cancellation point. May be
+ * called from inside a message: the rest of the queue is cancelled.
+ * Return: 0; -ESHUTDOWN if it was already closed; -ENOMEM if the thread
+ * could not be adopted.
+ */
+KEEL_API int keel_mailbox_close(void);
+
+/**
+ * keel_call() - run @work on @target and wait for it.
+ * @target:   the task to run it.
+ * @work:     run on @target at one of its serve points; must not be NULL.
+ * @arg:      passed to @work; may point into the caller's stack.
+ * @deadline: absolute time after which the caller stops waiting for @work
+ *            to start.
+ *
+ * After keel_call() returns, @work has either finished or will never run,
+ * so @arg may live on the caller's stack. Once @work has started, the call
+ * waits for it to finish regardless of the deadline or cancellation.
+ *
+ * Context: the calling task (adopted if needed); blocks; a cancellation
+ * point (until @work starts). The calling task does not serve its own
+ * mailbox while it waits.
+ * Return: 0 when @work ran; -EINVAL if @work is NULL; -EDEADLK if @target is
+ * the calling task; -ESRCH if @target is not a live task; -ESHUTDOWN if its
+ * mailbox closed before @work ran; -ETIMEDOUT if the deadline passed, or
+ * -ECANCELED if the caller was cancelled, before @work started; -ENOMEM.
+ */
+KEEL_API int keel_call(keel_task_t target, keel_work_fn work, void *arg,
+		       keel_time_t deadline);
+
+/**
+ * keel_call_then() - run @work on @target, then @done on the calling task.
+ * @target: the task to run @work.
+ * @work:   run on @target at one of its serve points; must not be NULL.
+ * @done:   run on the calling task, through its mailbox, after @work
+ *          returned; may be NULL.
+ * @cancel: run on the calling task instead of @done if @target ends before
+ *          @work ran, or if the calling task ends (closes its mailbox)
+ *          before @done was delivered; may be NULL.
+ * @arg:    passed to all three.
+ *
+ * If the call returns 0, exactly one of @done or @cancel runs, on the
+ * calling task, never both. @work runs at most once, and never after
+ * @cancel has started. The calling task must serve its mailbox to receive
+ * @done.
+ *
+ * Context: the calling task (adopted if needed); never blocks.
+ * Return: 0 if accepted; -EINVAL if @work is NULL; -ESRCH if @target is
+ * not a live task; -ESHUTDOWN if @target's mailbox or the caller's own
+ * mailbox is closed; -ENOMEM.
+ */
+KEEL_API int keel_call_then(keel_task_t target, keel_work_fn work,
+			    keel_work_fn done, keel_work_fn cancel, void *arg);
+
+/**
+ * keel_call_ctx() - keel_call() for work that finishes later.
+ * @target:   the task to run @work.
+ * @work:     run on @target with a ctx; the call completes when
+ *            keel_ctx_finish(ctx) is called, from any thread, during or
+ *            after @work.
+ * @arg:      passed to @work; may point into the caller's stack.
+ * @deadline: absolute time after which the caller stops waiting for @work
+ *            to start.
+ *
+ * Once @work has started, the call waits until the ctx is finished, or is
+ * cancelled because @target ended, regardless of the deadline.
+ *
+ * Context: as keel_call().
+ * Return: 0 when the ctx was finished; -ESHUTDOWN if @target ended before
+ * @work ran or before the ctx was finished; otherwise as keel_call().
+ */
+KEEL_API int keel_call_ctx(keel_task_t target, keel_ctx_work_fn work,
+			   void *arg, keel_time_t deadline);
+
+/**
+ * keel_call_then_ctx() - keel_call_then() for work that finishes later.
+ * @target: the task to run @work.
+ * @work:   run on @target with a ctx; @done is delivered after
+ *          keel_ctx_finish(ctx).
+ * @done:   as for keel_call_then(); may be NULL.
+ * @cancel: as for keel_call_then(), and also run if @target ends with the
+ *          ctx unfinished; may be NULL.
+ * @arg:    passed to all three.
+ *
+ * A calling task that ends while the ctx is unfinished waits in its
+ * mailbox close until the ctx is finished or @target ends, since @arg must
+ * stay valid while work is in flight.
+ *
+ * Context: as keel_call_then().
+ * Return: as keel_call_then().
+ */
+KEEL_API int keel_call_then_ctx(keel_task_t target, keel_ctx_work_fn work,
+				keel_work_fn done, keel_work_fn cancel,
+				void *arg);
+
+/**
+ * keel_ctx_finish() - complete the work of a _ctx call.
+ * @ctx: the ctx handed to the work callback.
+ *
+ * Context: any thread; never blocks; may be called inside the work
+ * callback or after it returned.
+ * Return: 0; -EINVAL if @ctx is NULL or was never a ctx; -ESTALE if the
+ * ctx's call is already over: it was finished before, or cancelled because
+ * its target ended.
+ */
+KEEL_API int keel_ctx_finish(keel_ctx_t *ctx);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KEEL_MAILBOX_H */

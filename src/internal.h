@@ -1,0 +1,341 @@
+/*
+ * internal.h: definitions shared by keel's source files. Never installed.
+ *
+ * The runtime every part shares: a registry of task slots with
+ * generation-checked handles (task.c), message records (msg.c), per-task
+ * mailboxes (mailbox.c) and proxying (proxy.c), a thread cache that runs
+ * tasks (thread_cache.c), and one way to block a thread: park/unpark on a
+ * per-task futex word that cancellation also wakes (task.c).
+ */
+#ifndef KEEL_INTERNAL_H
+#define KEEL_INTERNAL_H
+
+#include <pthread.h>
+#include <stdint.h>
+
+#include "atomic.h"
+#include "keel.h"
+#include "platform.h"
+
+/* keel's own thread-local state. Initial-exec: reached with one
+ * thread-pointer-relative load, not a call to __tls_get_addr. */
+#define KEEL_TLS __thread __attribute__((tls_model("initial-exec")))
+
+#define KEEL_CACHELINE 64
+#define KEEL_ALIGNED(n) __attribute__((aligned(n)))
+#define likely(x) __builtin_expect(!!(x), 1)
+#define unlikely(x) __builtin_expect(!!(x), 0)
+
+/* ---- Reporting ---------------------------------------------------------
+ * Programming errors that cannot be returned go through keel__panic(): it
+ * writes what happened and where to stderr without allocating, then aborts.
+ * It is compiled in with NDEBUG too. */
+__attribute__((noreturn, format(printf, 3, 4))) void
+keel__panic(const char *file, int line, const char *fmt, ...);
+
+#define KEEL_ASSERT(c)                                                      \
+	do {                                                                \
+		if (unlikely(!(c)))                                         \
+			keel__panic(__FILE__, __LINE__,                     \
+				    "internal invariant broken: %s", #c);   \
+	} while (0)
+
+/* ---- Yield injection ---------------------------------------------------
+ * With -DKEEL_DEBUG_YIELD=ON, KEEL_YIELD() marks the internal points where
+ * another thread's interleaving matters; when the environment sets
+ * KEEL_YIELD=<per-million>, each point yields the CPU with that
+ * probability, widening race windows for the stress tests. */
+#ifdef KEEL_DEBUG_YIELD
+void keel__yield_point(void);
+#define KEEL_YIELD() keel__yield_point()
+#else
+#define KEEL_YIELD() ((void)0)
+#endif
+
+/* ---- Message records ---------------------------------------------------
+ * Every message is a record from one type-stable table (msg.c): records are
+ * never freed, only recycled, and each carries its index, so a ctx handle
+ * can be an (index, generation) pair. Hot fields first: a post touches the
+ * first cache line only. */
+
+enum keel__msg_kind {
+	MSG_POST,
+	MSG_CALL,
+	MSG_CALL_CTX,
+	MSG_THEN,
+	MSG_THEN_CTX,
+};
+
+/* The low 8 bits of a record's state word; see proxy.c for the machine. */
+enum keel__msg_state {
+	ST_FREE,
+	ST_QUEUED,
+	ST_RUNNING,
+	ST_INFLIGHT,
+	ST_RESOLVING,
+	ST_DONE,
+	ST_SHUT,
+	ST_ABANDONED,
+	ST_REPLY_DONE,
+	ST_REPLY_CANCEL,
+	ST_ORPHANED,
+};
+
+#define MSG_STATE_BITS 8
+#define MSG_STATE_MASK ((uint64_t)0xff)
+
+struct keel__task;
+
+union keel__fn {
+	keel_work_fn work;
+	keel_ctx_work_fn ctx_work;
+};
+
+struct keel__msg {
+	_Atomic(struct keel__msg *) next; /* mailbox queue link */
+	union keel__fn fn;
+	void *arg;
+	keel_work_fn cancel;
+	keel_work_fn done;
+	/* generation << 8 | enum keel__msg_state; the generation changes each
+	 * time the record is freed. */
+	_Atomic uint64_t state;
+	struct keel__task *caller; /* call kinds: who waits or gets the reply */
+	keel_task_t caller_id;
+	/* _ctx kinds: the task whose in-flight list holds the record. Read
+	 * without a lock by keel_ctx_finish() on possibly stale handles. */
+	_Atomic(struct keel__task *) target;
+	uint32_t idx;
+	uint8_t kind;
+	/* The caller's owner-only list of then-kind records awaiting a
+	 * reply; while free, onext links the free list. */
+	struct keel__msg *oprev, *onext;
+	/* The target's in-flight ctx list, under target->ctx_lock; while
+	 * free, iprev links batches in the global pool. */
+	struct keel__msg *iprev, *inext;
+} KEEL_ALIGNED(KEEL_CACHELINE);
+
+struct keel__msg *keel__msg_refill(void);
+void keel__msg_flush(int all);
+/* The record at index idx, or NULL if idx was never handed out. */
+struct keel__msg *keel__msg_at(uint32_t idx);
+
+/* ---- Thread-local state ------------------------------------------------ */
+struct keel__tls {
+	struct keel__task *self; /* the task running on this thread */
+	struct keel__msg *cache; /* free message records, linked by onext */
+	uint32_t ncache;
+	uint8_t registered; /* the thread-exit key holds a value */
+	uint8_t exited;     /* the thread-exit hook has run once */
+	uint32_t rng;       /* yield injection */
+};
+
+extern KEEL_TLS struct keel__tls keel__tls;
+
+/* Register the thread-exit hook for this thread (idempotent until the hook
+ * has run; after that, registers again so that late keel use is cleaned up
+ * by another round of destructors). */
+void keel__tls_register(void);
+
+#define MSG_CACHE_BATCH 64
+
+static inline struct keel__msg *keel__msg_alloc(void)
+{
+	struct keel__msg *m = keel__tls.cache;
+
+	if (likely(m != NULL)) {
+		keel__tls.cache = m->onext;
+		keel__tls.ncache--;
+		return m;
+	}
+	return keel__msg_refill();
+}
+
+static inline void keel__msg_free(struct keel__msg *m)
+{
+	uint64_t gen = load_relaxed(&m->state) >> MSG_STATE_BITS;
+
+	/* A new generation for every use, so that no stale keel_ctx_t ever
+	 * matches; generation 0 (mod 2^40) is skipped so that a ctx handle is
+	 * never NULL. */
+	gen++;
+	if ((gen & (((uint64_t)1 << 40) - 1)) == 0)
+		gen++;
+	store_relaxed(&m->state, gen << MSG_STATE_BITS | ST_FREE);
+	m->onext = keel__tls.cache;
+	keel__tls.cache = m;
+	if (unlikely(++keel__tls.ncache >= 4 * MSG_CACHE_BATCH))
+		keel__msg_flush(0);
+}
+
+/* ---- Tasks -------------------------------------------------------------
+ * Mailbox word layout, see mailbox.c. */
+#define MB_COUNT_MASK (((uint64_t)1 << 21) - 1)
+#define MB_SLEEPING ((uint64_t)1 << 21)
+#define MB_CLOSED ((uint64_t)1 << 22)
+#define MB_ENDED ((uint64_t)1 << 23)
+#define MB_GEN_SHIFT 24
+#define TASK_IDX_BITS 24
+#define TASK_IDX_MASK (((uint64_t)1 << TASK_IDX_BITS) - 1)
+#define TASK_GEN_MAX (((uint64_t)1 << (64 - TASK_IDX_BITS)) - 1)
+
+/* Park word states; see task.c. */
+#define PARK_EMPTY 0u
+#define PARK_TOKEN 1u
+#define PARK_PARKED 2u
+
+struct keel__task {
+	/* Line 0, written by every sender: the mailbox word and the tail of
+	 * the queue, together so that a send moves one line. */
+	_Atomic uint64_t mword;
+	_Atomic(struct keel__msg *) tail;
+	char pad0[KEEL_CACHELINE - 16];
+
+	/* Line 1, owner only: the head of the queue. */
+	struct keel__msg *head;
+	char pad1[KEEL_CACHELINE - sizeof(void *)];
+
+	/* The queue's stub record (Vyukov's algorithm); its own lines. */
+	struct keel__msg stub;
+
+	/* Wake-up line: read by wakers, written rarely. */
+	_Atomic uint32_t park;
+	_Atomic int notify_wfd; /* -1 until keel_mailbox_fd() */
+	/* generation << 24 | cancellation cause (0: not cancelled); the
+	 * generation makes a cancel by handle exact. */
+	_Atomic uint64_t cancel;
+	_Atomic uint32_t ended; /* futex word: 1 once the task has ended */
+	char pad2[KEEL_CACHELINE - 24];
+
+	/* Owner only. */
+	keel_task_t id;
+	struct keel__msg *running;     /* call/then record whose work runs */
+	struct keel__msg *outstanding; /* then-kind records owed a reply */
+	int64_t spin_ns;               /* adaptive spin budget */
+	int notify_rfd;
+	uint8_t serving;
+	uint8_t closed;
+	uint8_t fd_mode;
+
+	/* Exit status: written by the owner before `ended` is released. */
+	int status;
+
+	/* In-flight ctx records of this task as target. */
+	pthread_mutex_t ctx_lock;
+	struct keel__msg *inflight;
+
+	/* Registry fields, under the registry lock. */
+	uint32_t idx;
+	uint8_t adopted; /* a foreign thread: released when its thread exits */
+	uint8_t in_use;
+	uint8_t joined;
+	char name[KEEL_TASK_NAME_MAX + 1];
+	struct keel__task *free_next;
+} KEEL_ALIGNED(KEEL_CACHELINE);
+
+/* The slot a handle's index names, or NULL if there is none; the caller
+ * checks the generation. */
+struct keel__task *keel__task_slot(keel_task_t id);
+
+/* The calling thread's task, adopting the thread if needed; NULL if it
+ * could not be adopted. */
+struct keel__task *keel__self_slow(void);
+
+static inline struct keel__task *keel__self(void)
+{
+	struct keel__task *t = keel__tls.self;
+
+	return likely(t != NULL) ? t : keel__self_slow();
+}
+
+/* Allocate a task slot with a new generation and an open mailbox, not yet
+ * bound to any thread. NULL when memory or the table ran out. */
+struct keel__task *keel__task_alloc(void);
+/* End the task on its own thread: close and drain its mailbox, resolve its
+ * calls, mark it ENDED and wake joiners. Idempotent. */
+void keel__task_end(struct keel__task *t, int status);
+/* Return an ended task's slot for reuse. */
+void keel__task_release(struct keel__task *t);
+
+/* Park the calling task's thread until unparked or the deadline passes.
+ * Returns 0 (possibly spuriously) or -ETIMEDOUT. Callers re-check their
+ * condition in a loop. */
+int keel__park(struct keel__task *self, keel_time_t deadline);
+/* Wake t's thread if it is parked, or make its next park return at once.
+ * Safe on any slot at any time: slots are never freed. */
+void keel__unpark(struct keel__task *t);
+
+/* Wake-up system calls made by keel__unpark(), for tests of guarantee 6. */
+extern _Atomic uint64_t keel__wake_syscalls;
+
+/* Cancellation of a task: the cause, or 0. */
+static inline uint32_t keel__cancel_cause(struct keel__task *t)
+{
+	return (uint32_t)(load_acquire(&t->cancel) & 0xffffff);
+}
+/* Cancel the task named by id, exactly: a stale handle cancels nothing.
+ * Returns 0, -ESRCH, or 0 if it was cancelled already. */
+int keel__task_cancel(keel_task_t id, uint32_t cause);
+
+/* Spin budget bounds for waits, in nanoseconds. */
+#define SPIN_MIN_NS 500
+#define SPIN_INIT_NS 4000
+#define SPIN_MAX_NS 16000
+
+/* Adapt a spin budget: grow after a spin that found what it waited for,
+ * shrink after one that gave up and parked. */
+static inline void keel__spin_adapt(int64_t *budget, int success)
+{
+	if (success)
+		*budget = *budget * 2 > SPIN_MAX_NS ? SPIN_MAX_NS : *budget * 2;
+	else
+		*budget = *budget / 2 < SPIN_MIN_NS ? SPIN_MIN_NS : *budget / 2;
+}
+
+/* ---- Mailbox and proxying ------------------------------------------------ */
+/* Send m to the task named id: 0, -ESRCH or -ESHUTDOWN. On success the
+ * record belongs to the target. */
+int keel__mbox_send(keel_task_t id, struct keel__msg *m);
+/* Close (if not yet) and drain the owner's mailbox; resolve its calls. */
+void keel__mbox_shutdown(struct keel__task *t);
+/* Close the owner's event-loop fd, if any; after keel__mbox_shutdown(). */
+void keel__mbox_close_fd(struct keel__task *t);
+/* Initialise a fresh incarnation's queue. */
+void keel__mbox_reset(struct keel__task *t);
+
+/* proxy.c: run, cancel and close-time handling of call-kind records. */
+void keel__proxy_run(struct keel__task *t, struct keel__msg *m);
+void keel__proxy_cancel(struct keel__task *t, struct keel__msg *m);
+void keel__proxy_abort_running(struct keel__task *t, struct keel__msg *m);
+void keel__proxy_close(struct keel__task *t);
+
+/* ---- Thread cache ------------------------------------------------------ */
+/* Run fn(arg) on a cached thread with the given stack size (0: default),
+ * creating a thread if none is idle. 0 or -ENOMEM. */
+int keel__thread_start(void (*fn)(void *), void *arg, size_t stack_size);
+
+struct keel__thread_cache_stats {
+	uint64_t created; /* threads created so far */
+	uint64_t started; /* jobs started so far */
+	uint32_t idle;    /* threads idle now */
+	uint32_t exited;  /* threads that have left the cache */
+};
+void keel__thread_cache_stats(struct keel__thread_cache_stats *st);
+/* How long an idle cached thread waits for a job before it exits. */
+void keel__thread_cache_set_idle_timeout(keel_time_t ns);
+/* Wait until the count of exited threads differs from `seen`. */
+void keel__thread_cache_wait_exit(uint32_t seen);
+/* fork() phases: 0 prepare, 1 parent, 2 child. */
+void keel__thread_cache_fork(int phase);
+void keel__msg_fork(int phase);
+
+/* Start a task on a cached thread: allocates its slot (so the handle is
+ * valid at once), then runs fn(arg) there; the task ends when fn returns,
+ * with fn's return value as its status. */
+int keel__task_spawn(keel_task_t *out, int (*fn)(void *), void *arg,
+		     const char *name, size_t stack_size);
+/* Wait until the task has ended, then take its status and release its
+ * slot. -ESRCH for a stale or adopted handle. */
+int keel__task_join(keel_task_t id, int *status);
+
+#endif /* KEEL_INTERNAL_H */

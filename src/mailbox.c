@@ -1,0 +1,404 @@
+/*
+ * mailbox.c: per-task message queues: sending, serving, the event-loop fd
+ * and closing.
+ *
+ * DESIGN
+ * Each task's mailbox is an intrusive multi-producer, single-consumer queue
+ * (Vyukov's): a sender exchanges its record into `tail` and then links the
+ * previous record to it; only the owner reads from `head`. No sender ever
+ * waits for another. A sender preempted between its exchange and its link
+ * delays the owner's view of later messages, never their acceptance, and
+ * the owner then sleeps rather than spins: that sender notifies it (below).
+ *
+ * The mailbox word admits senders:
+ *
+ *     63          24   23      22       21        20         0
+ *     +-------------+-------+--------+----------+------------+
+ *     | generation  | ENDED | CLOSED | SLEEPING | in flight  |
+ *     +-------------+-------+--------+----------+------------+
+ *
+ * A send starts with one fetch_add of 1, registering as in flight, and reads
+ * the old value: a generation other than the handle's, or ENDED, means the
+ * task is gone (-ESRCH); CLOSED means -ESHUTDOWN. Either way the sender
+ * takes its 1 back and never touches the queue. Otherwise it enqueues and
+ * then releases its count.
+ *
+ * Closing (owner only): fetch_or CLOSED, then wait until the in-flight count
+ * is 0. From then on no sender is inside the queue, so draining it until
+ * empty sees every accepted message and each gets its cancel. That is the
+ * whole of "nothing slips in after close": a send racing close either
+ * registered before CLOSED (and is drained) or saw CLOSED (and was refused).
+ *
+ * SLEEPING asks for a notification. The owner sets it (fetch_or) before it
+ * sleeps, or when it leaves keel_serve() with an fd for its event loop, and
+ * then looks at the queue once more. A sender, after linking its record,
+ * clears SLEEPING in the same read-modify-write that would otherwise release
+ * its count; the one sender that clears it notifies the owner (unpark, and
+ * the eventfd if any) while still counted in flight, then releases its
+ * count. Hence:
+ *   - no lost wake-up: the sender's RMW comes either after the owner's
+ *     fetch_or in the word's modification order (the sender sees SLEEPING)
+ *     or before it (the owner's acquiring fetch_or sees the sender's link);
+ *   - at most one notification per sleep, and none while the owner is busy;
+ *   - no sender touches the eventfd after close, which waits for senders.
+ * The last sender to leave a CLOSED mailbox unparks the owner, which waits
+ * for the in-flight count to reach 0.
+ */
+#include <stdlib.h>
+
+#include "internal.h"
+
+/* Messages run per keel_serve() call before it returns, at most. */
+#define SERVE_BATCH 1024
+
+void keel__mbox_reset(struct keel__task *t)
+{
+	store_relaxed(&t->stub.next, NULL);
+	t->head = &t->stub;
+	store_relaxed(&t->tail, &t->stub);
+}
+
+/* ---- Sending ------------------------------------------------------------- */
+
+static void notify(struct keel__task *t)
+{
+	/* Pairs with the release in keel_mailbox_fd(). */
+	int fd = load_acquire(&t->notify_wfd);
+
+	keel__unpark(t);
+	if (fd >= 0)
+		keel__notify_signal(fd);
+}
+
+/* Release a count taken by a send that was refused. */
+static void leave_refused(struct keel__task *t)
+{
+	uint64_t old = fetch_sub_acq_rel(&t->mword, 1);
+
+	if ((old & MB_CLOSED) && (old & MB_COUNT_MASK) == 1)
+		keel__unpark(t);
+}
+
+/* Release the count of a send that linked its record. */
+static void leave_linked(struct keel__task *t)
+{
+	uint64_t old = load_relaxed(&t->mword), new;
+
+	do
+		new = (old & MB_SLEEPING) ? (old & ~MB_SLEEPING) : old - 1;
+	while (!cas_weak_acq_rel(&t->mword, &old, new));
+	if (old & MB_SLEEPING) {
+		KEEL_YIELD();
+		notify(t);
+		old = fetch_sub_acq_rel(&t->mword, 1);
+	}
+	if ((old & MB_CLOSED) && (old & MB_COUNT_MASK) == 1)
+		keel__unpark(t);
+}
+
+int keel__mbox_send(keel_task_t id, struct keel__msg *m)
+{
+	struct keel__task *t = keel__task_slot(id);
+	struct keel__msg *prev;
+	uint64_t old;
+
+	if (!t || id == KEEL_TASK_NONE)
+		return -ESRCH;
+	/* The acquire pairs with the release that opened this incarnation
+	 * (keel__task_alloc), which published its empty queue. */
+	old = fetch_add_acquire(&t->mword, 1);
+	if (unlikely((old >> MB_GEN_SHIFT) != (id >> MB_GEN_SHIFT) ||
+		     (old & (MB_CLOSED | MB_ENDED)))) {
+		int rc = (old >> MB_GEN_SHIFT) != (id >> MB_GEN_SHIFT) ||
+				 (old & MB_ENDED)
+			 ? -ESRCH
+			 : -ESHUTDOWN;
+
+		leave_refused(t);
+		return rc;
+	}
+	KEEL_YIELD();
+	store_relaxed(&m->next, NULL);
+	prev = xchg_acq_rel(&t->tail, m);
+	KEEL_YIELD();
+	/* Pairs with the acquire loads of `next` in pop() and poppable(). */
+	store_release(&prev->next, m);
+	leave_linked(t);
+	return 0;
+}
+
+int keel_post(keel_task_t target, keel_work_fn work, keel_work_fn cancel,
+	      void *arg)
+{
+	struct keel__msg *m;
+	int rc;
+
+	if (!work)
+		return -EINVAL;
+	if (!(m = keel__msg_alloc()))
+		return -ENOMEM;
+	m->kind = MSG_POST;
+	m->fn.work = work;
+	m->cancel = cancel;
+	m->arg = arg;
+	if ((rc = keel__mbox_send(target, m)) < 0)
+		keel__msg_free(m);
+	return rc;
+}
+
+/* ---- The owner's side -------------------------------------------------- */
+
+/* Would pop() return a record now? */
+static int poppable(struct keel__task *t)
+{
+	struct keel__msg *h = t->head;
+
+	if (load_acquire(&h->next))
+		return 1;
+	if (h == &t->stub)
+		return 0;
+	/* h is the last record: poppable unless a send is linking after it. */
+	return load_acquire(&t->tail) == h;
+}
+
+/* Vyukov's pop with the stub record. NULL when the queue is empty or the
+ * only records behind `head` are still being linked by their senders. */
+static struct keel__msg *pop(struct keel__task *t)
+{
+	struct keel__msg *h = t->head, *next = load_acquire(&h->next);
+	struct keel__msg *tail;
+
+	if (h == &t->stub) {
+		if (!next)
+			return NULL;
+		t->head = h = next;
+		next = load_acquire(&h->next);
+	}
+	if (next) {
+		t->head = next;
+		return h;
+	}
+	tail = load_acquire(&t->tail);
+	if (h != tail)
+		return NULL;
+	/* h is the last record: put the stub behind it so h can leave. */
+	store_relaxed(&t->stub.next, NULL);
+	tail = xchg_acq_rel(&t->tail, &t->stub);
+	store_release(&tail->next, &t->stub);
+	next = load_acquire(&h->next);
+	if (next) {
+		t->head = next;
+		return h;
+	}
+	return NULL;
+}
+
+static void arm(struct keel__task *t)
+{
+	fetch_or_acq_rel(&t->mword, MB_SLEEPING);
+}
+
+static void run_msg(struct keel__task *t, struct keel__msg *m)
+{
+	if (m->kind == MSG_POST) {
+		keel_work_fn work = m->fn.work;
+		void *arg = m->arg;
+
+		keel__msg_free(m);
+		work(arg);
+	} else {
+		keel__proxy_run(t, m);
+	}
+}
+
+static void cancel_msg(struct keel__task *t, struct keel__msg *m)
+{
+	if (m->kind == MSG_POST) {
+		keel_work_fn cancel = m->cancel;
+		void *arg = m->arg;
+
+		keel__msg_free(m);
+		if (cancel)
+			cancel(arg);
+	} else {
+		keel__proxy_cancel(t, m);
+	}
+}
+
+static int run_batch(struct keel__task *t)
+{
+	struct keel__msg *m;
+	int n = 0;
+
+	/* A message may close the mailbox; the rest were drained then. */
+	while (n < SERVE_BATCH && !t->closed && (m = pop(t))) {
+		run_msg(t, m);
+		n++;
+	}
+	return n;
+}
+
+/* Spin for a poppable message within the adaptive budget. */
+static int spin_for_message(struct keel__task *t, keel_time_t deadline)
+{
+	keel_time_t start = keel__clock_now(), now;
+	keel_time_t stop = start + t->spin_ns;
+
+	if (deadline < stop)
+		stop = deadline;
+	for (unsigned i = 1;; i++) {
+		if (poppable(t)) {
+			keel__spin_adapt(&t->spin_ns, 1);
+			return 1;
+		}
+		keel__cpu_relax();
+		if ((i & 15) == 0) {
+			now = keel__clock_now();
+			if (now >= stop)
+				break;
+		}
+	}
+	keel__spin_adapt(&t->spin_ns, 0);
+	return 0;
+}
+
+/* In fd mode, leave SLEEPING set so that the next send writes the fd, and
+ * write it ourselves if something is already waiting. */
+static void arm_fd(struct keel__task *t)
+{
+	arm(t);
+	if (poppable(t))
+		keel__notify_signal(load_relaxed(&t->notify_wfd));
+}
+
+int keel_serve(keel_time_t deadline)
+{
+	struct keel__task *t = keel__self();
+	int n, rc = 0;
+
+	if (!t)
+		return -ENOMEM;
+	if (t->serving)
+		return -EBUSY;
+	if (t->closed)
+		return -ESHUTDOWN;
+	if (keel__cancel_cause(t))
+		return -ECANCELED;
+	t->serving = 1;
+	if (t->fd_mode)
+		keel__notify_drain(t->notify_rfd);
+	n = run_batch(t);
+	while (n == 0) {
+		if (t->closed) {
+			rc = -ESHUTDOWN;
+			break;
+		}
+		if (keel__cancel_cause(t)) {
+			rc = -ECANCELED;
+			break;
+		}
+		if (keel__clock_now() >= deadline) {
+			rc = -ETIMEDOUT;
+			break;
+		}
+		if (spin_for_message(t, deadline)) {
+			n = run_batch(t);
+			continue;
+		}
+		arm(t);
+		if ((n = run_batch(t)) > 0)
+			break;
+		keel__park(t, deadline);
+		n = run_batch(t);
+	}
+	if (t->fd_mode && !t->closed)
+		arm_fd(t);
+	t->serving = 0;
+	return n > 0 ? n : rc;
+}
+
+int keel_mailbox_fd(void)
+{
+	struct keel__task *t = keel__self();
+	int rc, rfd, wfd;
+
+	if (!t)
+		return -ENOMEM;
+	if (t->closed)
+		return -ESHUTDOWN;
+	if (t->notify_rfd < 0) {
+		if ((rc = keel__notify_open(&rfd, &wfd)) < 0)
+			return rc;
+		t->notify_rfd = rfd;
+		/* Pairs with the acquire in notify(). */
+		store_release(&t->notify_wfd, wfd);
+	}
+	t->fd_mode = 1;
+	arm_fd(t);
+	return t->notify_rfd;
+}
+
+/* ---- Closing -------------------------------------------------------------- */
+
+static void close_and_wait(struct keel__task *t)
+{
+	int64_t spins = 0;
+
+	t->closed = 1;
+	fetch_or_acq_rel(&t->mword, MB_CLOSED);
+	/* Wait out the senders that registered before CLOSED. The acquire
+	 * pairs with each sender's release of its count, so their links are
+	 * visible once the count is 0. */
+	while ((load_acquire(&t->mword) & MB_COUNT_MASK) != 0) {
+		if (spins++ < 64) {
+			keel__cpu_relax();
+			continue;
+		}
+		keel__park(t, KEEL_FOREVER);
+	}
+}
+
+void keel__mbox_shutdown(struct keel__task *t)
+{
+	struct keel__msg *m;
+
+	if (!t->closed)
+		close_and_wait(t);
+	/* A call whose work never returned: the thread exited inside it. */
+	if ((m = t->running) != NULL) {
+		t->running = NULL;
+		keel__proxy_abort_running(t, m);
+	}
+	/* Cancel handlers run one at a time, so if one of them exits the
+	 * thread, the exit hook comes back here and finishes the drain. */
+	while ((m = pop(t)) != NULL)
+		cancel_msg(t, m);
+	keel__proxy_close(t);
+}
+
+void keel__mbox_close_fd(struct keel__task *t)
+{
+	int wfd = load_relaxed(&t->notify_wfd);
+
+	if (t->notify_rfd < 0)
+		return;
+	/* No sender can reach the fd: the mailbox is closed and the senders
+	 * registered before that are gone (close_and_wait). */
+	store_relaxed(&t->notify_wfd, -1);
+	keel__notify_close(t->notify_rfd, wfd);
+	t->notify_rfd = -1;
+	t->fd_mode = 0;
+}
+
+int keel_mailbox_close(void)
+{
+	struct keel__task *t = keel__self();
+
+	if (!t)
+		return -ENOMEM;
+	if (t->closed)
+		return -ESHUTDOWN;
+	close_and_wait(t);
+	keel__mbox_shutdown(t);
+	return 0;
+}

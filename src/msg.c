@@ -1,0 +1,136 @@
+/*
+ * msg.c: the message record table and its allocator.
+ *
+ * DESIGN
+ * Records live in a table of chunks that only grows, like task slots: a
+ * record is never freed, only recycled, so a stale pointer or ctx handle
+ * always names memory that is a record (whose generation then tells that it
+ * is stale). Each record knows its index.
+ *
+ * Allocation never takes a lock on the common path. Each thread keeps a
+ * LIFO cache of free records; a post allocates on the sender's thread and
+ * frees on the target's, so records drift from senders to receivers. A
+ * cache that grows past 4 batches gives batches back to a global pool, and
+ * an empty cache takes a batch from the pool or carves a new one out of the
+ * table; both take the pool lock once per batch. A thread's cache goes
+ * back to the pool when the thread exits.
+ *
+ * While free, a record's `onext` links it in its cache or batch, a batch's
+ * first record keeps the batch's length in `caller_id` and the next batch
+ * in `iprev`.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+#define MSG_CHUNK_SHIFT 10
+#define MSG_CHUNK ((uint32_t)1 << MSG_CHUNK_SHIFT)
+#define MSG_MAX_CHUNKS ((uint32_t)1 << (24 - MSG_CHUNK_SHIFT))
+
+static _Atomic(struct keel__msg *) msg_chunks[MSG_MAX_CHUNKS];
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static uint32_t msg_count;         /* records carved so far */
+static struct keel__msg *batches;  /* global pool, under pool_lock */
+
+struct keel__msg *keel__msg_at(uint32_t idx)
+{
+	struct keel__msg *chunk;
+
+	if (idx >> MSG_CHUNK_SHIFT >= MSG_MAX_CHUNKS)
+		return NULL;
+	/* Pairs with the release in carve(). */
+	chunk = load_acquire(&msg_chunks[idx >> MSG_CHUNK_SHIFT]);
+	return chunk ? &chunk[idx & (MSG_CHUNK - 1)] : NULL;
+}
+
+/* Under pool_lock: a new batch of never-used records, or NULL. */
+static struct keel__msg *carve(uint32_t *n)
+{
+	struct keel__msg *c, *head = NULL;
+	uint32_t first = msg_count;
+
+	if (first >> MSG_CHUNK_SHIFT >= MSG_MAX_CHUNKS)
+		return NULL;
+	c = load_relaxed(&msg_chunks[first >> MSG_CHUNK_SHIFT]);
+	if (!c) {
+		size_t bytes = sizeof(struct keel__msg) * MSG_CHUNK;
+
+		if (!(c = aligned_alloc(KEEL_CACHELINE, bytes)))
+			return NULL;
+		memset(c, 0, bytes);
+		for (uint32_t i = 0; i < MSG_CHUNK; i++) {
+			c[i].idx = first + i;
+			/* Generation 1: no ctx handle is ever NULL. */
+			atomic_init(&c[i].state,
+				    (uint64_t)1 << MSG_STATE_BITS | ST_FREE);
+		}
+		store_release(&msg_chunks[first >> MSG_CHUNK_SHIFT], c);
+	}
+	/* MSG_CHUNK is a multiple of the batch: a batch never spans chunks. */
+	for (uint32_t i = MSG_CACHE_BATCH; i-- > 0;) {
+		struct keel__msg *m = &c[(first + i) & (MSG_CHUNK - 1)];
+
+		m->onext = head;
+		head = m;
+	}
+	msg_count += MSG_CACHE_BATCH;
+	*n = MSG_CACHE_BATCH;
+	return head;
+}
+
+struct keel__msg *keel__msg_refill(void)
+{
+	struct keel__msg *b;
+	uint32_t n;
+
+	keel__tls_register();
+	pthread_mutex_lock(&pool_lock);
+	if ((b = batches) != NULL) {
+		batches = b->iprev;
+		n = (uint32_t)b->caller_id;
+	} else {
+		b = carve(&n);
+	}
+	pthread_mutex_unlock(&pool_lock);
+	if (!b)
+		return NULL;
+	keel__tls.cache = b->onext;
+	keel__tls.ncache = n - 1;
+	return b;
+}
+
+static void give_back(struct keel__msg *head, uint32_t n)
+{
+	head->caller_id = n;
+	pthread_mutex_lock(&pool_lock);
+	head->iprev = batches;
+	batches = head;
+	pthread_mutex_unlock(&pool_lock);
+}
+
+void keel__msg_flush(int all)
+{
+	struct keel__tls *tls = &keel__tls;
+
+	while (tls->ncache > (all ? 0 : 2 * MSG_CACHE_BATCH)) {
+		struct keel__msg *head = tls->cache, *last = head;
+		uint32_t n = tls->ncache < MSG_CACHE_BATCH ? tls->ncache
+							    : MSG_CACHE_BATCH;
+
+		for (uint32_t i = 1; i < n; i++)
+			last = last->onext;
+		tls->cache = last->onext;
+		tls->ncache -= n;
+		last->onext = NULL;
+		give_back(head, n);
+	}
+}
+
+void keel__msg_fork(int phase)
+{
+	if (phase == 0)
+		pthread_mutex_lock(&pool_lock);
+	else
+		pthread_mutex_unlock(&pool_lock);
+}

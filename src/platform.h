@@ -1,0 +1,62 @@
+/*
+ * platform.h: the only place keel touches the operating system for
+ * waiting, waking, notification fds, clocks and thread names.
+ *
+ * Two implementations: platform/linux.c (futex, eventfd) and
+ * platform/posix.c (a hashed table of condition variables standing in for
+ * futexes, and a pipe). The POSIX one is also what a port to another
+ * system (or to WebAssembly threads) starts from; build with
+ * -DKEEL_PORTABLE=ON to use it on Linux.
+ *
+ * Every function returns 0 or a negative errno value unless it says
+ * otherwise.
+ */
+#ifndef KEEL_PLATFORM_H
+#define KEEL_PLATFORM_H
+
+#include <stdatomic.h>
+#include <stdint.h>
+
+#include "keel/common.h"
+
+/*
+ * Wait while *addr == expected, until woken or the absolute CLOCK_MONOTONIC
+ * deadline passes. May return spuriously: callers always re-check. Returns
+ * -ETIMEDOUT when the deadline passed, else 0.
+ */
+int keel__futex_wait(_Atomic uint32_t *addr, uint32_t expected,
+		     keel_time_t deadline);
+
+/* Wake up to n waiters blocked on addr. Cheap when nobody waits only on
+ * Linux; callers avoid calling it when they know nobody waits. */
+void keel__futex_wake(_Atomic uint32_t *addr, int n);
+
+/* A notification fd pair: rfd becomes readable after notify_signal(wfd)
+ * until notify_drain(rfd). On Linux both are the same eventfd. */
+int keel__notify_open(int *rfd, int *wfd);
+void keel__notify_close(int rfd, int wfd);
+void keel__notify_signal(int wfd);
+void keel__notify_drain(int rfd);
+
+/* CLOCK_MONOTONIC in nanoseconds. */
+keel_time_t keel__clock_now(void);
+
+/* Set the OS-level name of the calling thread, where supported. */
+void keel__thread_set_os_name(const char *name);
+
+/* Nonzero if the calling thread is the process's initial thread. */
+int keel__thread_is_initial(void);
+
+/* A spin-wait hint to the CPU. */
+static inline void keel__cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_pause();
+#elif defined(__aarch64__)
+	__asm__ __volatile__("yield" ::: "memory");
+#else
+	atomic_signal_fence(memory_order_seq_cst);
+#endif
+}
+
+#endif /* KEEL_PLATFORM_H */

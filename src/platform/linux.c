@@ -1,0 +1,109 @@
+/*
+ * platform/linux.c: futex and eventfd implementation of platform.h.
+ *
+ * Waits use FUTEX_WAIT_BITSET, whose timeout is an absolute time on
+ * CLOCK_MONOTONIC, so a deadline is never recomputed as a relative delay
+ * and a clock step cannot stretch it. Private futexes: keel's futex words
+ * are never shared between processes.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "../platform.h"
+
+int keel__futex_wait(_Atomic uint32_t *addr, uint32_t expected,
+		     keel_time_t deadline)
+{
+	struct timespec ts, *tsp = NULL;
+	long rc;
+
+	if (deadline != KEEL_FOREVER) {
+		if (deadline < 0)
+			deadline = 0;
+		ts.tv_sec = (time_t)(deadline / 1000000000);
+		ts.tv_nsec = (long)(deadline % 1000000000);
+		tsp = &ts;
+	}
+	rc = syscall(SYS_futex, (void *)(uintptr_t)addr,
+		     FUTEX_WAIT_BITSET | FUTEX_PRIVATE_FLAG, expected, tsp,
+		     NULL, FUTEX_BITSET_MATCH_ANY);
+	if (rc == -1 && errno == ETIMEDOUT)
+		return -ETIMEDOUT;
+	/* EAGAIN (value changed), EINTR and wake-ups all mean "re-check". */
+	return 0;
+}
+
+void keel__futex_wake(_Atomic uint32_t *addr, int n)
+{
+	syscall(SYS_futex, (void *)(uintptr_t)addr, FUTEX_WAKE | FUTEX_PRIVATE_FLAG,
+		n, NULL, NULL, 0);
+}
+
+int keel__notify_open(int *rfd, int *wfd)
+{
+	int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+
+	if (fd < 0)
+		return -errno;
+	*rfd = *wfd = fd;
+	return 0;
+}
+
+void keel__notify_close(int rfd, int wfd)
+{
+	(void)wfd;
+	close(rfd);
+}
+
+void keel__notify_signal(int wfd)
+{
+	uint64_t one = 1;
+	ssize_t n;
+
+	/* Fails only with EAGAIN when the counter is saturated, in which
+	 * case the fd is readable already. */
+	do
+		n = write(wfd, &one, sizeof one);
+	while (n < 0 && errno == EINTR);
+}
+
+void keel__notify_drain(int rfd)
+{
+	uint64_t v;
+	ssize_t n;
+
+	do
+		n = read(rfd, &v, sizeof v);
+	while (n < 0 && errno == EINTR);
+}
+
+keel_time_t keel__clock_now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (keel_time_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+void keel__thread_set_os_name(const char *name)
+{
+	char buf[16];
+
+	strncpy(buf, name, sizeof buf - 1);
+	buf[sizeof buf - 1] = '\0';
+	pthread_setname_np(pthread_self(), buf);
+}
+
+int keel__thread_is_initial(void)
+{
+	return syscall(SYS_gettid) == getpid();
+}

@@ -1,0 +1,162 @@
+/*
+ * platform/posix.c: portable implementation of platform.h for any POSIX
+ * system with pthreads.
+ *
+ * Futex emulation: a fixed table of buckets, each a mutex and a condition
+ * variable on CLOCK_MONOTONIC, chosen by hashing the word's address. A
+ * waiter checks the word under the bucket's mutex before it sleeps; a waker
+ * takes the same mutex before broadcasting, so a wake that follows a change
+ * of the word can never fall between the waiter's check and its sleep.
+ * Broadcasting wakes every waiter of the bucket; waiters re-check, as they
+ * must with a real futex too.
+ *
+ * Notification fds are pipes: a byte written to the write end makes the
+ * read end readable until drained.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "../platform.h"
+
+#define NBUCKETS 64
+
+static struct bucket {
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+} buckets[NBUCKETS];
+
+static pthread_once_t buckets_once = PTHREAD_ONCE_INIT;
+static pthread_t initial_thread;
+
+static void buckets_init(void)
+{
+	pthread_condattr_t ca;
+
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	for (int i = 0; i < NBUCKETS; i++) {
+		pthread_mutex_init(&buckets[i].mu, NULL);
+		pthread_cond_init(&buckets[i].cv, &ca);
+	}
+	pthread_condattr_destroy(&ca);
+}
+
+static struct bucket *bucket_of(const void *addr)
+{
+	uintptr_t a = (uintptr_t)addr;
+
+	a ^= a >> 17;
+	a *= (uintptr_t)0x9E3779B97F4A7C15ull;
+	pthread_once(&buckets_once, buckets_init);
+	return &buckets[(a >> 7) % NBUCKETS];
+}
+
+int keel__futex_wait(_Atomic uint32_t *addr, uint32_t expected,
+		     keel_time_t deadline)
+{
+	struct bucket *b = bucket_of(addr);
+	struct timespec ts;
+	int rc = 0;
+
+	pthread_mutex_lock(&b->mu);
+	if (atomic_load_explicit(addr, memory_order_acquire) == expected) {
+		if (deadline == KEEL_FOREVER) {
+			pthread_cond_wait(&b->cv, &b->mu);
+		} else {
+			if (deadline < 0)
+				deadline = 0;
+			ts.tv_sec = (time_t)(deadline / 1000000000);
+			ts.tv_nsec = (long)(deadline % 1000000000);
+			if (pthread_cond_timedwait(&b->cv, &b->mu, &ts) ==
+			    ETIMEDOUT)
+				rc = -ETIMEDOUT;
+		}
+	}
+	pthread_mutex_unlock(&b->mu);
+	return rc;
+}
+
+void keel__futex_wake(_Atomic uint32_t *addr, int n)
+{
+	struct bucket *b = bucket_of(addr);
+
+	(void)n;
+	pthread_mutex_lock(&b->mu);
+	pthread_cond_broadcast(&b->cv);
+	pthread_mutex_unlock(&b->mu);
+}
+
+int keel__notify_open(int *rfd, int *wfd)
+{
+	int p[2];
+
+	if (pipe(p) < 0)
+		return -errno;
+	for (int i = 0; i < 2; i++) {
+		fcntl(p[i], F_SETFL, fcntl(p[i], F_GETFL) | O_NONBLOCK);
+		fcntl(p[i], F_SETFD, FD_CLOEXEC);
+	}
+	*rfd = p[0];
+	*wfd = p[1];
+	return 0;
+}
+
+void keel__notify_close(int rfd, int wfd)
+{
+	close(rfd);
+	close(wfd);
+}
+
+void keel__notify_signal(int wfd)
+{
+	char c = 1;
+	ssize_t n;
+
+	/* EAGAIN means the pipe is full, hence readable already. */
+	do
+		n = write(wfd, &c, 1);
+	while (n < 0 && errno == EINTR);
+}
+
+void keel__notify_drain(int rfd)
+{
+	char buf[64];
+	ssize_t n;
+
+	do
+		n = read(rfd, buf, sizeof buf);
+	while (n > 0 || (n < 0 && errno == EINTR));
+}
+
+keel_time_t keel__clock_now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (keel_time_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+void keel__thread_set_os_name(const char *name)
+{
+	(void)name;
+}
+
+/* Without gettid there is no portable test. A constructor runs on the
+ * thread that loads the library, which is the initial thread whenever keel
+ * is linked into the program rather than loaded later with dlopen. */
+__attribute__((constructor)) static void record_initial_thread(void)
+{
+	initial_thread = pthread_self();
+}
+
+int keel__thread_is_initial(void)
+{
+	return pthread_equal(initial_thread, pthread_self());
+}

@@ -1,0 +1,484 @@
+/*
+ * proxy.c: keel_call, keel_call_then and their _ctx variants.
+ *
+ * DESIGN
+ * A call is a message with a second party: the caller waits for it
+ * (keel_call) or expects a reply in its own mailbox (keel_call_then). The
+ * record's state word decides, one compare-and-swap per contested
+ * transition, which party owns each outcome, so none is lost or doubled
+ * whatever the order of events.
+ *
+ * State word: generation (56 bits) << 8 | state (8 bits). The generation
+ * changes every time the record is freed, so a stale keel_ctx_t, which
+ * carries it, can never match a later use of the record.
+ *
+ * T is the target task, C the calling task, F any thread that calls
+ * keel_ctx_finish().
+ *
+ *   QUEUED     in T's queue.
+ *     T pops:       QUEUED -> RUNNING (CAS)            call, then
+ *                   QUEUED -> INFLIGHT (CAS, under T->ctx_lock, linking
+ *                             the record on T's in-flight list)  _ctx kinds
+ *     T closes:     QUEUED -> SHUT (CAS), unpark C      call kinds
+ *                   QUEUED -> RESOLVING (CAS), cancel reply   then kinds
+ *     C gives up:   QUEUED -> ABANDONED (CAS)           keel_call on a
+ *                   deadline or cancellation; C's close for then kinds
+ *   ABANDONED  T frees the record when it pops it or drains it.
+ *   RUNNING    T runs work (T->running points at it), then
+ *                   call: RUNNING -> DONE (store), unpark C
+ *                   then: RUNNING -> RESOLVING (store), done reply
+ *              If T's thread exits inside work, T's close resolves it as
+ *              if it were still queued.
+ *   INFLIGHT   every transition out happens under T->ctx_lock, which also
+ *              guards the list:
+ *     F finishes:   INFLIGHT -> RESOLVING, then DONE / done reply
+ *     T closes:     INFLIGHT -> RESOLVING, then SHUT / cancel reply
+ *   RESOLVING  owned by whoever set it; nobody else touches the record.
+ *   DONE, SHUT C, waiting in keel_call*, sees it and frees the record.
+ *   Replies: the resolver stores REPLY_DONE or REPLY_CANCEL and sends the
+ *              record to C's mailbox. If C's mailbox refuses it (C is
+ *              closing), the resolver stores ORPHANED and unparks C.
+ *   REPLY_*    in C's queue: C's serve runs done or cancel; C's drain runs
+ *              cancel. Either way C frees the record.
+ *   ORPHANED   C's close runs cancel and frees the record.
+ *
+ * Neither T nor F touches a record after the store or send that hands it
+ * to C (DONE, SHUT, REPLY_*, ORPHANED): they read what they need first.
+ * Waking C touches only C's task slot, which is never freed.
+ *
+ * C keeps its then-kind records on an owner-only "outstanding" list (linked
+ * before the send, so a reply can never arrive for an unlisted record). Its
+ * close abandons the QUEUED ones and runs their cancel at once (work will
+ * never run); RUNNING, INFLIGHT and RESOLVING ones it waits for, since arg
+ * must outlive work; those end ORPHANED because C's mailbox is closed by
+ * then.
+ */
+#include <stdlib.h>
+
+#include "internal.h"
+
+/* A ctx handle: (generation << 24 | index) as a pointer-sized value. */
+#define CTX_IDX_BITS 24
+#define CTX_GEN_BITS (sizeof(uintptr_t) * 8 - CTX_IDX_BITS)
+#define CTX_GEN_MASK ((((uintptr_t)1) << CTX_GEN_BITS) - 1)
+
+static uint64_t st_of(uint64_t w)
+{
+	return w & MSG_STATE_MASK;
+}
+
+static uint64_t with_st(uint64_t w, enum keel__msg_state st)
+{
+	return (w & ~MSG_STATE_MASK) | (uint64_t)st;
+}
+
+static int claim(struct keel__msg *m, enum keel__msg_state from,
+		 enum keel__msg_state to)
+{
+	uint64_t w = load_relaxed(&m->state);
+
+	w = with_st(w, from);
+	return cas_acq_rel(&m->state, &w, with_st(w, to));
+}
+
+static keel_ctx_t *ctx_encode(struct keel__msg *m)
+{
+	uintptr_t gen = (uintptr_t)(load_relaxed(&m->state) >> MSG_STATE_BITS);
+
+	return (keel_ctx_t *)((gen & CTX_GEN_MASK) << CTX_IDX_BITS | m->idx);
+}
+
+/* ---- Handing a record back to the caller --------------------------------- */
+
+/* For call kinds: publish the outcome; C frees the record. */
+static void complete_call(struct keel__msg *m, enum keel__msg_state st)
+{
+	struct keel__task *c = m->caller;
+
+	/* Pairs with the acquire load in call_wait(). After this store the
+	 * record is C's. */
+	store_release(&m->state, with_st(load_relaxed(&m->state), st));
+	keel__unpark(c);
+}
+
+/* For then kinds: deliver done or cancel to C's mailbox. */
+static void reply(struct keel__msg *m, enum keel__msg_state st)
+{
+	struct keel__task *c = m->caller;
+	uint64_t w = load_relaxed(&m->state);
+
+	/* Published to C by the send's release. */
+	store_relaxed(&m->state, with_st(w, st));
+	if (keel__mbox_send(m->caller_id, m) == 0)
+		return;
+	store_release(&m->state, with_st(w, ST_ORPHANED));
+	keel__unpark(c);
+}
+
+static void outstanding_link(struct keel__task *c, struct keel__msg *m)
+{
+	m->oprev = NULL;
+	m->onext = c->outstanding;
+	if (c->outstanding)
+		c->outstanding->oprev = m;
+	c->outstanding = m;
+}
+
+static void outstanding_unlink(struct keel__task *c, struct keel__msg *m)
+{
+	if (m->oprev)
+		m->oprev->onext = m->onext;
+	else
+		c->outstanding = m->onext;
+	if (m->onext)
+		m->onext->oprev = m->oprev;
+}
+
+/* ---- Target side ------------------------------------------------------ */
+
+static void run_reply(struct keel__task *t, struct keel__msg *m, uint64_t st)
+{
+	keel_work_fn fn = st == ST_REPLY_DONE ? m->done : m->cancel;
+	void *arg = m->arg;
+
+	outstanding_unlink(t, m);
+	keel__msg_free(m);
+	if (fn)
+		fn(arg);
+}
+
+void keel__proxy_run(struct keel__task *t, struct keel__msg *m)
+{
+	uint64_t st = st_of(load_acquire(&m->state));
+
+	if (st == ST_REPLY_DONE || st == ST_REPLY_CANCEL) {
+		run_reply(t, m, st);
+		return;
+	}
+	switch (m->kind) {
+	case MSG_CALL:
+	case MSG_THEN:
+		if (!claim(m, ST_QUEUED, ST_RUNNING)) {
+			keel__msg_free(m); /* ABANDONED */
+			return;
+		}
+		KEEL_YIELD();
+		t->running = m;
+		m->fn.work(m->arg);
+		t->running = NULL;
+		if (m->kind == MSG_CALL)
+			complete_call(m, ST_DONE);
+		else
+			reply(m, ST_REPLY_DONE);
+		return;
+	case MSG_CALL_CTX:
+	case MSG_THEN_CTX: {
+		int ok;
+
+		pthread_mutex_lock(&t->ctx_lock);
+		ok = claim(m, ST_QUEUED, ST_INFLIGHT);
+		if (ok) {
+			m->iprev = NULL;
+			m->inext = t->inflight;
+			if (t->inflight)
+				t->inflight->iprev = m;
+			t->inflight = m;
+		}
+		pthread_mutex_unlock(&t->ctx_lock);
+		if (!ok) {
+			keel__msg_free(m);
+			return;
+		}
+		KEEL_YIELD();
+		/* From here F may finish and free the record at any moment:
+		 * read nothing from it after handing out the ctx. */
+		m->fn.ctx_work(ctx_encode(m), m->arg);
+		return;
+	}
+	default:
+		keel__panic(__FILE__, __LINE__, "message record %u has kind %u",
+			    m->idx, m->kind);
+	}
+}
+
+/* A record popped by T's close drain. */
+void keel__proxy_cancel(struct keel__task *t, struct keel__msg *m)
+{
+	uint64_t st = st_of(load_acquire(&m->state));
+
+	if (st == ST_REPLY_DONE || st == ST_REPLY_CANCEL) {
+		/* A reply to T as caller that T will no longer serve. */
+		run_reply(t, m, ST_REPLY_CANCEL);
+		return;
+	}
+	if (m->kind == MSG_CALL || m->kind == MSG_CALL_CTX) {
+		struct keel__task *c = m->caller;
+
+		if (claim(m, ST_QUEUED, ST_SHUT)) {
+			/* The claim published SHUT and C may free the record
+			 * now: wake C through the pointer read before. */
+			keel__unpark(c);
+			return;
+		}
+	} else if (claim(m, ST_QUEUED, ST_RESOLVING)) {
+		reply(m, ST_REPLY_CANCEL);
+		return;
+	}
+	keel__msg_free(m); /* ABANDONED by its caller */
+}
+
+void keel__proxy_abort_running(struct keel__task *t, struct keel__msg *m)
+{
+	(void)t;
+	if (m->kind == MSG_CALL)
+		complete_call(m, ST_SHUT);
+	else
+		reply(m, ST_REPLY_CANCEL);
+}
+
+void keel__proxy_close(struct keel__task *t)
+{
+	struct keel__msg *m, *next, *list;
+
+	/* In-flight ctx records of T as target: take them all off the list
+	 * under the lock, so no finisher can reach them, then resolve. */
+	pthread_mutex_lock(&t->ctx_lock);
+	list = t->inflight;
+	t->inflight = NULL;
+	for (m = list; m; m = m->inext) {
+		uint64_t w = load_relaxed(&m->state);
+
+		KEEL_ASSERT(st_of(w) == ST_INFLIGHT);
+		store_relaxed(&m->state, with_st(w, ST_RESOLVING));
+	}
+	pthread_mutex_unlock(&t->ctx_lock);
+	for (m = list; m; m = next) {
+		next = m->inext;
+		if (m->kind == MSG_CALL_CTX)
+			complete_call(m, ST_SHUT);
+		else
+			reply(m, ST_REPLY_CANCEL);
+	}
+
+	/* Then-kind records T is owed replies for, as caller. */
+	while ((list = t->outstanding) != NULL) {
+		int progress = 0;
+
+		t->outstanding = NULL;
+		for (m = list; m; m = next) {
+			keel_work_fn cancel = m->cancel;
+			void *arg = m->arg;
+			uint64_t st;
+
+			next = m->onext;
+			if (claim(m, ST_QUEUED, ST_ABANDONED)) {
+				/* Work will never run; the target frees the
+				 * record, which must not be touched now. */
+				progress = 1;
+				if (cancel)
+					cancel(arg);
+				continue;
+			}
+			st = st_of(load_acquire(&m->state));
+			if (st == ST_ORPHANED) {
+				progress = 1;
+				keel__msg_free(m);
+				if (cancel)
+					cancel(arg);
+				continue;
+			}
+			/* Work runs or is in flight: wait for it to end. */
+			outstanding_link(t, m);
+		}
+		if (!progress && t->outstanding)
+			keel__park(t, KEEL_FOREVER);
+	}
+}
+
+/* ---- Caller side -------------------------------------------------------- */
+
+static struct keel__msg *new_call(struct keel__task *c, enum keel__msg_kind kind,
+				  keel_task_t target)
+{
+	struct keel__msg *m = keel__msg_alloc();
+
+	if (!m)
+		return NULL;
+	m->kind = (uint8_t)kind;
+	m->caller = c;
+	m->caller_id = c->id;
+	m->cancel = NULL;
+	m->done = NULL;
+	store_relaxed(&m->target, keel__task_slot(target));
+	store_relaxed(&m->state, with_st(load_relaxed(&m->state), ST_QUEUED));
+	return m;
+}
+
+static int call_settled(struct keel__msg *m)
+{
+	uint64_t st = st_of(load_acquire(&m->state));
+
+	return st == ST_DONE || st == ST_SHUT;
+}
+
+static int call_wait(struct keel__task *c, struct keel__msg *m,
+		     keel_time_t deadline)
+{
+	keel_time_t stop = keel__clock_now() + c->spin_ns;
+
+	if (stop > deadline)
+		stop = deadline;
+
+	/* Spin first: a target that is serving answers within a few
+	 * microseconds, far less than the cost of sleeping and being woken. */
+	for (unsigned i = 1; !call_settled(m); i++) {
+		keel__cpu_relax();
+		if ((i & 15) == 0 && keel__clock_now() >= stop)
+			break;
+	}
+	keel__spin_adapt(&c->spin_ns, call_settled(m));
+	for (;;) {
+		uint64_t st = st_of(load_acquire(&m->state));
+		int give_up;
+
+		if (st == ST_DONE || st == ST_SHUT) {
+			keel__msg_free(m);
+			return st == ST_DONE ? 0 : -ESHUTDOWN;
+		}
+		if (st != ST_QUEUED) {
+			/* Work has started: wait for it whatever happens. */
+			keel__park(c, KEEL_FOREVER);
+			continue;
+		}
+		give_up = keel__cancel_cause(c)		? -ECANCELED
+			  : keel__clock_now() >= deadline ? -ETIMEDOUT
+							  : 0;
+		if (give_up) {
+			if (claim(m, ST_QUEUED, ST_ABANDONED))
+				return give_up; /* the target frees it */
+			continue;
+		}
+		keel__park(c, deadline);
+	}
+}
+
+static int call_common(keel_task_t target, enum keel__msg_kind kind,
+		       union keel__fn fn, void *arg, keel_time_t deadline)
+{
+	struct keel__task *c;
+	struct keel__msg *m;
+	int rc;
+
+	if (!fn.work)
+		return -EINVAL;
+	if (!(c = keel__self()))
+		return -ENOMEM;
+	if (target == c->id)
+		return -EDEADLK;
+	if (!(m = new_call(c, kind, target)))
+		return -ENOMEM;
+	m->fn = fn;
+	m->arg = arg;
+	if ((rc = keel__mbox_send(target, m)) < 0) {
+		keel__msg_free(m);
+		return rc;
+	}
+	return call_wait(c, m, deadline);
+}
+
+int keel_call(keel_task_t target, keel_work_fn work, void *arg,
+	      keel_time_t deadline)
+{
+	union keel__fn fn = {.work = work};
+
+	return call_common(target, MSG_CALL, fn, arg, deadline);
+}
+
+int keel_call_ctx(keel_task_t target, keel_ctx_work_fn work, void *arg,
+		  keel_time_t deadline)
+{
+	union keel__fn fn = {.ctx_work = work};
+
+	return call_common(target, MSG_CALL_CTX, fn, arg, deadline);
+}
+
+static int then_common(keel_task_t target, enum keel__msg_kind kind,
+		       union keel__fn fn, keel_work_fn done, keel_work_fn cancel,
+		       void *arg)
+{
+	struct keel__task *c;
+	struct keel__msg *m;
+	int rc;
+
+	if (!fn.work)
+		return -EINVAL;
+	if (!(c = keel__self()))
+		return -ENOMEM;
+	if (c->closed)
+		return -ESHUTDOWN; /* no reply could ever be delivered */
+	if (!(m = new_call(c, kind, target)))
+		return -ENOMEM;
+	m->fn = fn;
+	m->done = done;
+	m->cancel = cancel;
+	m->arg = arg;
+	outstanding_link(c, m);
+	if ((rc = keel__mbox_send(target, m)) < 0) {
+		outstanding_unlink(c, m);
+		keel__msg_free(m);
+	}
+	return rc;
+}
+
+int keel_call_then(keel_task_t target, keel_work_fn work, keel_work_fn done,
+		   keel_work_fn cancel, void *arg)
+{
+	union keel__fn fn = {.work = work};
+
+	return then_common(target, MSG_THEN, fn, done, cancel, arg);
+}
+
+int keel_call_then_ctx(keel_task_t target, keel_ctx_work_fn work,
+		       keel_work_fn done, keel_work_fn cancel, void *arg)
+{
+	union keel__fn fn = {.ctx_work = work};
+
+	return then_common(target, MSG_THEN_CTX, fn, done, cancel, arg);
+}
+
+int keel_ctx_finish(keel_ctx_t *ctx)
+{
+	uintptr_t v = (uintptr_t)ctx;
+	struct keel__msg *m;
+	struct keel__task *t;
+	uint64_t w;
+
+	if (!v)
+		return -EINVAL;
+	if (!(m = keel__msg_at((uint32_t)(v & ((1u << CTX_IDX_BITS) - 1)))))
+		return -EINVAL;
+	/* The record may be in any later use by now; `target` and `state`
+	 * are atomics, and the state check under the lock is what decides. */
+	if (!(t = load_relaxed(&m->target)))
+		return -ESTALE;
+	pthread_mutex_lock(&t->ctx_lock);
+	w = load_acquire(&m->state);
+	if (((w >> MSG_STATE_BITS) & CTX_GEN_MASK) != v >> CTX_IDX_BITS ||
+	    st_of(w) != ST_INFLIGHT) {
+		pthread_mutex_unlock(&t->ctx_lock);
+		return -ESTALE;
+	}
+	if (m->iprev)
+		m->iprev->inext = m->inext;
+	else
+		t->inflight = m->inext;
+	if (m->inext)
+		m->inext->iprev = m->iprev;
+	store_relaxed(&m->state, with_st(w, ST_RESOLVING));
+	pthread_mutex_unlock(&t->ctx_lock);
+	if (m->kind == MSG_CALL_CTX)
+		complete_call(m, ST_DONE);
+	else
+		reply(m, ST_REPLY_DONE);
+	return 0;
+}

@@ -1,0 +1,320 @@
+/*
+ * stress_mailbox.c: exactly-once under chaos.
+ *
+ * Senders post to targets that close at random moments while the sends
+ * race the close; targets come and go (new tasks reuse old slots), so
+ * stale handles are in play too. Afterwards every message is accounted:
+ *   - accepted + refused = sent;
+ *   - every accepted message had exactly one of work or cancel, once;
+ *   - no refused message ran either;
+ *   - work ran only on the task it was sent to, never after that task's
+ *     close had returned, and cancel ran on that task too.
+ *
+ * Sizes: KEEL_THREADS senders (4), KEEL_ITERS messages each (100,000;
+ * 2,500,000 under KEEL_STRESS=long, 10^7 in all), KEEL_SEED.
+ */
+#include <stdatomic.h>
+#include <string.h>
+
+#include "harness.h"
+#include "internal.h"
+
+#define LANES 3
+#define MAX_SLOTS 4096
+
+struct msg_rec {
+	keel_task_t target;  /* written by the sender before the post */
+	atomic_uchar ran, cancelled, wrong_task, after_close;
+	unsigned char accepted, refused; /* written by its sender only */
+};
+
+struct lane {
+	_Atomic keel_task_t current;
+	pthread_t controller;
+	uint64_t rng;
+	long spawned;
+};
+
+static struct msg_rec *msgs;
+static struct lane lanes[LANES];
+static atomic_int stop_lanes;
+/* Per slot index: the handle of the task whose close has returned. */
+static _Atomic keel_task_t close_returned[MAX_SLOTS];
+
+static void check_place(struct msg_rec *m)
+{
+	keel_task_t self = keel_self();
+
+	if (self != m->target)
+		atomic_store(&m->wrong_task, 1);
+	if (atomic_load(&close_returned[self & (MAX_SLOTS - 1)]) == self)
+		atomic_store(&m->after_close, 1);
+}
+
+static void chaos_work(void *p)
+{
+	struct msg_rec *m = p;
+
+	check_place(m);
+	atomic_fetch_add(&m->ran, 1);
+}
+
+static void chaos_cancel(void *p)
+{
+	struct msg_rec *m = p;
+
+	if (keel_self() != m->target)
+		atomic_store(&m->wrong_task, 1);
+	atomic_fetch_add(&m->cancelled, 1);
+}
+
+static int target_fn(void *p)
+{
+	struct lane *l = p;
+	uint64_t r = rng_next(&l->rng);
+	long budget = (long)(r % 3000);
+	long ran = 0;
+
+	/* Serve a random number of messages, with random short deadlines,
+	 * then close while senders keep sending. */
+	while (ran < budget && !atomic_load(&stop_lanes)) {
+		int rc = keel_serve(keel_after((keel_time_t)(r >> 40) % 200000));
+
+		if (rc > 0)
+			ran += rc;
+		else
+			CHECK_RC(rc, -ETIMEDOUT);
+	}
+	CHECK_OK(keel_mailbox_close());
+	atomic_store(&close_returned[keel_self() & (MAX_SLOTS - 1)],
+		     keel_self());
+	return 0;
+}
+
+static void *lane_controller(void *p)
+{
+	struct lane *l = p;
+
+	while (!atomic_load(&stop_lanes)) {
+		keel_task_t t;
+
+		CHECK_OK(keel__task_spawn(&t, target_fn, l, "chaos-target", 0));
+		atomic_store(&l->current, t);
+		CHECK_OK(keel__task_join(t, NULL));
+		l->spawned++;
+	}
+	return NULL;
+}
+
+struct sender {
+	long first, count;
+	uint64_t rng;
+	pthread_t th;
+};
+
+static void *sender_main(void *p)
+{
+	struct sender *s = p;
+
+	for (long i = s->first; i < s->first + s->count; i++) {
+		struct msg_rec *m = &msgs[i];
+		struct lane *l = &lanes[rng_next(&s->rng) % LANES];
+		int rc;
+
+		m->target = atomic_load(&l->current);
+		rc = keel_post(m->target, chaos_work, chaos_cancel, m);
+		if (rc == 0) {
+			m->accepted = 1;
+		} else {
+			CHECK(rc == -ESHUTDOWN || rc == -ESRCH);
+			m->refused = 1;
+		}
+	}
+	return NULL;
+}
+
+TEST(stress_exactly_once_chaos)
+{
+	long nthreads = harness_param("KEEL_THREADS", 4, 4);
+	long iters = harness_param("KEEL_ITERS", 100000, 2500000);
+	uint64_t seed = harness_seed();
+	struct sender *senders = calloc((size_t)nthreads, sizeof *senders);
+	long total = nthreads * iters, accepted = 0, refused = 0, ran = 0;
+	long cancelled = 0, spawned = 0;
+	keel_time_t start = keel_now();
+
+	CHECK_INT(nthreads, >=, 4);
+	msgs = calloc((size_t)total, sizeof *msgs);
+	CHECK(msgs && senders);
+	for (int i = 0; i < LANES; i++) {
+		lanes[i].rng = seed ^ (0x1000u + (unsigned)i);
+		lanes[i].controller = harness_thread(lane_controller, &lanes[i]);
+	}
+	for (long i = 0; i < nthreads; i++) {
+		senders[i].first = i * iters;
+		senders[i].count = iters;
+		senders[i].rng = seed ^ (uint64_t)(i + 1) * 0x9E37u;
+		senders[i].th = harness_thread(sender_main, &senders[i]);
+	}
+	for (long i = 0; i < nthreads; i++)
+		harness_join(senders[i].th);
+	atomic_store(&stop_lanes, 1);
+	for (int i = 0; i < LANES; i++) {
+		harness_join(lanes[i].controller);
+		spawned += lanes[i].spawned;
+	}
+
+	for (long i = 0; i < total; i++) {
+		struct msg_rec *m = &msgs[i];
+		int r = atomic_load(&m->ran), c = atomic_load(&m->cancelled);
+
+		CHECK_EQ(m->accepted + m->refused, 1);
+		if (m->accepted)
+			CHECK_EQ(r + c, 1);
+		else
+			CHECK_EQ(r + c, 0);
+		CHECK_EQ(atomic_load(&m->wrong_task), 0);
+		CHECK_EQ(atomic_load(&m->after_close), 0);
+		accepted += m->accepted;
+		refused += m->refused;
+		ran += r;
+		cancelled += c;
+	}
+	printf("sent %ld: accepted %ld (ran %ld, cancelled %ld), refused %ld; "
+	       "%ld target tasks; %.1f ms\n",
+	       total, accepted, ran, cancelled, refused, spawned,
+	       (double)(keel_now() - start) / 1e6);
+	CHECK_EQ(accepted + refused, total);
+	/* The run must have exercised both outcomes and refusals. */
+	CHECK_INT(ran, >, 0);
+	CHECK_INT(cancelled, >, 0);
+	CHECK_INT(refused, >, 0);
+	free(msgs);
+	free(senders);
+}
+
+/* ---- Calls under chaos ---- */
+
+enum { OP_CALL, OP_THEN };
+
+struct op_rec {
+	int kind, rc;
+	atomic_int work, done, cancel, misplaced;
+	keel_task_t caller;
+};
+
+static void op_work(void *p)
+{
+	atomic_fetch_add(&((struct op_rec *)p)->work, 1);
+}
+
+static void op_done(void *p)
+{
+	struct op_rec *o = p;
+
+	if (keel_self() != o->caller)
+		atomic_store(&o->misplaced, 1);
+	atomic_fetch_add(&o->done, 1);
+}
+
+static void op_cancel(void *p)
+{
+	struct op_rec *o = p;
+
+	if (keel_self() != o->caller)
+		atomic_store(&o->misplaced, 1);
+	atomic_fetch_add(&o->cancel, 1);
+}
+
+static struct op_rec *ops;
+
+static void *caller_main(void *p)
+{
+	struct sender *s = p;
+	keel_task_t self = keel_self();
+
+	for (long i = s->first; i < s->first + s->count; i++) {
+		struct op_rec *o = &ops[i];
+		uint64_t r = rng_next(&s->rng);
+		keel_task_t t = atomic_load(&lanes[r % LANES].current);
+
+		o->caller = self;
+		o->kind = (r >> 8) % 2 ? OP_CALL : OP_THEN;
+		if (o->kind == OP_CALL)
+			o->rc = keel_call(t, op_work, o,
+					  keel_after((keel_time_t)(r >> 20) %
+						     50000));
+		else
+			o->rc = keel_call_then(t, op_work, op_done, op_cancel,
+					       o);
+		if ((r >> 16) % 8 == 0) {
+			int rc = keel_serve(0);
+
+			CHECK(rc >= 1 || rc == -ETIMEDOUT);
+		}
+	}
+	/* Whatever replies are still owed arrive as cancels here. */
+	CHECK_OK(keel_mailbox_close());
+	return NULL;
+}
+
+TEST(stress_calls_under_chaos)
+{
+	long nthreads = harness_param("KEEL_THREADS", 4, 4);
+	long iters = harness_param("KEEL_ITERS", 20000, 500000);
+	uint64_t seed = harness_seed();
+	struct sender *callers = calloc((size_t)nthreads, sizeof *callers);
+	long total = nthreads * iters, n[6] = {0};
+
+	ops = calloc((size_t)total, sizeof *ops);
+	CHECK(ops && callers);
+	atomic_store(&stop_lanes, 0);
+	for (int i = 0; i < LANES; i++) {
+		lanes[i].rng = seed ^ (0x2000u + (unsigned)i);
+		lanes[i].controller = harness_thread(lane_controller, &lanes[i]);
+	}
+	for (long i = 0; i < nthreads; i++) {
+		callers[i].first = i * iters;
+		callers[i].count = iters;
+		callers[i].rng = seed ^ (uint64_t)(i + 7) * 0x9E37u;
+		callers[i].th = harness_thread(caller_main, &callers[i]);
+	}
+	for (long i = 0; i < nthreads; i++)
+		harness_join(callers[i].th);
+	atomic_store(&stop_lanes, 1);
+	for (int i = 0; i < LANES; i++)
+		harness_join(lanes[i].controller);
+
+	for (long i = 0; i < total; i++) {
+		struct op_rec *o = &ops[i];
+		int w = atomic_load(&o->work), d = atomic_load(&o->done);
+		int c = atomic_load(&o->cancel);
+
+		CHECK_EQ(atomic_load(&o->misplaced), 0);
+		if (o->kind == OP_CALL) {
+			/* 0: the work ran once. An error: it never ran, even
+			 * after keel_call returned. */
+			CHECK_EQ(w, o->rc == 0 ? 1 : 0);
+			CHECK_EQ(d + c, 0);
+			n[o->rc == 0 ? 0 : 1]++;
+		} else if (o->rc == 0) {
+			/* Exactly one of done/cancel; done only after work;
+			 * work at most once. */
+			CHECK_EQ(d + c, 1);
+			CHECK_INT(w, <=, 1);
+			if (d)
+				CHECK_EQ(w, 1);
+			n[d ? 2 : 3]++;
+		} else {
+			CHECK_EQ(w + d + c, 0);
+			n[4]++;
+		}
+	}
+	printf("calls: %ld ran, %ld refused/timed out/cancelled; then: %ld "
+	       "done, %ld cancelled, %ld refused\n",
+	       n[0], n[1], n[2], n[3], n[4]);
+	CHECK_INT(n[0], >, 0);
+	CHECK_INT(n[2], >, 0);
+	free(ops);
+	free(callers);
+}

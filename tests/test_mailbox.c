@@ -1,0 +1,782 @@
+/*
+ * test_mailbox.c: posting, serving, the event-loop fd and closing; one
+ * test per guarantee of DESIGN section 2, by name.
+ */
+#include <poll.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "harness.h"
+#include "internal.h"
+
+/* ---- Helpers ---- */
+
+struct counters {
+	atomic_int ran, cancelled;
+};
+
+static void count_run(void *p)
+{
+	atomic_fetch_add(&((struct counters *)p)->ran, 1);
+}
+
+static void count_cancel(void *p)
+{
+	atomic_fetch_add(&((struct counters *)p)->cancelled, 1);
+}
+
+/* A target thread that publishes its handle, then runs `body`. */
+struct target {
+	keel_task_t id;
+	pthread_t th;
+	harness_event ready;
+	void (*body)(struct target *);
+	void *ctx;
+};
+
+static void *target_main(void *p)
+{
+	struct target *t = p;
+
+	t->id = keel_self();
+	event_set(&t->ready);
+	t->body(t);
+	return NULL;
+}
+
+static void start_target(struct target *t, void (*body)(struct target *),
+			 void *ctx)
+{
+	event_init(&t->ready);
+	t->body = body;
+	t->ctx = ctx;
+	t->th = harness_thread(target_main, t);
+	event_wait(&t->ready);
+}
+
+/* ---- Basics ---- */
+
+static harness_log order_log;
+
+static void log_token(void *p)
+{
+	log_add(&order_log, p);
+}
+
+TEST(post_and_serve_in_order)
+{
+	log_init(&order_log);
+	CHECK_OK(keel_post(keel_self(), log_token, NULL, TOKEN("a")));
+	CHECK_OK(keel_post(keel_self(), log_token, NULL, TOKEN("b")));
+	CHECK_OK(keel_post(keel_self(), log_token, NULL, TOKEN("c")));
+	CHECK_EQ(keel_serve(0), 3);
+	CHECK_LOG(&order_log, "a b c");
+	CHECK_RC(keel_serve(0), -ETIMEDOUT);
+}
+
+TEST(serve_waits_until_deadline)
+{
+	keel_time_t start = keel_now();
+
+	CHECK_RC(keel_serve(keel_after(KEEL_MS(20))), -ETIMEDOUT);
+	CHECK_INT(keel_now() - start, >=, KEEL_MS(20));
+	/* A past deadline does not block. */
+	CHECK_RC(keel_serve(keel_now() - KEEL_SEC(1)), -ETIMEDOUT);
+}
+
+static void repost_self(void *p)
+{
+	atomic_int *n = p;
+
+	atomic_fetch_add(n, 1);
+	CHECK_OK(keel_post(keel_self(), repost_self, NULL, p));
+}
+
+TEST(serve_returns_after_a_batch)
+{
+	atomic_int n = 0;
+
+	/* A message that always posts another to its own task must not trap
+	 * keel_serve() forever. */
+	CHECK_OK(keel_post(keel_self(), repost_self, NULL, &n));
+	CHECK_INT(keel_serve(KEEL_FOREVER), >=, 1);
+	CHECK_INT(atomic_load(&n), >=, 1);
+	CHECK_OK(keel_mailbox_close());
+}
+
+/* ---- Guarantee 1: exactly one outcome ---- */
+
+static void serve_half_then_close(struct target *t)
+{
+	struct counters *c = t->ctx;
+
+	/* Run until 500 messages ran, then close with the rest queued. */
+	while (atomic_load(&c->ran) < 500)
+		CHECK_INT(keel_serve(KEEL_FOREVER), >=, 1);
+	CHECK_OK(keel_mailbox_close());
+}
+
+TEST(guarantee1_exactly_one_outcome)
+{
+	struct counters c = {0, 0};
+	struct target t;
+	int accepted = 0, refused = 0;
+
+	start_target(&t, serve_half_then_close, &c);
+	for (int i = 0; i < 2000; i++) {
+		int rc = keel_post(t.id, count_run, count_cancel, &c);
+
+		if (rc == 0)
+			accepted++;
+		else {
+			CHECK(rc == -ESHUTDOWN || rc == -ESRCH);
+			refused++;
+		}
+	}
+	harness_join(t.th);
+	CHECK_EQ(accepted + refused, 2000);
+	CHECK_INT(accepted, >=, 500);
+	CHECK_EQ(atomic_load(&c.ran) + atomic_load(&c.cancelled), accepted);
+}
+
+/* ---- Guarantee 2: nothing slips in after close ---- */
+
+struct slip {
+	struct counters c;
+	atomic_int accepted;
+	atomic_int stop;
+	atomic_int outcomes_at_close;
+	keel_task_t target;
+	harness_barrier go;
+};
+
+static void *slip_sender(void *p)
+{
+	struct slip *s = p;
+
+	barrier_wait(&s->go);
+	while (!atomic_load(&s->stop)) {
+		int rc = keel_post(s->target, count_run, count_cancel, &s->c);
+
+		if (rc == 0)
+			atomic_fetch_add(&s->accepted, 1);
+		else
+			CHECK(rc == -ESHUTDOWN || rc == -ESRCH);
+	}
+	return NULL;
+}
+
+static void serve_then_close_under_fire(struct target *t)
+{
+	struct slip *s = t->ctx;
+
+	barrier_wait(&s->go);
+	while (atomic_load(&s->c.ran) < 1000)
+		CHECK_INT(keel_serve(KEEL_FOREVER), >=, 1);
+	CHECK_OK(keel_mailbox_close());
+	/* Every message accepted so far has had its outcome by now. */
+	atomic_store(&s->outcomes_at_close, atomic_load(&s->c.ran) +
+						     atomic_load(&s->c.cancelled));
+	/* Sends go on for a while after close, and are all refused. */
+	CHECK_RC(keel_post(keel_self(), count_run, count_cancel, &s->c),
+		 -ESHUTDOWN);
+}
+
+TEST(guarantee2_nothing_slips_in_after_close)
+{
+	struct slip s;
+	struct target t;
+	pthread_t senders[3];
+
+	memset(&s, 0, sizeof s);
+	barrier_init(&s.go, 4);
+	start_target(&t, serve_then_close_under_fire, &s);
+	s.target = t.id;
+	for (int i = 0; i < 3; i++)
+		senders[i] = harness_thread(slip_sender, &s);
+	harness_join(t.th);
+	atomic_store(&s.stop, 1);
+	for (int i = 0; i < 3; i++)
+		harness_join(senders[i]);
+	/* Nothing was accepted after close returned (or it would be counted
+	 * in `accepted` without an outcome), and nothing accepted before
+	 * lacked an outcome when close returned. */
+	CHECK_EQ(atomic_load(&s.outcomes_at_close), atomic_load(&s.accepted));
+	CHECK_EQ(atomic_load(&s.c.ran) + atomic_load(&s.c.cancelled),
+		 atomic_load(&s.accepted));
+}
+
+/* ---- Guarantee 3: FIFO per sender ---- */
+
+#define FIFO_SENDERS 4
+#define FIFO_MSGS 20000
+
+struct fifo {
+	int next[FIFO_SENDERS]; /* touched only on the target */
+	atomic_int total;
+	keel_task_t target;
+	atomic_int bad;
+};
+
+static struct fifo fifo;
+
+static void fifo_check(void *p)
+{
+	uintptr_t v = (uintptr_t)p;
+	int sender = (int)(v >> 24), seq = (int)(v & 0xffffff);
+
+	if (fifo.next[sender] != seq)
+		atomic_fetch_add(&fifo.bad, 1);
+	fifo.next[sender] = seq + 1;
+	atomic_fetch_add(&fifo.total, 1);
+}
+
+static void *fifo_sender(void *p)
+{
+	uintptr_t sender = (uintptr_t)p;
+
+	for (uintptr_t i = 0; i < FIFO_MSGS; i++)
+		CHECK_OK(keel_post(fifo.target, fifo_check, NULL,
+				   (void *)(sender << 24 | i)));
+	return NULL;
+}
+
+TEST(guarantee3_fifo_per_sender)
+{
+	pthread_t th[FIFO_SENDERS];
+
+	fifo.target = keel_self();
+	for (uintptr_t i = 0; i < FIFO_SENDERS; i++)
+		th[i] = harness_thread(fifo_sender, (void *)i);
+	while (atomic_load(&fifo.total) < FIFO_SENDERS * FIFO_MSGS)
+		CHECK_INT(keel_serve(KEEL_FOREVER), >=, 1);
+	for (int i = 0; i < FIFO_SENDERS; i++)
+		harness_join(th[i]);
+	CHECK_EQ(atomic_load(&fifo.bad), 0);
+	for (int i = 0; i < FIFO_SENDERS; i++)
+		CHECK_EQ(fifo.next[i], FIFO_MSGS);
+}
+
+/* ---- Guarantee 4: cancel handlers run on the target's thread ---- */
+
+static _Thread_local int tl_marker;
+
+struct where {
+	pthread_t target_thread;
+	atomic_int on_target, elsewhere, marker_seen;
+	harness_event posted;
+};
+
+static void where_cancel(void *p)
+{
+	struct where *w = p;
+
+	if (pthread_equal(pthread_self(), w->target_thread))
+		atomic_fetch_add(&w->on_target, 1);
+	else
+		atomic_fetch_add(&w->elsewhere, 1);
+	/* The target thread's own state still exists. */
+	if (tl_marker == 77)
+		atomic_fetch_add(&w->marker_seen, 1);
+}
+
+static void never_run(void *p)
+{
+	(void)p;
+	harness_fail(__FILE__, __LINE__, "work ran instead of cancel");
+}
+
+static void exit_without_serving(struct target *t)
+{
+	struct where *w = t->ctx;
+
+	tl_marker = 77;
+	w->target_thread = pthread_self();
+	event_wait(&w->posted);
+	/* Returning ends the thread: its exit hook drains the mailbox. */
+}
+
+TEST(guarantee4_cancel_runs_on_the_target_thread)
+{
+	struct where w;
+	struct target t;
+
+	memset(&w, 0, sizeof w);
+	event_init(&w.posted);
+	start_target(&t, exit_without_serving, &w);
+	for (int i = 0; i < 10; i++)
+		CHECK_OK(keel_post(t.id, never_run, where_cancel, &w));
+	event_set(&w.posted);
+	harness_join(t.th);
+	CHECK_EQ(atomic_load(&w.on_target), 10);
+	CHECK_EQ(atomic_load(&w.elsewhere), 0);
+	CHECK_EQ(atomic_load(&w.marker_seen), 10);
+	/* The task is gone now. */
+	CHECK_RC(keel_post(t.id, never_run, where_cancel, &w), -ESRCH);
+}
+
+/* ---- Guarantee 5: messages run only at serve points ---- */
+
+struct g5 {
+	keel_task_t helper;
+	harness_event helper_go;
+};
+
+static void helper_work(void *p)
+{
+	log_add(&order_log, "helper-work");
+	(void)p;
+}
+
+static void helper_body(struct target *t)
+{
+	struct g5 *g = t->ctx;
+
+	event_wait(&g->helper_go);
+	CHECK_INT(keel_serve(KEEL_FOREVER), >=, 1);
+}
+
+static void nested_serve(void *p)
+{
+	(void)p;
+	CHECK_RC(keel_serve(0), -EBUSY);
+	log_add(&order_log, "nested-refused");
+}
+
+static void first_work(void *p)
+{
+	struct g5 *g = p;
+
+	log_add(&order_log, "first-begin");
+	/* Messages for this task are queued behind us; a blocking keel call
+	 * made here must not run them. */
+	event_set(&g->helper_go);
+	CHECK_OK(keel_call(g->helper, helper_work, NULL, KEEL_FOREVER));
+	log_add(&order_log, "first-end");
+}
+
+TEST(guarantee5_messages_run_only_at_serve_points)
+{
+	struct g5 g;
+	struct target helper;
+
+	log_init(&order_log);
+	event_init(&g.helper_go);
+	start_target(&helper, helper_body, &g);
+	g.helper = helper.id;
+	CHECK_OK(keel_post(keel_self(), first_work, NULL, &g));
+	CHECK_OK(keel_post(keel_self(), log_token, NULL, TOKEN("second")));
+	CHECK_OK(keel_post(keel_self(), nested_serve, NULL, NULL));
+	/* Posting does not run anything either. */
+	CHECK_LOG(&order_log, "");
+	CHECK_EQ(keel_serve(0), 3);
+	harness_join(helper.th);
+	CHECK_LOG(&order_log,
+		  "first-begin helper-work first-end second nested-refused");
+}
+
+/* ---- Guarantee 6: at most one wake-up outstanding ---- */
+
+struct g6 {
+	harness_barrier b;
+	int fd;
+	atomic_int ran;
+};
+
+static void g6_count(void *p)
+{
+	atomic_fetch_add(&((struct g6 *)p)->ran, 1);
+}
+
+static void busy_with_fd(struct target *t)
+{
+	struct g6 *g = t->ctx;
+
+	g->fd = keel_mailbox_fd();
+	CHECK_INT(g->fd, >=, 0);
+	barrier_wait(&g->b); /* the sender posts now */
+	barrier_wait(&g->b); /* the sender is done */
+	/* The test reads the fd: how many notifications were written while
+	 * this task was busy elsewhere. An eventfd holds their count; a pipe
+	 * (the portable build) holds one byte each. */
+	{
+		struct stat st;
+		uint64_t v = 0;
+		char bytes[64];
+
+		CHECK_EQ(fstat(g->fd, &st), 0);
+		if (S_ISFIFO(st.st_mode)) {
+			CHECK_EQ(read(g->fd, bytes, sizeof bytes), 1);
+		} else {
+			CHECK_EQ(read(g->fd, &v, sizeof v), (ssize_t)sizeof v);
+			CHECK_EQ(v, 1);
+		}
+	}
+	CHECK_EQ(keel_serve(0), 1000);
+	CHECK_EQ(atomic_load(&g->ran), 1000);
+}
+
+TEST(guarantee6_one_wake_outstanding)
+{
+	struct g6 g;
+	struct target t;
+
+	memset(&g, 0, sizeof g);
+	barrier_init(&g.b, 2);
+	start_target(&t, busy_with_fd, &g);
+	barrier_wait(&g.b);
+	for (int i = 0; i < 1000; i++)
+		CHECK_OK(keel_post(t.id, g6_count, NULL, &g));
+	barrier_wait(&g.b);
+	harness_join(t.th);
+}
+
+static void park_and_count(struct target *t)
+{
+	struct g6 *g = t->ctx;
+
+	/* Sleep in keel_serve (parked), be woken once, then stay busy while
+	 * the sender posts the rest. */
+	barrier_wait(&g->b);
+	CHECK_INT(keel_serve(KEEL_FOREVER), >=, 1);
+	barrier_wait(&g->b); /* busy: the sender posts 999 more */
+	barrier_wait(&g->b);
+	while (atomic_load(&g->ran) < 1000)
+		CHECK_INT(keel_serve(KEEL_FOREVER), >=, 1);
+}
+
+TEST(guarantee6_no_wake_syscall_while_busy)
+{
+	struct g6 g;
+	struct target t;
+	struct keel__task *slot;
+	uint64_t before;
+
+	memset(&g, 0, sizeof g);
+	barrier_init(&g.b, 2);
+	start_target(&t, park_and_count, &g);
+	slot = keel__task_slot(t.id);
+	barrier_wait(&g.b);
+	CHECK_OK(keel_post(t.id, g6_count, NULL, &g));
+	barrier_wait(&g.b);
+	/* The target runs nothing now and is not asleep in serve: none of
+	 * these sends may make a system call to wake it. */
+	before = keel__wake_syscalls;
+	for (int i = 0; i < 999; i++)
+		CHECK_OK(keel_post(t.id, g6_count, NULL, &g));
+	CHECK_EQ(keel__wake_syscalls - before, 0);
+	CHECK_EQ(load_relaxed(&slot->mword) & MB_SLEEPING, 0);
+	barrier_wait(&g.b);
+	harness_join(t.th);
+	CHECK_EQ(atomic_load(&g.ran), 1000);
+}
+
+/* ---- The event-loop fd ---- */
+
+struct loop {
+	keel_task_t id;
+	int pipefd[2];
+	atomic_int msgs;
+	int pipe_bytes;
+	harness_event ready;
+};
+
+static void loop_msg(void *p)
+{
+	atomic_fetch_add(&((struct loop *)p)->msgs, 1);
+}
+
+#define LOOP_SENDERS 3
+#define LOOP_MSGS 5000
+
+static void *loop_main(void *p)
+{
+	struct loop *l = p;
+	struct epoll_event ev, evs[4];
+	int ep = epoll_create1(EPOLL_CLOEXEC), mfd;
+
+	l->id = keel_self();
+	mfd = keel_mailbox_fd();
+	CHECK_INT(mfd, >=, 0);
+	CHECK_EQ(keel_mailbox_fd(), mfd);
+	ev.events = EPOLLIN;
+	ev.data.fd = mfd;
+	CHECK_EQ(epoll_ctl(ep, EPOLL_CTL_ADD, mfd, &ev), 0);
+	ev.data.fd = l->pipefd[0];
+	CHECK_EQ(epoll_ctl(ep, EPOLL_CTL_ADD, l->pipefd[0], &ev), 0);
+	event_set(&l->ready);
+	while (atomic_load(&l->msgs) < LOOP_SENDERS * LOOP_MSGS ||
+	       l->pipe_bytes < LOOP_SENDERS) {
+		int n = epoll_wait(ep, evs, 4, -1);
+
+		for (int i = 0; i < n; i++) {
+			if (evs[i].data.fd == mfd) {
+				int rc = keel_serve(0);
+
+				CHECK(rc >= 1 || rc == -ETIMEDOUT);
+			} else {
+				char c;
+
+				CHECK_EQ(read(l->pipefd[0], &c, 1), 1);
+				l->pipe_bytes++;
+			}
+		}
+	}
+	/* Take the fd out of the set before the task ends and closes it. */
+	CHECK_EQ(epoll_ctl(ep, EPOLL_CTL_DEL, mfd, NULL), 0);
+	close(ep);
+	return NULL;
+}
+
+static void *loop_sender(void *p)
+{
+	struct loop *l = p;
+
+	for (int i = 0; i < LOOP_MSGS; i++)
+		CHECK_OK(keel_post(l->id, loop_msg, NULL, l));
+	CHECK_EQ(write(l->pipefd[1], "x", 1), 1);
+	return NULL;
+}
+
+TEST(fd_drives_an_epoll_loop)
+{
+	struct loop l;
+	pthread_t th, senders[LOOP_SENDERS];
+
+	memset(&l, 0, sizeof l);
+	event_init(&l.ready);
+	CHECK_EQ(pipe(l.pipefd), 0);
+	th = harness_thread(loop_main, &l);
+	event_wait(&l.ready);
+	for (int i = 0; i < LOOP_SENDERS; i++)
+		senders[i] = harness_thread(loop_sender, &l);
+	for (int i = 0; i < LOOP_SENDERS; i++)
+		harness_join(senders[i]);
+	harness_join(th);
+	CHECK_EQ(atomic_load(&l.msgs), LOOP_SENDERS * LOOP_MSGS);
+	CHECK_EQ(l.pipe_bytes, LOOP_SENDERS);
+	close(l.pipefd[0]);
+	close(l.pipefd[1]);
+}
+
+TEST(fd_readable_while_pending)
+{
+	struct counters c = {0, 0};
+	struct pollfd pfd;
+	int fd;
+
+	/* Pending before the fd exists: readable as soon as it does. */
+	CHECK_OK(keel_post(keel_self(), count_run, NULL, &c));
+	fd = keel_mailbox_fd();
+	CHECK_INT(fd, >=, 0);
+	pfd.fd = fd;
+	pfd.events = POLLIN;
+	CHECK_EQ(poll(&pfd, 1, 0), 1);
+	CHECK_EQ(keel_serve(0), 1);
+	/* Drained: no longer readable. */
+	CHECK_EQ(poll(&pfd, 1, 0), 0);
+	/* A new message makes it readable again. */
+	CHECK_OK(keel_post(keel_self(), count_run, NULL, &c));
+	CHECK_EQ(poll(&pfd, 1, 0), 1);
+	CHECK_EQ(keel_serve(0), 1);
+	CHECK_EQ(poll(&pfd, 1, 0), 0);
+	CHECK_EQ(atomic_load(&c.ran), 2);
+}
+
+/* ---- Idle: a task asleep in keel_serve uses no CPU ---- */
+
+TEST(idle_serve_uses_no_cpu)
+{
+	struct timespec a, b;
+	keel_time_t used;
+
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &a);
+	CHECK_RC(keel_serve(keel_after(KEEL_MS(300))), -ETIMEDOUT);
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
+	used = (keel_time_t)(b.tv_sec - a.tv_sec) * 1000000000 +
+	       (b.tv_nsec - a.tv_nsec);
+	printf("cpu used while idle 300 ms: %lld us\n",
+	       (long long)(used / 1000));
+	CHECK_INT(used, <, KEEL_MS(10));
+}
+
+/* ---- Closing ---- */
+
+TEST(close_twice_and_after_close)
+{
+	struct counters c = {0, 0};
+
+	CHECK_OK(keel_post(keel_self(), count_run, count_cancel, &c));
+	CHECK_OK(keel_mailbox_close());
+	CHECK_EQ(atomic_load(&c.cancelled), 1);
+	CHECK_EQ(atomic_load(&c.ran), 0);
+	CHECK_RC(keel_mailbox_close(), -ESHUTDOWN);
+	CHECK_RC(keel_serve(0), -ESHUTDOWN);
+	CHECK_RC(keel_serve(KEEL_FOREVER), -ESHUTDOWN);
+	CHECK_RC(keel_mailbox_fd(), -ESHUTDOWN);
+	CHECK_RC(keel_post(keel_self(), count_run, count_cancel, &c),
+		 -ESHUTDOWN);
+	CHECK_EQ(atomic_load(&c.cancelled), 1);
+}
+
+static void close_from_work(void *p)
+{
+	log_add(&order_log, p);
+	CHECK_OK(keel_mailbox_close());
+}
+
+static void log_cancel(void *p)
+{
+	char buf[32];
+
+	snprintf(buf, sizeof buf, "cancel-%s", (char *)p);
+	log_add(&order_log, buf);
+}
+
+TEST(close_from_inside_a_message)
+{
+	log_init(&order_log);
+	CHECK_OK(keel_post(keel_self(), log_token, log_cancel, TOKEN("a")));
+	CHECK_OK(keel_post(keel_self(), close_from_work, log_cancel, TOKEN("b")));
+	CHECK_OK(keel_post(keel_self(), log_token, log_cancel, TOKEN("c")));
+	CHECK_OK(keel_post(keel_self(), log_token, log_cancel, TOKEN("d")));
+	CHECK_EQ(keel_serve(0), 2);
+	CHECK_LOG(&order_log, "a b cancel-c cancel-d");
+}
+
+static void exit_in_work(void *p)
+{
+	(void)p;
+	pthread_exit(NULL);
+}
+
+static void exit_inside_message(struct target *t)
+{
+	harness_event *go = t->ctx;
+
+	event_wait(go);
+	keel_serve(KEEL_FOREVER);
+	harness_fail(__FILE__, __LINE__, "serve returned after pthread_exit");
+}
+
+TEST(thread_exit_inside_a_message_cancels_the_rest)
+{
+	struct target t;
+	harness_event go;
+
+	log_init(&order_log);
+	event_init(&go);
+	start_target(&t, exit_inside_message, &go);
+	CHECK_OK(keel_post(t.id, log_token, log_cancel, TOKEN("a")));
+	CHECK_OK(keel_post(t.id, exit_in_work, log_cancel, TOKEN("x")));
+	CHECK_OK(keel_post(t.id, log_token, log_cancel, TOKEN("b")));
+	CHECK_OK(keel_post(t.id, log_token, log_cancel, TOKEN("c")));
+	event_set(&go);
+	harness_join(t.th);
+	CHECK_LOG(&order_log, "a cancel-b cancel-c");
+}
+
+/* ---- Bad input ---- */
+
+TEST(post_bad_input)
+{
+	struct counters c = {0, 0};
+	keel_task_t self = keel_self();
+
+	CHECK_RC(keel_post(self, NULL, count_cancel, &c), -EINVAL);
+	CHECK_RC(keel_post(KEEL_TASK_NONE, count_run, NULL, &c), -ESRCH);
+	/* Right index, wrong generation. */
+	CHECK_RC(keel_post(self + ((uint64_t)1 << MB_GEN_SHIFT), count_run,
+			   NULL, &c),
+		 -ESRCH);
+	CHECK_RC(keel_post(self - ((uint64_t)1 << MB_GEN_SHIFT), count_run,
+			   NULL, &c),
+		 -ESRCH);
+	/* An index no slot was made for, and one past the whole table. */
+	CHECK_RC(keel_post(((uint64_t)1 << MB_GEN_SHIFT) | 0xfffff0, count_run,
+			   NULL, &c),
+		 -ESRCH);
+	CHECK_RC(keel_post(UINT64_MAX, count_run, NULL, &c), -ESRCH);
+	/* Nothing was queued by any of that. */
+	CHECK_RC(keel_serve(0), -ETIMEDOUT);
+	CHECK_EQ(atomic_load(&c.ran) + atomic_load(&c.cancelled), 0);
+}
+
+/* ---- Stale handles ---- */
+
+static void *adopt_and_exit(void *p)
+{
+	*(keel_task_t *)p = keel_self();
+	return NULL;
+}
+
+struct newcomer {
+	keel_task_t old;
+	harness_event done;
+	int served;
+};
+
+static void newcomer_body(struct target *t)
+{
+	struct newcomer *n = t->ctx;
+
+	event_wait(&n->done);
+	/* Nothing addressed to the old task reached this one. */
+	n->served = keel_serve(0);
+}
+
+static void stale_work(void *p)
+{
+	(void)p;
+	harness_fail(__FILE__, __LINE__, "a stale handle reached a task");
+}
+
+TEST(stale_handles_never_reach_a_new_task)
+{
+	struct newcomer n;
+	struct target t;
+	int x = 0;
+
+	keel_self();
+	event_init(&n.done);
+	harness_join(harness_thread(adopt_and_exit, &n.old));
+	start_target(&t, newcomer_body, &n);
+	/* The new task reuses the old task's slot, with a new generation. */
+	CHECK_EQ(t.id & TASK_IDX_MASK, n.old & TASK_IDX_MASK);
+	CHECK(t.id != n.old);
+	CHECK_RC(keel_post(n.old, stale_work, stale_work, &x), -ESRCH);
+	CHECK_RC(keel_call(n.old, stale_work, &x, KEEL_FOREVER), -ESRCH);
+	CHECK_RC(keel_call_then(n.old, stale_work, stale_work, stale_work, &x),
+		 -ESRCH);
+	event_set(&n.done);
+	harness_join(t.th);
+	CHECK_RC(n.served, -ETIMEDOUT);
+}
+
+/* ---- Cancellation ---- */
+
+static void cancel_me_later(struct target *t)
+{
+	harness_event *parked = t->ctx;
+
+	event_set(parked);
+	CHECK_RC(keel_serve(KEEL_FOREVER), -ECANCELED);
+	/* Sticky: every later wait sees it at once. */
+	CHECK_RC(keel_serve(KEEL_FOREVER), -ECANCELED);
+}
+
+TEST(serve_returns_when_cancelled)
+{
+	struct target t;
+	harness_event parked;
+
+	event_init(&parked);
+	start_target(&t, cancel_me_later, &parked);
+	event_wait(&parked);
+	CHECK_OK(keel__task_cancel(t.id, 1));
+	harness_join(t.th);
+}
