@@ -133,10 +133,19 @@ static int wait_for_job(struct worker *w)
 	}
 }
 
+/* The worker leaves: normally, or because its job called pthread_exit(). */
+static void worker_exit(void *p)
+{
+	free(p);
+	fetch_add_acq_rel(&n_exited, 1);
+	keel__futex_wake(&n_exited, INT32_MAX);
+}
+
 static void *worker_main(void *p)
 {
 	struct worker *w = p;
 
+	pthread_cleanup_push(worker_exit, w);
 	for (;;) {
 		/* Pairs with the release exchange in keel__thread_start(). */
 		w->fn(w->arg);
@@ -155,9 +164,7 @@ static void *worker_main(void *p)
 		if (wait_for_job(w) < 0)
 			break;
 	}
-	free(w);
-	fetch_add_acq_rel(&n_exited, 1);
-	keel__futex_wake(&n_exited, INT32_MAX);
+	pthread_cleanup_pop(1);
 	return NULL;
 }
 

@@ -252,12 +252,17 @@ static int exit_thread(void *arg)
 
 TEST(spawned_task_ending_by_pthread_exit_is_joinable)
 {
+	struct keel__thread_cache_stats before;
 	keel_task_t t;
 	int st = -1;
 
+	keel__thread_cache_stats(&before);
 	CHECK_OK(keel__task_spawn(&t, exit_thread, NULL, NULL, 0));
 	CHECK_OK(keel__task_join(t, &st));
 	CHECK_EQ(st, 0);
+	/* The cached thread it ran on left the cache properly (this would
+	 * hang if its cleanup had not run). */
+	keel__thread_cache_wait_exit(before.exited);
 }
 
 /* ---- Cancellation by handle ---- */
