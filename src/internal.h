@@ -92,26 +92,29 @@ union keel__fn {
 };
 
 struct keel__msg {
-	_Atomic(struct keel__msg *) next; /* mailbox queue link */
+	/* Line 0: everything a post touches, on both sides. */
+	_Atomic(struct keel__msg *) next; /* queue link; free-list link */
 	union keel__fn fn;
 	void *arg;
 	keel_work_fn cancel;
-	keel_work_fn done;
 	/* generation << 8 | enum keel__msg_state; the generation changes each
 	 * time the record is freed. */
 	_Atomic uint64_t state;
-	struct keel__task *caller; /* call kinds: who waits or gets the reply */
+	keel_work_fn done;
+	uint32_t idx;
+	uint8_t kind;
+
+	/* Line 1: calls only. */
+	struct keel__task *caller; /* who waits or gets the reply */
 	keel_task_t caller_id;
 	/* _ctx kinds: the task whose in-flight list holds the record. Read
 	 * without a lock by keel_ctx_finish() on possibly stale handles. */
 	_Atomic(struct keel__task *) target;
-	uint32_t idx;
-	uint8_t kind;
 	/* The caller's owner-only list of then-kind records awaiting a
-	 * reply; while free, onext links the free list. */
+	 * reply; while free, a batch's first record links the next batch
+	 * in oprev and keeps the batch's length in caller_id. */
 	struct keel__msg *oprev, *onext;
-	/* The target's in-flight ctx list, under target->ctx_lock; while
-	 * free, iprev links batches in the global pool. */
+	/* The target's in-flight ctx list, under target->ctx_lock. */
 	struct keel__msg *iprev, *inext;
 } KEEL_ALIGNED(KEEL_CACHELINE);
 
@@ -123,7 +126,7 @@ struct keel__msg *keel__msg_at(uint32_t idx);
 /* ---- Thread-local state ------------------------------------------------ */
 struct keel__tls {
 	struct keel__task *self; /* the task running on this thread */
-	struct keel__msg *cache; /* free message records, linked by onext */
+	struct keel__msg *cache; /* free message records, linked by next */
 	uint32_t ncache;
 	uint8_t registered; /* the thread-exit key holds a value */
 	uint8_t exited;     /* the thread-exit hook has run once */
@@ -144,7 +147,7 @@ static inline struct keel__msg *keel__msg_alloc(void)
 	struct keel__msg *m = keel__tls.cache;
 
 	if (likely(m != NULL)) {
-		keel__tls.cache = m->onext;
+		keel__tls.cache = load_relaxed(&m->next);
 		keel__tls.ncache--;
 		return m;
 	}
@@ -162,7 +165,7 @@ static inline void keel__msg_free(struct keel__msg *m)
 	if ((gen & (((uint64_t)1 << 40) - 1)) == 0)
 		gen++;
 	store_relaxed(&m->state, gen << MSG_STATE_BITS | ST_FREE);
-	m->onext = keel__tls.cache;
+	store_relaxed(&m->next, keel__tls.cache);
 	keel__tls.cache = m;
 	if (unlikely(++keel__tls.ncache >= 4 * MSG_CACHE_BATCH))
 		keel__msg_flush(0);

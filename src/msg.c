@@ -15,9 +15,10 @@
  * table; both take the pool lock once per batch. A thread's cache goes
  * back to the pool when the thread exits.
  *
- * While free, a record's `onext` links it in its cache or batch, a batch's
- * first record keeps the batch's length in `caller_id` and the next batch
- * in `iprev`.
+ * While free, a record's `next` links it in its cache or batch (it is the
+ * queue link otherwise, and both uses stay in the record's first cache
+ * line, the only one a post touches); a batch's first record keeps the
+ * batch's length in `caller_id` and the next batch in `oprev`.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -71,7 +72,7 @@ static struct keel__msg *carve(uint32_t *n)
 	for (uint32_t i = MSG_CACHE_BATCH; i-- > 0;) {
 		struct keel__msg *m = &c[(first + i) & (MSG_CHUNK - 1)];
 
-		m->onext = head;
+		store_relaxed(&m->next, head);
 		head = m;
 	}
 	msg_count += MSG_CACHE_BATCH;
@@ -87,7 +88,7 @@ struct keel__msg *keel__msg_refill(void)
 	keel__tls_register();
 	pthread_mutex_lock(&pool_lock);
 	if ((b = batches) != NULL) {
-		batches = b->iprev;
+		batches = b->oprev;
 		n = (uint32_t)b->caller_id;
 	} else {
 		b = carve(&n);
@@ -95,7 +96,7 @@ struct keel__msg *keel__msg_refill(void)
 	pthread_mutex_unlock(&pool_lock);
 	if (!b)
 		return NULL;
-	keel__tls.cache = b->onext;
+	keel__tls.cache = load_relaxed(&b->next);
 	keel__tls.ncache = n - 1;
 	return b;
 }
@@ -104,7 +105,7 @@ static void give_back(struct keel__msg *head, uint32_t n)
 {
 	head->caller_id = n;
 	pthread_mutex_lock(&pool_lock);
-	head->iprev = batches;
+	head->oprev = batches;
 	batches = head;
 	pthread_mutex_unlock(&pool_lock);
 }
@@ -119,10 +120,10 @@ void keel__msg_flush(int all)
 							    : MSG_CACHE_BATCH;
 
 		for (uint32_t i = 1; i < n; i++)
-			last = last->onext;
-		tls->cache = last->onext;
+			last = load_relaxed(&last->next);
+		tls->cache = load_relaxed(&last->next);
 		tls->ncache -= n;
-		last->onext = NULL;
+		store_relaxed(&last->next, NULL);
 		give_back(head, n);
 	}
 }
