@@ -147,8 +147,14 @@ static inline struct keel__msg *keel__msg_alloc(void)
 	struct keel__msg *m = keel__tls.cache;
 
 	if (likely(m != NULL)) {
-		keel__tls.cache = load_relaxed(&m->next);
+		struct keel__msg *after = load_relaxed(&m->next);
+
+		keel__tls.cache = after;
 		keel__tls.ncache--;
+		/* Records often come back from another thread's cache: start
+		 * fetching the next one for writing now. */
+		if (after)
+			__builtin_prefetch(after, 1);
 		return m;
 	}
 	return keel__msg_refill();

@@ -32,15 +32,16 @@
  * SLEEPING asks for a notification. The owner sets it (fetch_or) before it
  * sleeps, or when it leaves keel_serve() with an fd for its event loop, and
  * then looks at the queue once more. A sender, after linking its record,
- * clears SLEEPING in the same read-modify-write that would otherwise release
- * its count; the one sender that clears it notifies the owner (unpark, and
- * the eventfd if any) while still counted in flight, then releases its
- * count. Hence:
- *   - no lost wake-up: the sender's RMW comes either after the owner's
+ * releases its count with one fetch_sub and looks at the old value. If
+ * SLEEPING was set, it registers in flight again, clears the bit with a
+ * compare-and-swap, and the one sender that clears it notifies the owner
+ * (unpark, and the eventfd if any) before releasing its count. Hence:
+ *   - no lost wake-up: the sender's fetch_sub comes either after the owner's
  *     fetch_or in the word's modification order (the sender sees SLEEPING)
  *     or before it (the owner's acquiring fetch_or sees the sender's link);
  *   - at most one notification per sleep, and none while the owner is busy;
- *   - no sender touches the eventfd after close, which waits for senders.
+ *   - no sender touches the eventfd unless counted in flight, and close
+ *     waits for those.
  * The last sender to leave a CLOSED mailbox unparks the owner, which waits
  * for the in-flight count to reach 0.
  */
@@ -79,21 +80,44 @@ static void leave_refused(struct keel__task *t)
 		keel__unpark(t);
 }
 
-/* Release the count of a send that linked its record. */
-static void leave_linked(struct keel__task *t)
+/* A sender whose release found SLEEPING set: the owner asked to be told of
+ * messages. Notify it, but only while counted in flight again, so that the
+ * owner (which closes its eventfd only after close has waited out every
+ * sender) can never have closed the fd under us. */
+static void notify_sleeper(struct keel__task *t, keel_task_t id)
 {
-	uint64_t old = load_relaxed(&t->mword), new;
+	uint64_t old = fetch_add_acquire(&t->mword, 1), new;
 
-	do
-		new = (old & MB_SLEEPING) ? (old & ~MB_SLEEPING) : old - 1;
-	while (!cas_weak_acq_rel(&t->mword, &old, new));
-	if (old & MB_SLEEPING) {
-		KEEL_YIELD();
-		notify(t);
-		old = fetch_sub_acq_rel(&t->mword, 1);
+	if ((old >> MB_GEN_SHIFT) == (id >> MB_GEN_SHIFT) &&
+	    !(old & (MB_CLOSED | MB_ENDED))) {
+		old++;
+		for (;;) {
+			if (!(old & MB_SLEEPING))
+				break; /* another sender took the duty */
+			new = old & ~MB_SLEEPING;
+			if (cas_weak_acq_rel(&t->mword, &old, new)) {
+				KEEL_YIELD();
+				notify(t);
+				break;
+			}
+		}
 	}
+	leave_refused(t);
+}
+
+/* Release the count of a send that linked its record. One fetch_sub: it is
+ * ordered after the link (release), and if the owner had set SLEEPING
+ * before it in the word's modification order, it sees the bit. */
+static void leave_linked(struct keel__task *t, keel_task_t id)
+{
+	uint64_t old = fetch_sub_acq_rel(&t->mword, 1);
+
+	if (likely(!(old & (MB_SLEEPING | MB_CLOSED))))
+		return;
 	if ((old & MB_CLOSED) && (old & MB_COUNT_MASK) == 1)
-		keel__unpark(t);
+		keel__unpark(t); /* the owner waits in close for us */
+	else if (old & MB_SLEEPING)
+		notify_sleeper(t, id);
 }
 
 int keel__mbox_send(keel_task_t id, struct keel__msg *m)
@@ -123,7 +147,7 @@ int keel__mbox_send(keel_task_t id, struct keel__msg *m)
 	KEEL_YIELD();
 	/* Pairs with the acquire loads of `next` in pop() and poppable(). */
 	store_release(&prev->next, m);
-	leave_linked(t);
+	leave_linked(t, id);
 	return 0;
 }
 
@@ -176,6 +200,8 @@ static struct keel__msg *pop(struct keel__task *t)
 	}
 	if (next) {
 		t->head = next;
+		/* The record after this one is most likely the next to run. */
+		__builtin_prefetch(next);
 		return h;
 	}
 	tail = load_acquire(&t->tail);
