@@ -38,6 +38,8 @@ struct lane {
 static struct msg_rec *msgs;
 static struct lane lanes[LANES];
 static atomic_int stop_lanes;
+/* Senders start once every lane has published its first target. */
+static harness_barrier lanes_up;
 /* Per slot index: the handle of the task whose close has returned. */
 static _Atomic keel_task_t close_returned[MAX_SLOTS];
 
@@ -100,6 +102,8 @@ static void *lane_controller(void *p)
 
 		CHECK_OK(keel__task_spawn(&t, target_fn, l, "chaos-target", 0));
 		atomic_store(&l->current, t);
+		if (l->spawned == 0)
+			barrier_wait(&lanes_up);
 		CHECK_OK(keel__task_join(t, NULL));
 		l->spawned++;
 	}
@@ -146,10 +150,12 @@ TEST(stress_exactly_once_chaos)
 	CHECK_INT(nthreads, >=, 4);
 	msgs = calloc((size_t)total, sizeof *msgs);
 	CHECK(msgs && senders);
+	barrier_init(&lanes_up, LANES + 1);
 	for (int i = 0; i < LANES; i++) {
 		lanes[i].rng = seed ^ (0x1000u + (unsigned)i);
 		lanes[i].controller = harness_thread(lane_controller, &lanes[i]);
 	}
+	barrier_wait(&lanes_up);
 	for (long i = 0; i < nthreads; i++) {
 		senders[i].first = i * iters;
 		senders[i].count = iters;
@@ -269,10 +275,13 @@ TEST(stress_calls_under_chaos)
 	ops = calloc((size_t)total, sizeof *ops);
 	CHECK(ops && callers);
 	atomic_store(&stop_lanes, 0);
+	barrier_init(&lanes_up, LANES + 1);
 	for (int i = 0; i < LANES; i++) {
 		lanes[i].rng = seed ^ (0x2000u + (unsigned)i);
+		lanes[i].spawned = 0;
 		lanes[i].controller = harness_thread(lane_controller, &lanes[i]);
 	}
+	barrier_wait(&lanes_up);
 	for (long i = 0; i < nthreads; i++) {
 		callers[i].first = i * iters;
 		callers[i].count = iters;
