@@ -395,11 +395,6 @@ void keel__mbox_shutdown(struct keel__task *t)
 
 	if (!t->closed)
 		close_and_wait(t);
-	/* A call whose work never returned: the thread exited inside it. */
-	if ((m = t->running) != NULL) {
-		t->running = NULL;
-		keel__proxy_abort_running(t, m);
-	}
 	/* Cancel handlers run one at a time, so if one of them exits the
 	 * thread, the exit hook comes back here and finishes the drain. */
 	while ((m = pop(t)) != NULL)

@@ -170,8 +170,17 @@ void keel__task_release(struct keel__task *t)
 
 void keel__task_end(struct keel__task *t, int status)
 {
+	struct keel__msg *m;
+
 	if (load_relaxed(&t->mword) & MB_ENDED)
 		return;
+	/* A call whose work is still marked running when the task ends never
+	 * returned: the thread exited inside it. (A close from inside a
+	 * work does not come here: that work goes on and completes.) */
+	if ((m = t->running) != NULL) {
+		t->running = NULL;
+		keel__proxy_abort_running(t, m);
+	}
 	keel__mbox_shutdown(t);
 	keel__mbox_close_fd(t);
 	t->status = status;

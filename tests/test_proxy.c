@@ -215,6 +215,41 @@ static void exit_inside(void *p)
 	pthread_exit(NULL);
 }
 
+struct close_inside {
+	int ran;
+	keel_task_t target;
+};
+
+static void work_that_closes(void *p)
+{
+	struct close_inside *c = p;
+
+	c->ran++;
+	CHECK_OK(keel_mailbox_close());
+	/* Closing from inside does not end this work: it goes on. */
+	c->ran++;
+}
+
+static void must_not_run(void *p)
+{
+	(void)p;
+	harness_fail(__FILE__, __LINE__, "work ran on an ended task");
+}
+
+TEST(call_whose_work_closes_the_target)
+{
+	struct server s;
+	struct close_inside c = {0, 0};
+
+	server_start(&s);
+	CHECK_OK(keel_call(s.id, work_that_closes, &c, KEEL_FOREVER));
+	CHECK_EQ(c.ran, 2);
+	harness_join(s.th); /* its serve loop saw -ESHUTDOWN */
+	/* Reuse records freely now: nothing may still touch the call's. */
+	for (int i = 0; i < 100; i++)
+		CHECK_RC(keel_post(s.id, must_not_run, NULL, NULL), -ESRCH);
+}
+
 TEST(call_target_thread_exits_inside_work)
 {
 	struct server s;
@@ -342,6 +377,30 @@ TEST(call_then_to_self)
 				probe_cancel, &p));
 	CHECK_EQ(keel_serve(0), 2);
 	CHECK_LOG(&lg, "work done");
+}
+
+static void probe_work_and_close(void *p)
+{
+	probe_work(p);
+	CHECK_OK(keel_mailbox_close());
+}
+
+TEST(call_then_whose_work_closes_the_target)
+{
+	struct server s;
+	struct then_probe p;
+
+	memset(&p, 0, sizeof p);
+	log_init(&lg);
+	p.caller = pthread_self();
+	server_start(&s);
+	CHECK_OK(keel_call_then(s.id, probe_work_and_close, probe_done,
+				probe_cancel, &p));
+	harness_join(s.th);
+	CHECK_EQ(keel_serve(KEEL_FOREVER), 1);
+	CHECK_LOG(&lg, "work done");
+	CHECK_EQ(p.cancel, 0);
+	CHECK_RC(keel_serve(0), -ETIMEDOUT);
 }
 
 TEST(call_then_target_ends_first)
