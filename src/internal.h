@@ -317,6 +317,7 @@ void keel__proxy_run(struct keel__task *t, struct keel__msg *m);
 void keel__proxy_cancel(struct keel__task *t, struct keel__msg *m);
 void keel__proxy_abort_running(struct keel__task *t, struct keel__msg *m);
 void keel__proxy_close(struct keel__task *t);
+void keel__proxy_end(struct keel__task *t);
 
 /* ---- Thread cache ------------------------------------------------------ */
 /* Run fn(arg) on a cached thread with the given stack size (0: default),

@@ -32,7 +32,10 @@
  *   INFLIGHT   every transition out happens under T->ctx_lock, which also
  *              guards the list:
  *     F finishes:   INFLIGHT -> RESOLVING, then DONE / done reply
- *     T closes:     INFLIGHT -> RESOLVING, then SHUT / cancel reply
+ *     T ends:       INFLIGHT -> RESOLVING, then SHUT / cancel reply
+ *              (closing T's mailbox does not end work in flight; T's
+ *              close cancels only its own _ctx calls to itself, whose
+ *              reply could no longer be delivered)
  *   RESOLVING  owned by whoever set it; nobody else touches the record.
  *   DONE, SHUT C, waiting in keel_call*, sees it and frees the record.
  *   Replies: the resolver stores REPLY_DONE or REPLY_CANCEL and sends the
@@ -236,20 +239,31 @@ void keel__proxy_abort_running(struct keel__task *t, struct keel__msg *m)
 		reply(m, ST_REPLY_CANCEL);
 }
 
-void keel__proxy_close(struct keel__task *t)
+/* Take the in-flight ctx records of T (as target) that `which` selects off
+ * the list, under the lock so no finisher can reach them, and resolve them
+ * as cancelled. which(m, t) is called with the lock held. */
+static void cancel_inflight(struct keel__task *t,
+			    int (*which)(struct keel__msg *, struct keel__task *))
 {
-	struct keel__msg *m, *next, *list;
+	struct keel__msg *m, *next, *list = NULL;
 
-	/* In-flight ctx records of T as target: take them all off the list
-	 * under the lock, so no finisher can reach them, then resolve. */
 	pthread_mutex_lock(&t->ctx_lock);
-	list = t->inflight;
-	t->inflight = NULL;
-	for (m = list; m; m = m->inext) {
+	for (m = t->inflight; m; m = next) {
 		uint64_t w = load_relaxed(&m->state);
 
+		next = m->inext;
+		if (!which(m, t))
+			continue;
 		KEEL_ASSERT(st_of(w) == ST_INFLIGHT);
+		if (m->iprev)
+			m->iprev->inext = m->inext;
+		else
+			t->inflight = m->inext;
+		if (m->inext)
+			m->inext->iprev = m->iprev;
 		store_relaxed(&m->state, with_st(w, ST_RESOLVING));
+		m->inext = list;
+		list = m;
 	}
 	pthread_mutex_unlock(&t->ctx_lock);
 	for (m = list; m; m = next) {
@@ -259,6 +273,28 @@ void keel__proxy_close(struct keel__task *t)
 		else
 			reply(m, ST_REPLY_CANCEL);
 	}
+}
+
+static int any_record(struct keel__msg *m, struct keel__task *t)
+{
+	(void)m;
+	(void)t;
+	return 1;
+}
+
+static int own_record(struct keel__msg *m, struct keel__task *t)
+{
+	return m->caller == t;
+}
+
+/* T's mailbox has closed and drained: settle the replies T is owed. */
+void keel__proxy_close(struct keel__task *t)
+{
+	struct keel__msg *m, *next, *list;
+
+	/* T's own _ctx calls to itself can never deliver now: cancel them
+	 * here, or the wait below would wait for itself. */
+	cancel_inflight(t, own_record);
 
 	/* Then-kind records T is owed replies for, as caller. */
 	while ((list = t->outstanding) != NULL) {
@@ -293,6 +329,12 @@ void keel__proxy_close(struct keel__task *t)
 		if (!progress && t->outstanding)
 			keel__park(t, KEEL_FOREVER);
 	}
+}
+
+/* T is ending: a ctx still unfinished is cancelled. */
+void keel__proxy_end(struct keel__task *t)
+{
+	cancel_inflight(t, any_record);
 }
 
 /* ---- Caller side -------------------------------------------------------- */

@@ -181,6 +181,9 @@ void keel__task_end(struct keel__task *t, int status)
 		t->running = NULL;
 		keel__proxy_abort_running(t, m);
 	}
+	/* Work in flight is cancelled first: replies this task owes itself
+	 * must be settled before its close waits for them. */
+	keel__proxy_end(t);
 	keel__mbox_shutdown(t);
 	keel__mbox_close_fd(t);
 	t->status = status;

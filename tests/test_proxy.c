@@ -623,6 +623,63 @@ TEST(call_ctx_in_flight_when_target_closes)
 	CHECK_RC(keel_ctx_finish(atomic_load(&held_ctx)), -ESTALE);
 }
 
+/* A target that closes its mailbox, then stays alive until released. */
+struct lingering {
+	keel_task_t id;
+	pthread_t th;
+	harness_event ready, closed, release;
+};
+
+static void keep_ctx_close_and_signal(keel_ctx_t *ctx, void *p)
+{
+	struct lingering *l = p;
+
+	atomic_store(&held_ctx, ctx);
+	CHECK_OK(keel_mailbox_close());
+	event_set(&l->closed);
+}
+
+static void *linger_main(void *p)
+{
+	struct lingering *l = p;
+
+	l->id = keel_self();
+	event_set(&l->ready);
+	CHECK_RC(keel_serve(KEEL_FOREVER), 1);
+	CHECK_RC(keel_serve(KEEL_FOREVER), -ESHUTDOWN);
+	event_wait(&l->release);
+	return NULL;
+}
+
+static void *finish_after_close(void *p)
+{
+	struct lingering *l = p;
+
+	event_wait(&l->closed);
+	CHECK_OK(keel_ctx_finish(atomic_load(&held_ctx)));
+	return NULL;
+}
+
+TEST(call_ctx_in_flight_survives_an_explicit_close)
+{
+	struct lingering l;
+	pthread_t fin;
+
+	event_init(&l.ready);
+	event_init(&l.closed);
+	event_init(&l.release);
+	l.th = harness_thread(linger_main, &l);
+	event_wait(&l.ready);
+	fin = harness_thread(finish_after_close, &l);
+	/* The target closed while the ctx was in flight, but it has not
+	 * ended: the finish still completes the call. */
+	CHECK_OK(keel_call_ctx(l.id, keep_ctx_close_and_signal, &l,
+			       KEEL_FOREVER));
+	harness_join(fin);
+	event_set(&l.release);
+	harness_join(l.th);
+}
+
 TEST(ctx_finish_bad_input)
 {
 	CHECK_RC(keel_ctx_finish(NULL), -EINVAL);
@@ -737,4 +794,29 @@ TEST(call_then_ctx_caller_ends_while_in_flight)
 	CHECK_EQ(cc.c.p.done, 0);
 	CHECK_EQ(cc.c.p.cancel_elsewhere, 0);
 	server_stop(&s);
+}
+
+static void own_ctx_kept(keel_ctx_t *ctx, void *p)
+{
+	struct ctx_then *c = p;
+
+	atomic_fetch_add(&c->p.work, 1);
+	atomic_store(&c->ctx, ctx);
+}
+
+TEST(call_then_ctx_to_self_then_close)
+{
+	struct ctx_then c;
+
+	memset(&c, 0, sizeof c);
+	log_init(&lg);
+	c.p.caller = pthread_self();
+	CHECK_OK(keel_call_then_ctx(keel_self(), own_ctx_kept, probe_done,
+				    probe_cancel, &c));
+	CHECK_EQ(keel_serve(0), 1); /* the work ran and kept its ctx */
+	/* Its reply could never be delivered once closed: cancelled, and the
+	 * close does not wait for itself. */
+	CHECK_OK(keel_mailbox_close());
+	CHECK_LOG(&lg, "cancel");
+	CHECK_RC(keel_ctx_finish(atomic_load(&c.ctx)), -ESTALE);
 }

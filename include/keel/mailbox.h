@@ -109,9 +109,12 @@ KEEL_API int keel_mailbox_fd(void);
  * queued ones had their cancel handlers run, in order, on this task before
  * this call returned. Replies this task was still owed by keel_call_then()
  * get their cancel handler too (waiting for work already running on its
- * target to return). A task's mailbox is closed this way when it ends,
- * before anything else of the task is torn down. The fd of
- * keel_mailbox_fd(), if any, stays open until the task ends.
+ * target to return). Work that has already started on this task is not
+ * ended: a message being run goes on, and a _ctx call in flight can still
+ * be finished (one still unfinished when the task ends is cancelled). A
+ * task's mailbox is closed this way when it ends, before anything else of
+ * the task is torn down. The fd of keel_mailbox_fd(), if any, stays open
+ * until the task ends.
  *
  * Context: the calling task; may wait for senders that are mid-send and for
  * keel_call_then() work running elsewhere; not a cancellation point. May be
