@@ -12,4 +12,7 @@ run() {
 
 run kvstore "one task owns a store, others call into it, it shuts down mid-traffic"
 echo
+echo "== echo-server: one task per connection; Ctrl-C in the middle of the traffic"
+"$dir/echo-drive" "$dir/echo-server" 16
+echo
 echo "All demonstrations passed."

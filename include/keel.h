@@ -10,5 +10,6 @@
 #include "keel/common.h"
 #include "keel/task.h"
 #include "keel/mailbox.h"
+#include "keel/scope.h"
 
 #endif /* KEEL_H */

@@ -58,3 +58,24 @@ void keel__panic(const char *file, int line, const char *fmt, ...)
 	}
 	abort();
 }
+
+void keel__report(const char *fmt, ...)
+{
+	char buf[512];
+	int n;
+	va_list ap;
+
+	memcpy(buf, "keel: ", 6);
+	va_start(ap, fmt);
+	n = vsnprintf(buf + 6, sizeof buf - 7, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		n = 0;
+	n += 6;
+	if ((size_t)n > sizeof buf - 2)
+		n = (int)sizeof buf - 2;
+	buf[n++] = '\n';
+	if (write(STDERR_FILENO, buf, (size_t)n) < 0) {
+		/* Nothing more can be done. */
+	}
+}

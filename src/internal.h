@@ -33,6 +33,10 @@
 __attribute__((noreturn, format(printf, 3, 4))) void
 keel__panic(const char *file, int line, const char *fmt, ...);
 
+/* A report of misuse or trouble that keel handles and goes on from:
+ * "keel: <message>" on stderr, one write, no allocation. */
+__attribute__((format(printf, 1, 2))) void keel__report(const char *fmt, ...);
+
 #define KEEL_ASSERT(c)                                                      \
 	do {                                                                \
 		if (unlikely(!(c)))                                         \
@@ -188,6 +192,41 @@ static inline void keel__msg_free(struct keel__msg *m)
 #define TASK_IDX_MASK (((uint64_t)1 << TASK_IDX_BITS) - 1)
 #define TASK_GEN_MAX (((uint64_t)1 << (64 - TASK_IDX_BITS)) - 1)
 
+/* ---- Cancellation frames (cancel.c) -------------------------------------
+ * A task's cancellation state is a chain of frames, innermost first: the
+ * shields it began and the scopes it opened, then its base frame, then the
+ * scope it was spawned into and that scope's own chain. A task is
+ * cancelled when a frame on its chain is, looking no further than the
+ * nearest shield. Frames outlive every chain that passes through them: a
+ * scope cannot close while a child runs in it. */
+enum keel__frame_kind {
+	FRAME_BASE,
+	FRAME_SCOPE,
+	FRAME_SHIELD,
+};
+
+struct keel__frame {
+	_Atomic uint32_t cancelled; /* keel_cause_t, 0 if not */
+	uint8_t kind;
+	keel_time_t deadline;        /* KEEL_FOREVER if none */
+	struct keel__frame *parent;  /* the enclosing frame; NULL at a root */
+	struct keel__task *owner;    /* the task whose chain holds it */
+};
+
+#define KEEL_MAX_SHIELDS 8
+#define KEEL_MAX_ON_CANCEL 8
+
+/* A keel_on_cancel() registration; see cancel.c. */
+struct keel__on_cancel {
+	keel_work_fn fn;
+	void *arg;
+	uint32_t gen;
+	uint8_t state;
+	pthread_t runner;
+};
+
+struct keel__scope;
+
 /* Park word states; see task.c. */
 #define PARK_EMPTY 0u
 #define PARK_TOKEN 1u
@@ -210,11 +249,8 @@ struct keel__task {
 	/* Wake-up line: read by wakers, written rarely. */
 	_Atomic uint32_t park;
 	_Atomic int notify_wfd; /* -1 until keel_mailbox_fd() */
-	/* generation << 24 | cancellation cause (0: not cancelled); the
-	 * generation makes a cancel by handle exact. */
-	_Atomic uint64_t cancel;
 	_Atomic uint32_t ended; /* futex word: 1 once the task has ended */
-	char pad2[KEEL_CACHELINE - 24];
+	char pad2[KEEL_CACHELINE - 12];
 
 	/* Owner only. */
 	keel_task_t id;
@@ -232,6 +268,30 @@ struct keel__task {
 	/* In-flight ctx records of this task as target. */
 	pthread_mutex_t ctx_lock;
 	struct keel__msg *inflight;
+
+	/* Scopes and cancellation. `cur` and the frames are written by the
+	 * owner under the scope lock and read by cancellers under it; the
+	 * owner reads its own chain without the lock. */
+	struct keel__frame base;
+	struct keel__frame *cur;
+	keel_time_t eff_deadline;        /* min deadline along the chain */
+	struct keel__frame *eff_frame;   /* the frame it comes from */
+	struct keel__scope *home;        /* spawned into; NULL if adopted */
+	struct keel__task *sib_prev, *sib_next; /* home's live children */
+	uint32_t entry;                  /* its entry in home's stack */
+	uint8_t background;
+	uint8_t nshields;
+	struct keel__frame shields[KEEL_MAX_SHIELDS];
+	_Atomic(const char *) blocked_in; /* for keel_dump(); NULL: running */
+	keel_fn spawn_fn;                /* keel_spawn()'s body and arg */
+	void *spawn_arg;
+	keel_time_t started_at;
+	int wake_rfd, wake_wfd;          /* keel_fd_wait(); -1 until used */
+
+	/* keel_on_cancel() registrations, under cb_lock. */
+	pthread_mutex_t cb_lock;
+	pthread_cond_t cb_cv;
+	struct keel__on_cancel cbs[KEEL_MAX_ON_CANCEL];
 
 	/* Registry fields, under the registry lock. */
 	uint32_t idx;
@@ -277,14 +337,97 @@ void keel__unpark(struct keel__task *t);
 /* Wake-up system calls made by keel__unpark(), for tests of guarantee 6. */
 extern _Atomic uint64_t keel__wake_syscalls;
 
-/* Cancellation of a task: the cause, or 0. */
-static inline uint32_t keel__cancel_cause(struct keel__task *t)
+/* ---- Cancellation (cancel.c) ----------------------------------------- */
+
+/* The cause of the first cancelled frame from f outwards, looking no
+ * further than the nearest shield; 0 if none. */
+static inline uint32_t keel__chain_cancelled(struct keel__frame *f)
 {
-	return (uint32_t)(load_acquire(&t->cancel) & 0xffffff);
+	for (; f; f = f->parent) {
+		uint32_t c = load_acquire(&f->cancelled);
+
+		if (c)
+			return c;
+		if (f->kind == FRAME_SHIELD)
+			break;
+	}
+	return 0;
 }
-/* Cancel the task named by id, exactly: a stale handle cancels nothing.
- * Returns 0, -ESRCH, or 0 if it was cancelled already. */
+
+/* The cause the task is cancelled with, or 0. Lock-free on the owner's
+ * thread; others call it under the scope lock. */
+static inline uint32_t keel__cancelled(struct keel__task *t)
+{
+	return keel__chain_cancelled(t->cur);
+}
+
+/* Cancel the frame whose deadline is the task's effective one (it has
+ * passed). */
+void keel__expire(struct keel__task *t);
+
+/* A cancellation point's check: -ECANCELED if cancelled or if the
+ * effective deadline has passed (which cancels its frame), else 0. */
+static inline int keel__check(struct keel__task *t)
+{
+	if (keel__cancelled(t))
+		return -ECANCELED;
+	if (unlikely(t->eff_deadline != KEEL_FOREVER) &&
+	    keel__clock_now() >= t->eff_deadline) {
+		keel__expire(t);
+		return -ECANCELED;
+	}
+	return 0;
+}
+
+/* Park until woken or the deadline. With `cancellable`, the effective
+ * deadline of the task's scopes applies too, and cancellation ends the
+ * wait: returns -ECANCELED. Otherwise 0 (perhaps spurious: callers loop)
+ * or -ETIMEDOUT at the caller's own deadline. `what` names the wait for
+ * keel_dump(). */
+int keel__wait(struct keel__task *t, keel_time_t deadline, int cancellable,
+	       const char *what);
+
+/* Recompute t's effective deadline from its chain (after a push or pop). */
+void keel__chain_changed(struct keel__task *t);
+
+/* Cancel the task named by id (its base frame), exactly: a stale handle
+ * cancels nothing. 0, or -ESRCH. */
 int keel__task_cancel(keel_task_t id, uint32_t cause);
+
+/* The scope lock: guards scope structure, every task's chain as seen by
+ * others, and cancellation's traversal. Taken before the registry lock. */
+extern pthread_mutex_t keel__scope_lock;
+
+/* Under the scope lock: cancel frame f with cause (sticky: the first cause
+ * stays) and wake every task whose chain passes through it. Runs their
+ * keel_on_cancel() callbacks. Returns 1 if this call cancelled it. */
+int keel__frame_cancel(struct keel__frame *f, uint32_t cause);
+
+/* Shields (cancel.c): push one with a deadline (-ENOMEM when too deep);
+ * pop the innermost, returning the cause it was cancelled with, or 0. */
+int keel__shield_push(struct keel__task *t, keel_time_t deadline);
+uint32_t keel__shield_pop(struct keel__task *t);
+
+/* Under the scope lock: wake t and everything nested above frame f on its
+ * chain; wake the subtrees of a scope's live children (scope.c). */
+void keel__wake_below(struct keel__task *t, struct keel__frame *f);
+void keel__scope_wake_children(struct keel__scope *s);
+
+/* Registry helpers (task.c). keel__task_is: does the slot hold the task
+ * named id (takes the registry lock)? */
+int keel__task_is(struct keel__task *t, keel_task_t id);
+void keel__task_copy_name(struct keel__task *t, char *buf);
+void keel__task_set_name(struct keel__task *t, const char *name);
+/* Throw away a task that never ran: close it and release its slot. */
+void keel__task_discard(struct keel__task *t);
+
+/* Reset the scope fields of a fresh incarnation (task.c's alloc). */
+void keel__cancel_reset(struct keel__task *t);
+/* A task is ending: close what it left open (reported), close its wake
+ * fd. Called on its own thread by keel__task_end(). */
+void keel__scope_task_end(struct keel__task *t);
+/* A spawned task has ended with status: tell its scope. */
+void keel__scope_child_ended(struct keel__task *t, int status);
 
 /* Spin budget bounds for waits, in nanoseconds. */
 #define SPIN_MIN_NS 500

@@ -313,8 +313,8 @@ int keel_serve(keel_time_t deadline)
 		return -EBUSY;
 	if (t->closed)
 		return -ESHUTDOWN;
-	if (keel__cancel_cause(t))
-		return -ECANCELED;
+	if ((rc = keel__check(t)) < 0)
+		return rc;
 	t->serving = 1;
 	if (t->fd_mode)
 		keel__notify_drain(t->notify_rfd);
@@ -324,10 +324,8 @@ int keel_serve(keel_time_t deadline)
 			rc = -ESHUTDOWN;
 			break;
 		}
-		if (keel__cancel_cause(t)) {
-			rc = -ECANCELED;
+		if ((rc = keel__check(t)) < 0)
 			break;
-		}
 		if (deadline != KEEL_FOREVER && keel__clock_now() >= deadline) {
 			rc = -ETIMEDOUT;
 			break;
@@ -339,8 +337,10 @@ int keel_serve(keel_time_t deadline)
 		arm(t);
 		if ((n = run_batch(t)) > 0)
 			break;
-		keel__park(t, deadline);
+		rc = keel__wait(t, deadline, 1, "serve");
 		n = run_batch(t);
+		if (n == 0 && rc == -ECANCELED)
+			break;
 	}
 	if (t->fd_mode && !t->closed)
 		arm_fd(t);

@@ -389,18 +389,18 @@ static int call_wait(struct keel__task *c, struct keel__msg *m,
 		}
 		if (st != ST_QUEUED) {
 			/* Work has started: wait for it whatever happens. */
-			keel__park(c, KEEL_FOREVER);
+			keel__wait(c, KEEL_FOREVER, 0, "call: running");
 			continue;
 		}
-		give_up = keel__cancel_cause(c)		? -ECANCELED
-			  : keel__clock_now() >= deadline ? -ETIMEDOUT
-							  : 0;
-		if (give_up) {
+		give_up = keel__check(c);
+		if (!give_up && keel__clock_now() >= deadline)
+			give_up = -ETIMEDOUT;
+		if (!give_up)
+			give_up = keel__wait(c, deadline, 1, "call");
+		if (give_up < 0) {
 			if (claim(m, ST_QUEUED, ST_ABANDONED))
 				return give_up; /* the target frees it */
-			continue;
 		}
-		keel__park(c, deadline);
 	}
 }
 

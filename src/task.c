@@ -86,7 +86,10 @@ static struct keel__task *new_chunk(uint32_t first)
 		atomic_init(&t->mword, MB_CLOSED | MB_ENDED);
 		atomic_init(&t->notify_wfd, -1);
 		t->notify_rfd = -1;
+		t->wake_rfd = t->wake_wfd = -1;
 		pthread_mutex_init(&t->ctx_lock, NULL);
+		pthread_mutex_init(&t->cb_lock, NULL);
+		pthread_cond_init(&t->cb_cv, NULL);
 	}
 	store_release(&task_chunks[first >> TASK_CHUNK_SHIFT], c);
 	return c;
@@ -138,7 +141,7 @@ struct keel__task *keel__task_alloc(void)
 	t->fd_mode = 0;
 	store_relaxed(&t->park, PARK_EMPTY);
 	store_relaxed(&t->ended, 0);
-	store_relaxed(&t->cancel, gen << MB_GEN_SHIFT);
+	keel__cancel_reset(t);
 	keel__mbox_reset(t);
 
 	/* Open the mailbox under the new generation. A sender holding a
@@ -182,15 +185,53 @@ void keel__task_end(struct keel__task *t, int status)
 		keel__proxy_abort_running(t, m);
 	}
 	/* Work in flight is cancelled first: replies this task owes itself
-	 * must be settled before its close waits for them. */
+	 * must be settled before its close waits for them. Then the mailbox,
+	 * before anything else of the task; then what it left open. */
 	keel__proxy_end(t);
 	keel__mbox_shutdown(t);
 	keel__mbox_close_fd(t);
+	keel__scope_task_end(t);
 	t->status = status;
 	fetch_or_acq_rel(&t->mword, MB_ENDED);
+	if (t->home) {
+		keel__scope_child_ended(t, status);
+		return;
+	}
 	/* Pairs with the acquire in keel__task_join(). */
 	store_release(&t->ended, 1);
 	keel__futex_wake(&t->ended, INT32_MAX);
+}
+
+void keel__task_discard(struct keel__task *t)
+{
+	t->closed = 1;
+	fetch_or_acq_rel(&t->mword, MB_CLOSED | MB_ENDED);
+	store_release(&t->ended, 1);
+	keel__task_release(t);
+}
+
+int keel__task_is(struct keel__task *t, keel_task_t id)
+{
+	int is;
+
+	pthread_mutex_lock(&registry_lock);
+	is = t->in_use && t->id == id;
+	pthread_mutex_unlock(&registry_lock);
+	return is;
+}
+
+void keel__task_copy_name(struct keel__task *t, char *buf)
+{
+	pthread_mutex_lock(&registry_lock);
+	memcpy(buf, t->name, sizeof t->name);
+	pthread_mutex_unlock(&registry_lock);
+}
+
+void keel__task_set_name(struct keel__task *t, const char *name)
+{
+	pthread_mutex_lock(&registry_lock);
+	snprintf(t->name, sizeof t->name, "%s", name);
+	pthread_mutex_unlock(&registry_lock);
 }
 
 /* ---- Adoption and thread exit -------------------------------------------- */
@@ -349,25 +390,6 @@ void keel__unpark(struct keel__task *t)
 	}
 }
 
-/* ---- Cancellation by handle ------------------------------------------------ */
-
-int keel__task_cancel(keel_task_t id, uint32_t cause)
-{
-	struct keel__task *t = keel__task_slot(id);
-	uint64_t gen = id >> MB_GEN_SHIFT, w;
-
-	if (!t || id == KEEL_TASK_NONE || cause == 0)
-		return -ESRCH;
-	w = gen << MB_GEN_SHIFT;
-	if (!cas_acq_rel(&t->cancel, &w, w | (cause & 0xffffff))) {
-		/* Another generation: a stale handle. Same generation: already
-		 * cancelled, which is not an error. */
-		return (w >> MB_GEN_SHIFT) == gen ? 0 : -ESRCH;
-	}
-	keel__unpark(t);
-	return 0;
-}
-
 /* ---- Tasks on the thread cache ---------------------------------------------- */
 
 struct spawn_job {
@@ -385,9 +407,7 @@ static void run_spawned(void *p)
 	free(p);
 	keel__tls.self = job.t;
 	keel__tls_register();
-	pthread_mutex_lock(&registry_lock);
-	memcpy(name, job.t->name, sizeof name);
-	pthread_mutex_unlock(&registry_lock);
+	keel__task_copy_name(job.t, name);
 	keel__thread_set_os_name(name);
 	status = job.fn(job.arg);
 	keel__task_end(job.t, status);
@@ -407,11 +427,8 @@ int keel__task_spawn(keel_task_t *out, int (*fn)(void *), void *arg,
 		free(job);
 		return -ENOMEM;
 	}
-	if (name) {
-		pthread_mutex_lock(&registry_lock);
-		snprintf(t->name, sizeof t->name, "%s", name);
-		pthread_mutex_unlock(&registry_lock);
-	}
+	if (name)
+		keel__task_set_name(t, name);
 	job->t = t;
 	job->fn = fn;
 	job->arg = arg;
@@ -420,10 +437,7 @@ int keel__task_spawn(keel_task_t *out, int (*fn)(void *), void *arg,
 	rc = keel__thread_start(run_spawned, job, stack_size);
 	if (rc < 0) {
 		free(job);
-		/* Nothing ran: end the empty task here so that the slot's
-		 * mailbox is closed before it is reused. */
-		keel__task_end(t, rc);
-		keel__task_release(t);
+		keel__task_discard(t);
 	}
 	return rc;
 }

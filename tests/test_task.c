@@ -279,11 +279,11 @@ TEST(cancel_by_handle_is_exact)
 	CHECK(slot != NULL);
 	CHECK_EQ(slot->id & TASK_IDX_MASK, a & TASK_IDX_MASK);
 	CHECK_RC(keel__task_cancel(a, 1), -ESRCH);
-	CHECK_EQ(keel__cancel_cause(slot), 0);
+	CHECK_EQ(keel__cancelled(slot), 0);
 	CHECK_OK(keel__task_cancel(slot->id, 3));
-	CHECK_EQ(keel__cancel_cause(slot), 3);
+	CHECK_EQ(keel__cancelled(slot), 3);
 	CHECK_OK(keel__task_cancel(slot->id, 5)); /* sticky: first cause */
-	CHECK_EQ(keel__cancel_cause(slot), 3);
+	CHECK_EQ(keel__cancelled(slot), 3);
 	CHECK_RC(keel__task_cancel(KEEL_TASK_NONE, 1), -ESRCH);
 	keel__task_end(slot, 0);
 	keel__task_release(slot);

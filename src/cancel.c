@@ -1,0 +1,460 @@
+/*
+ * cancel.c: cancellation: frames and chains, the one way a task waits,
+ * shields, keel_on_cancel(), and the public cancellation points.
+ *
+ * DESIGN
+ * Cancellation is a property of frames, not of tasks. A task's chain runs
+ * from its innermost frame outwards: shields it began, scopes it opened,
+ * its base frame, then the scope it was spawned into and that scope's
+ * chain, up to a root. A task is cancelled while some frame on its chain
+ * is, looking no further out than the nearest shield. Cancelling a scope
+ * therefore cancels its children, everything nested in them, and its
+ * owner's waits inside it; when the owner closes the scope, its chain no
+ * longer passes through it and the owner is not cancelled any more. That
+ * is how "an inner scope's timeout does not cancel the outer scope".
+ *
+ * Checking is lock-free: a walk of the owner's own chain (keel__cancelled).
+ * Chains only change on their owner's thread, and every frame outlives
+ * every chain through it (a scope cannot close while a child runs in it),
+ * so the walk never meets freed memory.
+ *
+ * Cancelling takes the scope lock, marks the frame (first cause wins:
+ * sticky), then wakes every task whose chain passes through it: the
+ * frame's owner, every child of every scope above the frame on the owner's
+ * chain, and recursively the children of those. Waking is an unpark, plus
+ * a write to the task's wake fd if it waits in keel_fd_wait(). The lock
+ * makes the traversal see a consistent tree: every change to a chain
+ * (open, close, shield begin and end) and to a scope's children happens
+ * under it too.
+ *
+ * Deadlines are frames' too. Each task caches the earliest deadline on its
+ * chain (up to and including the nearest shield) and the frame it belongs
+ * to; a wait never sleeps past it, and whichever task first finds it
+ * passed cancels that frame with cause KEEL_CANCEL_DEADLINE. No timer
+ * thread is needed: every task inside the frame waits with that deadline.
+ *
+ * keel_on_cancel() callbacks run under the scope lock, on the cancelling
+ * thread, while the traversal reaches their task (or at once if it is
+ * cancelled already, or when keel_shield_end() uncovers a cancellation).
+ * A registration's state, under the task's cb_lock:
+ *   FREE -> ARMED (keel_on_cancel) -> RUNNING (a canceller took it)
+ *        -> DONE -> FREE (removed after it ran)
+ *   ARMED -> FREE (removed before it ran)
+ *   RUNNING -> RUNNING_REMOVED (removed from inside the callback itself)
+ *        -> FREE (when the callback returns)
+ *   keel_on_cancel_remove() of a RUNNING one on another thread waits on
+ *   cb_cv for DONE. A DONE slot is not reused until removed, so a remove
+ *   always finds its registration.
+ */
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+pthread_mutex_t keel__scope_lock = PTHREAD_MUTEX_INITIALIZER;
+
+enum { CB_FREE, CB_ARMED, CB_RUNNING, CB_DONE, CB_RUNNING_REMOVED };
+
+void keel__cancel_reset(struct keel__task *t)
+{
+	store_relaxed(&t->base.cancelled, 0);
+	t->base.kind = FRAME_BASE;
+	t->base.deadline = KEEL_FOREVER;
+	t->base.parent = NULL;
+	t->base.owner = t;
+	t->cur = &t->base;
+	t->eff_deadline = KEEL_FOREVER;
+	t->eff_frame = NULL;
+	t->home = NULL;
+	t->sib_prev = t->sib_next = NULL;
+	t->background = 0;
+	t->nshields = 0;
+	store_relaxed(&t->blocked_in, NULL);
+	t->started_at = keel__clock_now();
+	for (int i = 0; i < KEEL_MAX_ON_CANCEL; i++)
+		t->cbs[i].state = CB_FREE;
+}
+
+void keel__chain_changed(struct keel__task *t)
+{
+	keel_time_t best = KEEL_FOREVER;
+	struct keel__frame *bf = NULL;
+
+	for (struct keel__frame *f = t->cur; f; f = f->parent) {
+		if (f->deadline < best) {
+			best = f->deadline;
+			bf = f;
+		}
+		if (f->kind == FRAME_SHIELD)
+			break;
+	}
+	t->eff_deadline = best;
+	t->eff_frame = bf;
+}
+
+/* ---- Cancelling ---------------------------------------------------------- */
+
+static void run_callbacks(struct keel__task *t)
+{
+	pthread_mutex_lock(&t->cb_lock);
+	for (int i = 0; i < KEEL_MAX_ON_CANCEL; i++) {
+		struct keel__on_cancel *cb = &t->cbs[i];
+
+		if (cb->state != CB_ARMED)
+			continue;
+		cb->state = CB_RUNNING;
+		cb->runner = pthread_self();
+		pthread_mutex_unlock(&t->cb_lock);
+		cb->fn(cb->arg);
+		pthread_mutex_lock(&t->cb_lock);
+		/* Removed from inside itself: nobody will remove it again. */
+		cb->state = cb->state == CB_RUNNING_REMOVED ? CB_FREE : CB_DONE;
+		pthread_cond_broadcast(&t->cb_cv);
+	}
+	pthread_mutex_unlock(&t->cb_lock);
+}
+
+/* Under the scope lock. Wakes t if it waits; runs its callbacks if it is
+ * now cancelled (a shield may hide the cancellation from it). */
+static void wake_task(struct keel__task *t)
+{
+	keel__unpark(t);
+	if (t->wake_wfd >= 0)
+		keel__notify_signal(t->wake_wfd);
+	/* t's chain is stable under the lock, so this walk is safe off t's
+	 * thread too. */
+	if (keel__cancelled(t))
+		run_callbacks(t);
+}
+
+/* Wake t and everything nested in the part of t's chain above `f`. */
+void keel__wake_below(struct keel__task *t, struct keel__frame *f)
+{
+	wake_task(t);
+	for (struct keel__frame *g = t->cur; g && g != f; g = g->parent)
+		if (g->kind == FRAME_SCOPE)
+			keel__scope_wake_children((struct keel__scope *)g);
+}
+
+int keel__frame_cancel(struct keel__frame *f, uint32_t cause)
+{
+	uint32_t none = 0;
+
+	if (!atomic_compare_exchange_strong_explicit(
+		    &f->cancelled, &none, cause, memory_order_acq_rel,
+		    memory_order_acquire))
+		return 0;
+	KEEL_YIELD();
+	keel__wake_below(f->owner, f);
+	if (f->kind == FRAME_SCOPE)
+		keel__scope_wake_children((struct keel__scope *)f);
+	return 1;
+}
+
+void keel__expire(struct keel__task *t)
+{
+	struct keel__frame *f = t->eff_frame;
+
+	if (!f)
+		return;
+	pthread_mutex_lock(&keel__scope_lock);
+	keel__frame_cancel(f, KEEL_CANCEL_DEADLINE);
+	pthread_mutex_unlock(&keel__scope_lock);
+}
+
+int keel__wait(struct keel__task *t, keel_time_t deadline, int cancellable,
+	       const char *what)
+{
+	keel_time_t eff = deadline;
+	int rc;
+
+	if (cancellable) {
+		if ((rc = keel__check(t)) < 0)
+			return rc;
+		if (t->eff_deadline < eff)
+			eff = t->eff_deadline;
+	}
+	store_relaxed(&t->blocked_in, what);
+	rc = keel__park(t, eff);
+	store_relaxed(&t->blocked_in, NULL);
+	if (!cancellable)
+		return rc;
+	if (keel__cancelled(t))
+		return -ECANCELED;
+	if (rc == -ETIMEDOUT && eff < deadline) {
+		keel__expire(t); /* the scope's deadline, not the caller's */
+		return -ECANCELED;
+	}
+	return rc;
+}
+
+int keel__task_cancel(keel_task_t id, uint32_t cause)
+{
+	struct keel__task *t = keel__task_slot(id);
+	int rc = -ESRCH;
+
+	if (!t || id == KEEL_TASK_NONE || cause == 0)
+		return -ESRCH;
+	pthread_mutex_lock(&keel__scope_lock);
+	if (keel__task_is(t, id)) {
+		keel__frame_cancel(&t->base, cause);
+		rc = 0;
+	}
+	pthread_mutex_unlock(&keel__scope_lock);
+	return rc;
+}
+
+/* ---- The public cancellation points --------------------------------------- */
+
+int keel_checkpoint(void)
+{
+	struct keel__task *t = keel__self();
+
+	if (!t)
+		return -ENOMEM;
+	return keel__check(t);
+}
+
+int keel_cancel_cause(void)
+{
+	struct keel__task *t = keel__self();
+
+	if (!t)
+		return KEEL_CANCEL_NONE;
+	keel__check(t); /* a passed deadline cancels its frame first */
+	return (int)keel__cancelled(t);
+}
+
+int keel_sleep_until(keel_time_t deadline)
+{
+	struct keel__task *t = keel__self();
+	int rc;
+
+	if (!t)
+		return -ENOMEM;
+	while ((rc = keel__wait(t, deadline, 1, "sleep")) == 0)
+		;
+	return rc == -ETIMEDOUT ? 0 : rc;
+}
+
+/* The task's wake fd, created on first use under the scope lock, so that a
+ * canceller (also under it) either sees it or is seen by our check. */
+static int wake_fd(struct keel__task *t)
+{
+	int rc = 0, r, w;
+
+	if (t->wake_rfd >= 0)
+		return 0;
+	if ((rc = keel__notify_open(&r, &w)) < 0)
+		return rc;
+	pthread_mutex_lock(&keel__scope_lock);
+	t->wake_rfd = r;
+	t->wake_wfd = w;
+	pthread_mutex_unlock(&keel__scope_lock);
+	return 0;
+}
+
+int keel_fd_wait(int fd, short events, keel_time_t deadline)
+{
+	struct keel__task *t = keel__self();
+	struct pollfd p[2];
+	int rc;
+
+	if (fd < 0)
+		return -EINVAL;
+	if (!t)
+		return -ENOMEM;
+	if ((rc = wake_fd(t)) < 0)
+		return rc;
+	for (;;) {
+		keel_time_t eff = deadline, now;
+		int ms;
+
+		if ((rc = keel__check(t)) < 0)
+			return rc;
+		if (t->eff_deadline < eff)
+			eff = t->eff_deadline;
+		now = keel__clock_now();
+		if (eff == KEEL_FOREVER)
+			ms = -1;
+		else if (eff <= now)
+			ms = 0;
+		else if (eff - now > (keel_time_t)INT32_MAX * 1000000)
+			ms = INT32_MAX;
+		else /* round up: never wake before the deadline */
+			ms = (int)((eff - now + 999999) / 1000000);
+		p[0].fd = fd;
+		p[0].events = events;
+		p[0].revents = 0;
+		p[1].fd = t->wake_rfd;
+		p[1].events = POLLIN;
+		p[1].revents = 0;
+		store_relaxed(&t->blocked_in, "fd_wait");
+		rc = poll(p, 2, ms);
+		store_relaxed(&t->blocked_in, NULL);
+		if (rc < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (p[1].revents)
+			keel__notify_drain(t->wake_rfd);
+		if (p[0].revents)
+			return p[0].revents;
+		if (rc == 0 && keel__clock_now() >= eff) {
+			if (eff < deadline) {
+				keel__expire(t);
+				return -ECANCELED;
+			}
+			return -ETIMEDOUT;
+		}
+	}
+}
+
+/* ---- Shields ---------------------------------------------------------------- */
+
+/* Push a shield frame; caller holds nothing. */
+int keel__shield_push(struct keel__task *t, keel_time_t deadline)
+{
+	struct keel__frame *f;
+
+	if (t->nshields == KEEL_MAX_SHIELDS)
+		return -ENOMEM;
+	pthread_mutex_lock(&keel__scope_lock);
+	f = &t->shields[t->nshields++];
+	store_relaxed(&f->cancelled, 0);
+	f->kind = FRAME_SHIELD;
+	f->deadline = deadline;
+	f->parent = t->cur;
+	f->owner = t;
+	t->cur = f;
+	keel__chain_changed(t);
+	pthread_mutex_unlock(&keel__scope_lock);
+	return 0;
+}
+
+/* Pop the innermost shield; returns the cause it was cancelled with (its
+ * own deadline), or 0. */
+uint32_t keel__shield_pop(struct keel__task *t)
+{
+	struct keel__frame *f = t->cur;
+	uint32_t cause;
+
+	KEEL_ASSERT(f->kind == FRAME_SHIELD && t->nshields > 0 &&
+		    f == &t->shields[t->nshields - 1]);
+	pthread_mutex_lock(&keel__scope_lock);
+	cause = load_relaxed(&f->cancelled);
+	t->cur = f->parent;
+	t->nshields--;
+	keel__chain_changed(t);
+	/* A cancellation the shield hid takes effect now. */
+	if (keel__cancelled(t))
+		run_callbacks(t);
+	pthread_mutex_unlock(&keel__scope_lock);
+	return cause;
+}
+
+int keel_shield_begin(keel_time_t deadline)
+{
+	struct keel__task *t = keel__self();
+
+	if (deadline == KEEL_FOREVER)
+		return -EINVAL;
+	if (!t)
+		return -ENOMEM;
+	return keel__shield_push(t, deadline);
+}
+
+int keel_shield_end(void)
+{
+	struct keel__task *t = keel__self();
+
+	if (!t || t->cur->kind != FRAME_SHIELD)
+		return -EPERM;
+	keel__shield_pop(t);
+	return 0;
+}
+
+/* ---- keel_on_cancel -------------------------------------------------------- */
+
+/* Token: registration generation << 32 | task index << 4 | slot. */
+#define CB_SLOT_BITS 4
+
+int keel_on_cancel(keel_work_fn fn, void *arg, keel_cancel_token_t *token)
+{
+	struct keel__task *t = keel__self();
+	struct keel__on_cancel *cb = NULL;
+	int i;
+
+	if (!fn || !token)
+		return -EINVAL;
+	if (!t)
+		return -ENOMEM;
+	/* The scope lock orders this against a traversal: either it sees
+	 * the registration ARMED, or we see the cancellation below. */
+	pthread_mutex_lock(&keel__scope_lock);
+	pthread_mutex_lock(&t->cb_lock);
+	/* A DONE registration is not reused until its owner removes it, so
+	 * that the remove still finds it. */
+	for (i = 0; i < KEEL_MAX_ON_CANCEL; i++) {
+		if (t->cbs[i].state == CB_FREE) {
+			cb = &t->cbs[i];
+			break;
+		}
+	}
+	if (!cb) {
+		pthread_mutex_unlock(&t->cb_lock);
+		pthread_mutex_unlock(&keel__scope_lock);
+		return -ENOMEM;
+	}
+	cb->fn = fn;
+	cb->arg = arg;
+	cb->gen++;
+	cb->state = CB_ARMED;
+	*token = (uint64_t)cb->gen << 32 | (uint64_t)t->idx << CB_SLOT_BITS |
+		 (uint64_t)i;
+	pthread_mutex_unlock(&t->cb_lock);
+	if (keel__cancelled(t))
+		run_callbacks(t); /* cancelled already: at once, here */
+	pthread_mutex_unlock(&keel__scope_lock);
+	return 0;
+}
+
+int keel_on_cancel_remove(keel_cancel_token_t token)
+{
+	struct keel__task *t = keel__self();
+	struct keel__on_cancel *cb;
+	unsigned i = (unsigned)(token & ((1u << CB_SLOT_BITS) - 1));
+	int rc;
+
+	if (!t || ((token >> CB_SLOT_BITS) & 0xfffffff) != t->idx ||
+	    i >= KEEL_MAX_ON_CANCEL)
+		return -EINVAL;
+	cb = &t->cbs[i];
+	pthread_mutex_lock(&t->cb_lock);
+	if (cb->gen != (uint32_t)(token >> 32) || cb->state == CB_FREE) {
+		pthread_mutex_unlock(&t->cb_lock);
+		return -EINVAL;
+	}
+	if (cb->state == CB_ARMED) {
+		cb->state = CB_FREE;
+		rc = 0;
+	} else if (cb->state == CB_RUNNING &&
+		   pthread_equal(cb->runner, pthread_self())) {
+		/* From inside the callback: its runner frees it after. */
+		cb->state = CB_RUNNING_REMOVED;
+		rc = 1;
+	} else if (cb->state == CB_RUNNING_REMOVED) {
+		rc = -EINVAL; /* removed already */
+	} else {
+		/* Ran or runs on another thread: wait for it to return. */
+		while (cb->state == CB_RUNNING)
+			pthread_cond_wait(&t->cb_cv, &t->cb_lock);
+		if (cb->state == CB_DONE)
+			cb->state = CB_FREE;
+		rc = 1;
+	}
+	pthread_mutex_unlock(&t->cb_lock);
+	return rc;
+}

@@ -1,0 +1,493 @@
+/*
+ * stress_scope.c: scopes under random programs and racing cancellation.
+ *
+ * stress_teardown_order: for each seed, a random stack of foreground and
+ *   background children (some with scopes of their own, holding cleanups
+ *   and grandchildren), resources and cleanups, with failures injected at
+ *   every kind of position: a setup that fails, a child that fails, a
+ *   cleanup that fails. Two variants per seed:
+ *   - teardown failures only (children fail as they are cancelled): the
+ *     teardown log must be exactly the reverse of registration, children's
+ *     own teardown nested in place, and the result the first failure;
+ *   - an early failure under fail-fast, which cancels everything at once:
+ *     children then exit in any order, and the log must still show every
+ *     cleanup after every child registered after it, cleanups in reverse
+ *     order, each child's own teardown before its exit.
+ *   KEEL_ITERS seeds (300; 10,000 under KEEL_STRESS=long), from KEEL_SEED.
+ *
+ * stress_cancel_races_every_wait: a cancellation lands at a random moment
+ *   around a task entering each cancellation point; every wait must end
+ *   with -ECANCELED (a lost wake-up hangs the test, which the CTest timeout
+ *   turns into a failure). KEEL_ITERS rounds per point (200; 5,000 long).
+ */
+#include <poll.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "harness.h"
+#include "internal.h"
+
+/* ---- A growable log of small integers, for the teardown order ---- */
+
+#define MAX_EVENTS 4096
+
+struct evlog {
+	pthread_mutex_t mu;
+	int ev[MAX_EVENTS];
+	int n;
+};
+
+static struct evlog elog = {.mu = PTHREAD_MUTEX_INITIALIZER};
+
+/* Event codes: kind * 10000 + id. */
+enum { EV_CHILD_END = 1, EV_CLEANUP = 2, EV_RESOURCE = 3, EV_NESTED = 4 };
+
+static void ev_add(int code)
+{
+	pthread_mutex_lock(&elog.mu);
+	CHECK_INT(elog.n, <, MAX_EVENTS);
+	elog.ev[elog.n++] = code;
+	pthread_mutex_unlock(&elog.mu);
+}
+
+static int ev_pos(int code)
+{
+	for (int i = 0; i < elog.n; i++)
+		if (elog.ev[i] == code)
+			return i;
+	return -1;
+}
+
+/* ---- The random program ---- */
+
+enum kind { K_FG, K_BG, K_RESOURCE, K_CLEANUP, K_KINDS };
+
+#define MAX_ENTRIES 10
+#define MAX_NESTED 3
+
+struct node {
+	enum kind kind;
+	int id;
+	int fail;            /* inject: setup/child/cleanup fails */
+	int registered;      /* the body managed to register it */
+	int nnested;         /* children: entries of their own scope */
+	int nested_child[MAX_NESTED]; /* 1: a grandchild, 0: a cleanup */
+};
+
+struct program {
+	struct node e[MAX_ENTRIES];
+	int n;
+	int early_fail; /* variant 2: index of the child failing at once */
+	atomic_int ready;
+	int expected_ready;
+};
+
+static struct program prog;
+
+static int cleanup_fn(void *arg)
+{
+	struct node *nd = arg;
+
+	ev_add(EV_CLEANUP * 10000 + nd->id);
+	return nd->fail ? -EPIPE : 0;
+}
+
+static int nested_cleanup(void *arg)
+{
+	ev_add(EV_NESTED * 10000 + (int)(intptr_t)arg);
+	return 0;
+}
+
+static int grandchild(void *arg)
+{
+	keel_sleep_until(KEEL_FOREVER);
+	ev_add(EV_NESTED * 10000 + (int)(intptr_t)arg);
+	return 0;
+}
+
+static int child_fn(void *arg)
+{
+	struct node *nd = arg;
+	keel_scope_t *mine = NULL;
+	int rc = 0;
+
+	if (prog.early_fail >= 0 && nd == &prog.e[prog.early_fail]) {
+		ev_add(EV_CHILD_END * 10000 + nd->id);
+		return -EIO; /* fails at once: cancels the whole scope */
+	}
+	if (nd->nnested) {
+		CHECK_OK(keel_scope_open(&mine, NULL));
+		for (int j = 0; j < nd->nnested; j++) {
+			/* Nested events: id * 10 + j. */
+			void *tag = (void *)(intptr_t)(nd->id * 10 + j);
+
+			if (nd->nested_child[j])
+				CHECK_OK(keel_spawn(mine, grandchild, tag,
+						    NULL, NULL));
+			else
+				CHECK_OK(keel_defer(mine, nested_cleanup, tag));
+		}
+	}
+	atomic_fetch_add(&prog.ready, 1);
+	keel_sleep_until(KEEL_FOREVER);
+	if (mine)
+		rc = keel_scope_close(mine);
+	ev_add(EV_CHILD_END * 10000 + nd->id);
+	return nd->fail ? -EIO - nd->id : rc == -ECANCELED ? 0 : rc;
+}
+
+static int setup_fn(void *arg, void **out)
+{
+	struct node *nd = arg;
+
+	*out = nd;
+	return nd->fail ? -ENOENT : 0;
+}
+
+static int teardown_fn(void *res)
+{
+	struct node *nd = res;
+
+	ev_add(EV_RESOURCE * 10000 + nd->id);
+	return 0;
+}
+
+static void generate(uint64_t *rng, int early)
+{
+	memset(&prog.e, 0, sizeof prog.e);
+	prog.n = 1 + (int)(rng_next(rng) % MAX_ENTRIES);
+	prog.early_fail = -1;
+	for (int i = 0; i < prog.n; i++) {
+		struct node *nd = &prog.e[i];
+
+		nd->kind = (enum kind)(rng_next(rng) % K_KINDS);
+		nd->id = i;
+		nd->fail = rng_next(rng) % 4 == 0;
+		if (nd->kind == K_FG || nd->kind == K_BG) {
+			nd->nnested = (int)(rng_next(rng) % (MAX_NESTED + 1));
+			/* A child is cancelled as a whole when its turn comes,
+			 * so its own children exit at once, in any order:
+			 * only the variant checked by invariants has them. */
+			for (int j = 0; j < nd->nnested; j++)
+				nd->nested_child[j] =
+					early ? (int)(rng_next(rng) % 2) : 0;
+		}
+	}
+	if (early) {
+		for (int i = 0; i < prog.n; i++)
+			if (prog.e[i].kind == K_FG || prog.e[i].kind == K_BG) {
+				prog.early_fail = i;
+				break;
+			}
+	}
+}
+
+/* The expected log of variant 1: the reverse of registration. */
+static int expected_log(int *out)
+{
+	int n = 0;
+
+	for (int i = prog.n - 1; i >= 0; i--) {
+		struct node *nd = &prog.e[i];
+
+		switch (nd->kind) {
+		case K_FG:
+		case K_BG:
+			for (int j = nd->nnested - 1; j >= 0; j--)
+				out[n++] = EV_NESTED * 10000 + nd->id * 10 + j;
+			out[n++] = EV_CHILD_END * 10000 + nd->id;
+			break;
+		case K_RESOURCE:
+			if (!nd->fail)
+				out[n++] = EV_RESOURCE * 10000 + nd->id;
+			break;
+		case K_CLEANUP:
+			out[n++] = EV_CLEANUP * 10000 + nd->id;
+			break;
+		default:
+			break;
+		}
+	}
+	return n;
+}
+
+static int expected_result(void)
+{
+	/* Children fail as their turn comes (top first); a cleanup's failure
+	 * counts only if no child failed. */
+	for (int i = prog.n - 1; i >= 0; i--)
+		if ((prog.e[i].kind == K_FG || prog.e[i].kind == K_BG) &&
+		    prog.e[i].fail)
+			return -EIO - prog.e[i].id;
+	for (int i = prog.n - 1; i >= 0; i--)
+		if (prog.e[i].kind == K_CLEANUP && prog.e[i].fail)
+			return -EPIPE;
+	return 0;
+}
+
+static void print_program(uint64_t seed)
+{
+	static const char *kn[] = {"fg", "bg", "resource", "cleanup"};
+
+	fprintf(stderr, "program of seed %llu (early failure at %d):\n",
+		(unsigned long long)seed, prog.early_fail);
+	for (int i = 0; i < prog.n; i++)
+		fprintf(stderr, "  #%d %s%s nested=%d registered=%d\n", i,
+			kn[prog.e[i].kind], prog.e[i].fail ? " failing" : "",
+			prog.e[i].nnested, prog.e[i].registered);
+	fprintf(stderr, "log:");
+	for (int i = 0; i < elog.n; i++)
+		fprintf(stderr, " %d", elog.ev[i]);
+	fprintf(stderr, "\n");
+}
+
+static int run_program(void)
+{
+	keel_scope_t *s;
+	int children = 0;
+
+	CHECK_OK(keel_scope_open(&s, NULL));
+	for (int i = 0; i < prog.n; i++) {
+		struct node *nd = &prog.e[i];
+		keel_spawn_opts bg = {.background = 1};
+		keel_task_t t;
+		int rc = 0;
+
+		switch (nd->kind) {
+		case K_FG:
+		case K_BG:
+			rc = keel_spawn(s, child_fn, nd,
+					nd->kind == K_BG ? &bg : NULL, &t);
+			if (rc == 0 && i != prog.early_fail)
+				children++;
+			if (rc == 0 && i == prog.early_fail) {
+				/* Wait for the failure: from here the scope
+				 * is cancelled, deterministically. */
+				int st;
+
+				nd->registered = 1;
+				CHECK_OK(keel_join(t, &st, KEEL_FOREVER));
+				CHECK_RC(st, -EIO);
+				CHECK_RC(keel_checkpoint(), -ECANCELED);
+				continue;
+			}
+			break;
+		case K_RESOURCE:
+			rc = keel_resource(s, setup_fn, teardown_fn, nd, NULL);
+			if (rc == -ENOENT) {
+				CHECK(nd->fail);
+				continue;
+			}
+			break;
+		case K_CLEANUP:
+			rc = keel_defer(s, cleanup_fn, nd);
+			break;
+		default:
+			break;
+		}
+		if (rc == 0)
+			nd->registered = 1;
+		else
+			CHECK_RC(rc, -ECANCELED); /* after an early failure */
+	}
+	/* Let the children get going (set up their own scopes) before the
+	 * teardown starts; a cancelled child may exit without reaching its
+	 * ready point, so in variant 2 we do not wait. */
+	if (prog.early_fail < 0)
+		while (atomic_load(&prog.ready) < children)
+			sched_yield();
+	return keel_scope_close(s);
+}
+
+static void check_invariants(void)
+{
+	/* Cleanups and resources in reverse registration order; every one
+	 * after every child registered after it; each child's own teardown
+	 * before its end. */
+	int last_pos = elog.n;
+
+	for (int i = 0; i < prog.n; i++) {
+		struct node *nd = &prog.e[i];
+		int pos;
+
+		if (!nd->registered)
+			continue;
+		if (nd->kind == K_CLEANUP || nd->kind == K_RESOURCE) {
+			pos = ev_pos((nd->kind == K_CLEANUP ? EV_CLEANUP
+							    : EV_RESOURCE) *
+					     10000 +
+				     nd->id);
+			CHECK_INT(pos, >=, 0);
+			CHECK_INT(pos, <, last_pos);
+			last_pos = pos;
+			for (int k = i + 1; k < prog.n; k++) {
+				struct node *later = &prog.e[k];
+
+				if (!later->registered ||
+				    (later->kind != K_FG && later->kind != K_BG))
+					continue;
+				CHECK_INT(ev_pos(EV_CHILD_END * 10000 +
+						 later->id),
+					  <, pos);
+			}
+		} else {
+			int end = ev_pos(EV_CHILD_END * 10000 + nd->id);
+
+			CHECK_INT(end, >=, 0);
+			for (int j = 0; j < nd->nnested; j++) {
+				int np = ev_pos(EV_NESTED * 10000 +
+						nd->id * 10 + j);
+
+				/* A child cancelled before it set up its
+				 * scope has no nested events. */
+				if (np < 0)
+					continue;
+				CHECK_INT(np, <, end);
+				/* The same rule one level down: a nested
+				 * cleanup after every later grandchild. */
+				if (nd->nested_child[j])
+					continue;
+				for (int k = j + 1; k < nd->nnested; k++) {
+					int gp = ev_pos(EV_NESTED * 10000 +
+							nd->id * 10 + k);
+
+					if (nd->nested_child[k] && gp >= 0)
+						CHECK_INT(gp, <, np);
+				}
+			}
+		}
+	}
+}
+
+TEST(stress_teardown_order)
+{
+	long iters = harness_param("KEEL_ITERS", 300, 10000);
+	uint64_t seed = harness_seed(), rng = seed;
+	int want[MAX_EVENTS];
+
+	for (long it = 0; it < iters; it++) {
+		uint64_t this_seed = rng;
+		int early = (int)(it % 2);
+		int rc, n;
+
+		generate(&rng, early);
+		elog.n = 0;
+		atomic_store(&prog.ready, 0);
+		rc = run_program();
+		if (!early || prog.early_fail < 0) {
+			n = expected_log(want);
+			if (n != elog.n ||
+			    memcmp(want, elog.ev, (size_t)n * sizeof *want) != 0 ||
+			    rc != expected_result()) {
+				print_program(this_seed);
+				fprintf(stderr, "expected:");
+				for (int i = 0; i < n; i++)
+					fprintf(stderr, " %d", want[i]);
+				fprintf(stderr, "\nresult %d, expected %d\n", rc,
+					expected_result());
+				harness_fail(__FILE__, __LINE__,
+					     "teardown log or result differs");
+			}
+		} else {
+			if (rc != -EIO)
+				print_program(this_seed);
+			CHECK_RC(rc, -EIO); /* the early failure comes first */
+			check_invariants();
+		}
+	}
+	printf("%ld random programs torn down in order\n", iters);
+}
+
+/* ---- Cancellation racing every wait ---- */
+
+enum point { P_CHECKPOINT, P_SLEEP, P_FD, P_SERVE, P_SCOPE_JOIN, P_COUNT };
+
+struct race {
+	enum point p;
+	int fd;
+	int result;
+	harness_event go, release;
+};
+
+/* Ends only when released, so that only the cancellation can end the
+ * scope join that waits for it. */
+static int hold_until_released(void *arg)
+{
+	event_wait(&((struct race *)arg)->release);
+	return 0;
+}
+
+static int race_wait(void *arg)
+{
+	struct race *r = arg;
+	keel_scope_t *inner;
+	int rc = 0;
+
+	if (r->p == P_SCOPE_JOIN) {
+		/* A foreground grandchild to wait for. */
+		CHECK_OK(keel_scope_open(&inner, NULL));
+		CHECK_OK(keel_spawn(inner, hold_until_released, r, NULL, NULL));
+	}
+	event_set(&r->go);
+	switch (r->p) {
+	case P_CHECKPOINT:
+		while ((rc = keel_checkpoint()) == 0)
+			;
+		break;
+	case P_SLEEP:
+		rc = keel_sleep_until(KEEL_FOREVER);
+		break;
+	case P_FD:
+		rc = keel_fd_wait(r->fd, POLLIN, KEEL_FOREVER);
+		break;
+	case P_SERVE:
+		rc = keel_serve(KEEL_FOREVER);
+		break;
+	case P_SCOPE_JOIN:
+		rc = keel_scope_join(inner, KEEL_FOREVER);
+		event_set(&r->release);
+		keel_scope_close(inner);
+		break;
+	default:
+		break;
+	}
+	r->result = rc;
+	return 0;
+}
+
+TEST(stress_cancel_races_every_wait)
+{
+	long iters = harness_param("KEEL_ITERS", 200, 5000);
+	uint64_t rng = harness_seed();
+	int fds[2];
+
+	CHECK_EQ(pipe(fds), 0);
+	for (int p = 0; p < P_COUNT; p++) {
+		for (long it = 0; it < iters; it++) {
+			struct race r = {.p = (enum point)p, .fd = fds[0]};
+			keel_scope_t *s;
+			unsigned spin = (unsigned)(rng_next(&rng) % 4000);
+
+			event_init(&r.go);
+			event_init(&r.release);
+			CHECK_OK(keel_scope_open(&s, NULL));
+			CHECK_OK(keel_spawn(s, race_wait, &r, NULL, NULL));
+			event_wait(&r.go);
+			/* Land the cancel anywhere from before the wait is
+			 * entered to well inside it. */
+			for (volatile unsigned i = 0; i < spin; i++)
+				;
+			CHECK_OK(keel_scope_cancel(s));
+			CHECK_RC(keel_scope_close(s), -ECANCELED);
+			if (r.result != -ECANCELED)
+				harness_fail(__FILE__, __LINE__,
+					     "point %d round %ld: %d (%s)", p, it,
+					     r.result, keel_strerror(r.result));
+		}
+	}
+	close(fds[0]);
+	close(fds[1]);
+	printf("%ld cancellations raced each of %d waits\n", iters,
+	       (int)P_COUNT);
+}

@@ -1,0 +1,1155 @@
+/*
+ * test_scope.c: scopes, cancellation, deadlines, shields, teardown order.
+ *
+ * Order of events is checked with logs: each test records what ran and
+ * compares it with the expected sequence.
+ */
+#include <dirent.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "harness.h"
+#include "internal.h"
+
+static harness_log lg;
+
+static void note(const char *token)
+{
+	log_add(&lg, token);
+}
+
+/* ---- Helpers ---- */
+
+/* Capture what keel reports on stderr. */
+struct capture {
+	int saved, fds[2];
+	char text[4096];
+};
+
+static void capture_begin(struct capture *c)
+{
+	CHECK_EQ(pipe(c->fds), 0);
+	fflush(stderr);
+	c->saved = dup(2);
+	CHECK_EQ(dup2(c->fds[1], 2), 2);
+}
+
+static void capture_end(struct capture *c)
+{
+	size_t n = 0;
+	ssize_t r;
+
+	fflush(stderr);
+	dup2(c->saved, 2);
+	close(c->saved);
+	close(c->fds[1]);
+	while ((r = read(c->fds[0], c->text + n, sizeof c->text - 1 - n)) > 0)
+		n += (size_t)r;
+	c->text[n] = '\0';
+	close(c->fds[0]);
+	fputs(c->text, stderr); /* still visible in the test's output */
+}
+
+static int count_fds(void)
+{
+	DIR *d = opendir("/proc/self/fd");
+	struct dirent *e;
+	int n = 0;
+
+	CHECK(d != NULL);
+	while ((e = readdir(d)) != NULL)
+		if (e->d_name[0] != '.')
+			n++;
+	closedir(d);
+	return n - 1; /* the directory's own fd */
+}
+
+/* Threads whose kernel name is `name`. */
+static int threads_named(const char *name)
+{
+	DIR *d = opendir("/proc/self/task");
+	struct dirent *e;
+	int n = 0;
+
+	CHECK(d != NULL);
+	while ((e = readdir(d)) != NULL) {
+		char path[300], comm[64] = "";
+		int fd;
+		ssize_t r;
+
+		if (e->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof path, "/proc/self/task/%s/comm",
+			 e->d_name);
+		if ((fd = open(path, O_RDONLY)) < 0)
+			continue; /* exited meanwhile */
+		r = read(fd, comm, sizeof comm - 1);
+		close(fd);
+		if (r > 0) {
+			comm[r] = '\0';
+			comm[strcspn(comm, "\n")] = '\0';
+			if (strcmp(comm, name) == 0)
+				n++;
+		}
+	}
+	closedir(d);
+	return n;
+}
+
+static int wait_cancelled(void *arg)
+{
+	(void)arg;
+	return keel_sleep_until(KEEL_FOREVER) == -ECANCELED ? 0 : -EPROTO;
+}
+
+/* ---- The Effection scenario ---- */
+
+struct effection {
+	int open; /* the resource */
+	harness_event child_ready;
+};
+
+static int open_resource(void *arg, void **out)
+{
+	struct effection *e = arg;
+
+	e->open = 1;
+	note("resource-open");
+	*out = e;
+	return 0;
+}
+
+static int close_resource(void *arg)
+{
+	struct effection *e = arg;
+
+	e->open = 0;
+	note("resource-close");
+	return 0;
+}
+
+static int child_cleanup(void *arg)
+{
+	struct effection *e = arg;
+
+	/* The child's own cleanup uses the resource: it must still be open. */
+	note(e->open ? "child-cleanup-resource-open"
+		     : "child-cleanup-resource-CLOSED");
+	return 0;
+}
+
+static int effection_child(void *arg)
+{
+	keel_scope_t *mine;
+	int rc;
+
+	CHECK_OK(keel_scope_open(&mine, NULL));
+	CHECK_OK(keel_defer(mine, child_cleanup, arg));
+	note("child-running");
+	event_set(&((struct effection *)arg)->child_ready);
+	rc = keel_sleep_until(KEEL_FOREVER);
+	note(rc == -ECANCELED ? "child-cancelled" : "child-woke-wrongly");
+	return keel_scope_close(mine);
+}
+
+static int effection_body(keel_scope_t *s, void *arg)
+{
+	keel_spawn_opts bg = {.name = "user", .background = 1};
+	keel_task_t child;
+
+	CHECK_OK(keel_resource(s, open_resource, close_resource, arg, NULL));
+	CHECK_OK(keel_spawn(s, effection_child, arg, &bg, &child));
+	/* The child is registered after the resource, and running. */
+	event_wait(&((struct effection *)arg)->child_ready);
+	note("body-returns");
+	return 0;
+}
+
+TEST(effection_scenario)
+{
+	struct effection e = {0};
+
+	log_init(&lg);
+	event_init(&e.child_ready);
+	CHECK_OK(keel_scope_run(effection_body, &e, NULL));
+	/* The body returns; the background child is cancelled and its own
+	 * cleanup runs while the resource is still open; then it closes. */
+	CHECK_LOG(&lg, "resource-open child-running body-returns "
+		       "child-cancelled child-cleanup-resource-open "
+		       "resource-close");
+}
+
+/* ---- Exact reverse order ---- */
+
+static int log_cleanup(void *arg)
+{
+	note(arg);
+	return 0;
+}
+
+struct ordered_child {
+	const char *name;
+	harness_event started;
+};
+
+static int ordered_child_fn(void *arg)
+{
+	struct ordered_child *c = arg;
+
+	event_set(&c->started);
+	keel_sleep_until(KEEL_FOREVER);
+	note(c->name);
+	return 0;
+}
+
+TEST(teardown_is_exact_reverse_of_creation)
+{
+	struct ordered_child a = {.name = "child-a"}, b = {.name = "child-b"},
+			     c = {.name = "child-c"};
+	keel_scope_t *s;
+
+	log_init(&lg);
+	event_init(&a.started);
+	event_init(&b.started);
+	event_init(&c.started);
+	CHECK_OK(keel_scope_open(&s, NULL));
+	CHECK_OK(keel_spawn(s, ordered_child_fn, &a, NULL, NULL));
+	CHECK_OK(keel_defer(s, log_cleanup, TOKEN("cleanup-1")));
+	CHECK_OK(keel_spawn(s, ordered_child_fn, &b, NULL, NULL));
+	CHECK_OK(keel_defer(s, log_cleanup, TOKEN("cleanup-2")));
+	CHECK_OK(keel_spawn(s, ordered_child_fn, &c, NULL, NULL));
+	CHECK_OK(keel_defer(s, log_cleanup, TOKEN("cleanup-3")));
+	event_wait(&a.started);
+	event_wait(&b.started);
+	event_wait(&c.started);
+	/* Each child is cancelled only when its turn comes. */
+	CHECK_OK(keel_scope_close(s));
+	CHECK_LOG(&lg, "cleanup-3 child-c cleanup-2 child-b cleanup-1 child-a");
+}
+
+/* ---- Policies and results ---- */
+
+static int fail_now(void *arg)
+{
+	(void)arg;
+	note("fail");
+	return -EIO;
+}
+
+static int note_cancel(void *arg)
+{
+	int rc = keel_sleep_until(KEEL_FOREVER);
+
+	note(rc == -ECANCELED ? arg : "sibling-not-cancelled");
+	return rc;
+}
+
+static int fail_fast_body(keel_scope_t *s, void *arg)
+{
+	int rc;
+
+	(void)arg;
+	CHECK_OK(keel_spawn(s, note_cancel, TOKEN("sibling-cancelled"), NULL,
+			    NULL));
+	CHECK_OK(keel_spawn(s, fail_now, NULL, NULL, NULL));
+	rc = keel_sleep_until(KEEL_FOREVER);
+	CHECK_RC(rc, -ECANCELED);
+	CHECK_EQ(keel_cancel_cause(), KEEL_CANCEL_SIBLING);
+	note("body-cancelled");
+	return 0;
+}
+
+TEST(fail_fast_cancels_siblings_and_body)
+{
+	log_init(&lg);
+	CHECK_RC(keel_scope_run(fail_fast_body, NULL, NULL), -EIO);
+	/* "fail" first; the sibling and the body are both cancelled. */
+	CHECK(strncmp(lg.buf, "fail ", 5) == 0);
+	CHECK(strstr(lg.buf, "sibling-cancelled") != NULL);
+	CHECK(strstr(lg.buf, "body-cancelled") != NULL);
+}
+
+static harness_event finish_ok;
+
+static int finish_when_told(void *arg)
+{
+	(void)arg;
+	event_wait(&finish_ok);
+	note("sibling-finished");
+	return 7;
+}
+
+static void record_exit(keel_task_t child, int status, void *arg)
+{
+	char buf[32];
+
+	(void)child;
+	(void)arg;
+	snprintf(buf, sizeof buf, "exit=%d", status);
+	note(buf);
+}
+
+static int supervise_body(keel_scope_t *s, void *arg)
+{
+	keel_task_t failing;
+	int st;
+
+	(void)arg;
+	CHECK_OK(keel_spawn(s, finish_when_told, NULL, NULL, NULL));
+	CHECK_OK(keel_spawn(s, fail_now, NULL, NULL, &failing));
+	CHECK_OK(keel_join(failing, &st, KEEL_FOREVER));
+	CHECK_EQ(st, -EIO);
+	/* Supervised: nothing was cancelled. */
+	CHECK_OK(keel_checkpoint());
+	event_set(&finish_ok);
+	return 0;
+}
+
+TEST(supervise_lets_siblings_finish)
+{
+	keel_scope_opts o = {.policy = KEEL_SUPERVISE, .on_exit = record_exit};
+
+	log_init(&lg);
+	event_init(&finish_ok);
+	CHECK_RC(keel_scope_run(supervise_body, NULL, &o), -EIO);
+	CHECK_LOG(&lg, "fail exit=-5 sibling-finished exit=7");
+}
+
+static int return_cancelled(void *arg)
+{
+	(void)arg;
+	return -ECANCELED;
+}
+
+static int fail_with(void *arg)
+{
+	return (int)(intptr_t)arg;
+}
+
+static int cleanup_fails(void *arg)
+{
+	(void)arg;
+	return -EPIPE;
+}
+
+static int errors_body(keel_scope_t *s, void *arg)
+{
+	keel_task_t a, b;
+
+	(void)arg;
+	CHECK_OK(keel_defer(s, cleanup_fails, NULL));
+	CHECK_OK(keel_spawn(s, return_cancelled, NULL, NULL, &a));
+	CHECK_OK(keel_join(a, NULL, KEEL_FOREVER));
+	/* A cancellation exit is not an error: nothing was cancelled. */
+	CHECK_OK(keel_checkpoint());
+	CHECK_OK(keel_spawn(s, fail_with, (void *)(intptr_t)-EBADMSG, NULL,
+			    &b));
+	CHECK_OK(keel_join(b, NULL, KEEL_FOREVER));
+	return 0;
+}
+
+TEST(results_first_failure_not_cancellation_nor_cleanup)
+{
+	/* The child's failure, not the later cleanup's. */
+	CHECK_RC(keel_scope_run(errors_body, NULL, NULL), -EBADMSG);
+}
+
+static int only_cleanup_fails(keel_scope_t *s, void *arg)
+{
+	(void)arg;
+	CHECK_OK(keel_defer(s, cleanup_fails, NULL));
+	return 0;
+}
+
+TEST(cleanup_failure_is_the_result_when_nothing_else_failed)
+{
+	CHECK_RC(keel_scope_run(only_cleanup_fails, NULL, NULL), -EPIPE);
+}
+
+static int body_fails(keel_scope_t *s, void *arg)
+{
+	(void)arg;
+	CHECK_OK(keel_spawn(s, note_cancel, TOKEN("child-cancelled"), NULL,
+			    NULL));
+	return -ENOTCONN;
+}
+
+TEST(body_failure_cancels_children)
+{
+	log_init(&lg);
+	CHECK_RC(keel_scope_run(body_fails, NULL, NULL), -ENOTCONN);
+	CHECK_LOG(&lg, "child-cancelled");
+}
+
+/* ---- Deadlines ---- */
+
+TEST(deadline_is_inherited_by_inner_waits)
+{
+	keel_scope_opts outer = {.deadline = keel_after(KEEL_MS(30))};
+	keel_scope_t *o, *i;
+	keel_time_t start = keel_now();
+
+	CHECK_OK(keel_scope_open(&o, &outer));
+	CHECK_OK(keel_scope_open(&i, NULL));
+	/* The wait's own deadline is later: the outer scope's applies. */
+	CHECK_RC(keel_sleep_until(keel_after(KEEL_SEC(30))), -ECANCELED);
+	CHECK_EQ(keel_cancel_cause(), KEEL_CANCEL_DEADLINE);
+	CHECK_INT(keel_now(), >=, outer.deadline);
+	CHECK_INT(keel_now() - start, <, KEEL_SEC(10));
+	CHECK_RC(keel_scope_close(i), -ECANCELED);
+	CHECK_RC(keel_scope_close(o), -ETIMEDOUT);
+	CHECK_OK(keel_checkpoint());
+}
+
+static int sleep_past(void *arg)
+{
+	int rc = keel_sleep_until(KEEL_FOREVER);
+
+	(void)arg;
+	note(rc == -ECANCELED && keel_cancel_cause() == KEEL_CANCEL_DEADLINE
+		     ? "child-deadline"
+		     : "child-other");
+	return 0;
+}
+
+TEST(deadline_reaches_children)
+{
+	keel_scope_opts o = {.deadline = keel_after(KEEL_MS(20))};
+	keel_scope_t *s;
+
+	log_init(&lg);
+	CHECK_OK(keel_scope_open(&s, &o));
+	CHECK_OK(keel_spawn(s, sleep_past, NULL, NULL, NULL));
+	/* The owner is inside the scope too: the deadline ends its wait. */
+	CHECK_RC(keel_sleep_until(KEEL_FOREVER), -ECANCELED);
+	CHECK_EQ(keel_cancel_cause(), KEEL_CANCEL_DEADLINE);
+	CHECK_RC(keel_scope_close(s), -ETIMEDOUT);
+	/* And the child's ended the same way. */
+	CHECK_LOG(&lg, "child-deadline");
+}
+
+TEST(inner_timeout_does_not_cancel_outer)
+{
+	keel_scope_opts inner = {.deadline = keel_after(KEEL_MS(10))};
+	keel_scope_t *o, *i;
+
+	CHECK_OK(keel_scope_open(&o, NULL));
+	CHECK_OK(keel_scope_open(&i, &inner));
+	CHECK_RC(keel_sleep_until(KEEL_FOREVER), -ECANCELED);
+	CHECK_RC(keel_scope_close(i), -ETIMEDOUT);
+	/* Back in the outer scope: not cancelled, waits work. */
+	CHECK_OK(keel_checkpoint());
+	CHECK_EQ(keel_cancel_cause(), KEEL_CANCEL_NONE);
+	CHECK_OK(keel_sleep_until(keel_after(KEEL_MS(1))));
+	CHECK_OK(keel_scope_close(o));
+}
+
+/* ---- Cleanups cut off at their deadline ---- */
+
+static int blocking_cleanup(void *arg)
+{
+	int rc = keel_sleep_until(KEEL_FOREVER);
+
+	(void)arg;
+	note(rc == -ECANCELED ? "blocker-cut-off" : "blocker-woke");
+	return rc;
+}
+
+TEST(blocking_cleanup_is_cut_off_and_reported)
+{
+	keel_scope_opts o = {.cleanup_deadline = KEEL_MS(30), .name = "cut"};
+	struct capture cap;
+	keel_scope_t *s;
+	keel_time_t start;
+
+	log_init(&lg);
+	CHECK_OK(keel_scope_open(&s, &o));
+	CHECK_OK(keel_defer(s, log_cleanup, TOKEN("first-registered")));
+	CHECK_OK(keel_defer(s, blocking_cleanup, NULL));
+	CHECK_OK(keel_defer(s, log_cleanup, TOKEN("last-registered")));
+	capture_begin(&cap);
+	start = keel_now();
+	/* Cut off: the teardown was incomplete. */
+	CHECK_RC(keel_scope_close(s), -ETIMEDOUT);
+	capture_end(&cap);
+	CHECK_INT(keel_now() - start, >=, KEEL_MS(30));
+	CHECK_LOG(&lg, "last-registered blocker-cut-off first-registered");
+	CHECK(strstr(cap.text, "scope 'cut': cleanup #1 was cut off") != NULL);
+}
+
+TEST(cleanups_are_shielded_from_outer_cancellation)
+{
+	keel_scope_t *s;
+
+	log_init(&lg);
+	CHECK_OK(keel_scope_open(&s, NULL));
+	CHECK_OK(keel_defer(s, log_cleanup, TOKEN("ran")));
+	CHECK_OK(keel_scope_cancel(s));
+	CHECK_RC(keel_checkpoint(), -ECANCELED);
+	CHECK_RC(keel_scope_close(s), -ECANCELED);
+	CHECK_LOG(&lg, "ran");
+}
+
+static int cleanup_can_wait(void *arg)
+{
+	/* Shielded: a short wait completes even though the scope was
+	 * cancelled. */
+	(void)arg;
+	CHECK_OK(keel_sleep_until(keel_after(KEEL_MS(2))));
+	note("waited");
+	return 0;
+}
+
+TEST(cleanup_may_block_briefly_after_cancel)
+{
+	keel_scope_t *s;
+
+	log_init(&lg);
+	CHECK_OK(keel_scope_open(&s, NULL));
+	CHECK_OK(keel_defer(s, cleanup_can_wait, NULL));
+	CHECK_OK(keel_scope_cancel(s));
+	CHECK_RC(keel_scope_close(s), -ECANCELED);
+	CHECK_LOG(&lg, "waited");
+}
+
+/* ---- Resources ---- */
+
+struct fd_res {
+	int cancel_at; /* which point of the setup sees a cancellation */
+	keel_scope_t *s;
+	int setups, teardowns;
+};
+
+static int open_fd_setup(void *arg, void **out)
+{
+	struct fd_res *r = arg;
+	int fd;
+
+	r->setups++;
+	if (r->cancel_at == 1)
+		keel_scope_cancel(r->s);
+	/* A cancellation point before acquiring. */
+	if (keel_checkpoint() < 0)
+		return -ECANCELED;
+	if ((fd = open("/dev/null", O_RDONLY | O_CLOEXEC)) < 0)
+		return -errno;
+	if (r->cancel_at == 2)
+		keel_scope_cancel(r->s);
+	/* A cancellation point after acquiring: undo, then fail. */
+	if (keel_checkpoint() < 0) {
+		close(fd);
+		return -ECANCELED;
+	}
+	if (r->cancel_at == 3)
+		keel_scope_cancel(r->s); /* after the last point: armed */
+	*out = (void *)(intptr_t)fd;
+	return 0;
+}
+
+static int close_fd_teardown(void *arg)
+{
+	close((int)(intptr_t)arg);
+	return 0;
+}
+
+TEST(resource_cancelled_anywhere_leaks_nothing)
+{
+	int before = count_fds();
+
+	/* 0: not cancelled; 1, 2: inside setup; 3: after setup returns;
+	 * 4: before keel_resource is called. */
+	for (int at = 0; at <= 4; at++) {
+		struct fd_res r = {.cancel_at = at};
+		int rc;
+
+		CHECK_OK(keel_scope_open(&r.s, NULL));
+		if (at == 4)
+			CHECK_OK(keel_scope_cancel(r.s));
+		rc = keel_resource(r.s, open_fd_setup, close_fd_teardown, &r,
+				   NULL);
+		if (at == 0 || at == 3)
+			CHECK_OK(rc);
+		else
+			CHECK_RC(rc, -ECANCELED);
+		CHECK_EQ(r.setups, at == 4 ? 0 : 1);
+		keel_scope_close(r.s);
+		CHECK_EQ(count_fds(), before);
+	}
+}
+
+static int failing_setup(void *arg, void **out)
+{
+	(void)arg;
+	(void)out;
+	return -ENOENT;
+}
+
+static int must_not_teardown(void *arg)
+{
+	(void)arg;
+	harness_fail(__FILE__, __LINE__, "teardown of a failed setup ran");
+}
+
+TEST(resource_failed_setup_registers_nothing)
+{
+	keel_scope_t *s;
+	void *out = TOKEN("untouched");
+
+	CHECK_OK(keel_scope_open(&s, NULL));
+	CHECK_RC(keel_resource(s, failing_setup, must_not_teardown, NULL, &out),
+		 -ENOENT);
+	CHECK(out == TOKEN("untouched"));
+	CHECK_OK(keel_scope_close(s));
+}
+
+/* ---- keel_join and keel_scope_join ---- */
+
+static int return_42(void *arg)
+{
+	(void)arg;
+	return 42;
+}
+
+TEST(join_status_is_not_lost_to_a_later_cancel)
+{
+	keel_scope_t *s;
+	keel_task_t t;
+	int st = 0;
+
+	CHECK_OK(keel_scope_open(&s, NULL));
+	CHECK_OK(keel_spawn(s, return_42, NULL, NULL, &t));
+	CHECK_OK(keel_scope_join(s, KEEL_FOREVER)); /* it has finished */
+	CHECK_OK(keel_scope_cancel(s));
+	CHECK_OK(keel_join(t, &st, 0));
+	CHECK_EQ(st, 42);
+	CHECK_RC(keel_join(t, &st, 0), -ESRCH); /* joined already */
+	CHECK_RC(keel_scope_close(s), -ECANCELED);
+}
+
+TEST(join_deadline_and_bad_handles)
+{
+	keel_scope_t *s;
+	keel_task_t t;
+
+	CHECK_OK(keel_scope_open(&s, NULL));
+	CHECK_OK(keel_spawn(s, wait_cancelled, NULL, NULL, &t));
+	CHECK_RC(keel_join(t, NULL, keel_after(KEEL_MS(5))), -ETIMEDOUT);
+	CHECK_RC(keel_join(keel_self(), NULL, 0), -ESRCH);
+	CHECK_RC(keel_join(KEEL_TASK_NONE, NULL, 0), -ESRCH);
+	CHECK_RC(keel_join(t + ((uint64_t)1 << MB_GEN_SHIFT), NULL, 0), -ESRCH);
+	CHECK_OK(keel_scope_close(s));
+	/* The close joined it. */
+	CHECK_RC(keel_join(t, NULL, 0), -ESRCH);
+}
+
+static harness_event fg_go;
+
+static int fg_child(void *arg)
+{
+	(void)arg;
+	event_wait(&fg_go);
+	note("fg-done");
+	return 0;
+}
+
+static int bg_child(void *arg)
+{
+	(void)arg;
+	note(keel_sleep_until(KEEL_FOREVER) == -ECANCELED ? "bg-cancelled"
+							   : "bg-woke");
+	return 0;
+}
+
+TEST(scope_join_waits_for_foreground_only)
+{
+	keel_spawn_opts bg = {.background = 1};
+	keel_scope_t *s;
+
+	log_init(&lg);
+	event_init(&fg_go);
+	CHECK_OK(keel_scope_open(&s, NULL));
+	CHECK_OK(keel_spawn(s, bg_child, NULL, &bg, NULL));
+	CHECK_OK(keel_spawn(s, fg_child, NULL, NULL, NULL));
+	CHECK_RC(keel_scope_join(s, keel_after(KEEL_MS(5))), -ETIMEDOUT);
+	event_set(&fg_go);
+	CHECK_OK(keel_scope_join(s, KEEL_FOREVER));
+	CHECK_LOG(&lg, "fg-done");
+	CHECK_OK(keel_scope_close(s));
+	CHECK_LOG(&lg, "fg-done bg-cancelled");
+}
+
+/* ---- Misuse ---- */
+
+struct other_closer {
+	keel_scope_t *s;
+	int rc_close, rc_defer, rc_join, rc_cancel;
+};
+
+static void *close_from_other_thread(void *arg)
+{
+	struct other_closer *o = arg;
+
+	o->rc_close = keel_scope_close(o->s);
+	o->rc_defer = keel_defer(o->s, log_cleanup, TOKEN("x"));
+	o->rc_join = keel_scope_join(o->s, 0);
+	o->rc_cancel = keel_scope_cancel(o->s);
+	return NULL;
+}
+
+static int close_enclosing(void *arg)
+{
+	return keel_scope_close(arg);
+}
+
+static atomic_int started_count;
+
+static int count_start(void *arg)
+{
+	(void)arg;
+	atomic_fetch_add(&started_count, 1);
+	return 0;
+}
+
+TEST(misuse_gives_errors)
+{
+	struct other_closer o = {0};
+	keel_scope_t *s, *inner, *closed;
+	keel_task_t child;
+	int st;
+
+	CHECK_RC(keel_scope_open(NULL, NULL), -EINVAL);
+	{
+		keel_scope_opts bad = {.policy = (keel_policy_t)7};
+
+		CHECK_RC(keel_scope_open(&s, &bad), -EINVAL);
+	}
+	CHECK_OK(keel_scope_open(&s, NULL));
+	/* Another task may not close it (nor add cleanups, nor join it)
+	 * but may cancel it. */
+	o.s = s;
+	harness_join(harness_thread(close_from_other_thread, &o));
+	CHECK_RC(o.rc_close, -EPERM);
+	CHECK_RC(o.rc_defer, -EPERM);
+	CHECK_RC(o.rc_join, -EPERM);
+	CHECK_OK(o.rc_cancel);
+	/* Cancelled by the other task: spawning is refused. */
+	CHECK_RC(keel_spawn(s, close_enclosing, s, NULL, &child), -ECANCELED);
+	CHECK_RC(keel_scope_close(s), -ECANCELED);
+	/* A child may not close the scope that encloses it. (Supervised, so
+	 * that the child's failure does not cancel the scope.) */
+	CHECK_OK(keel_scope_open(&s, &(keel_scope_opts){.policy =
+							    KEEL_SUPERVISE}));
+	CHECK_OK(keel_spawn(s, close_enclosing, s, NULL, &child));
+	CHECK_OK(keel_join(child, &st, KEEL_FOREVER));
+	CHECK_RC(st, -EPERM);
+	/* Out of nesting order. */
+	CHECK_OK(keel_scope_open(&inner, NULL));
+	CHECK_RC(keel_scope_close(s), -EBUSY);
+	CHECK_OK(keel_scope_close(inner));
+	/* Spawning into a cancelled scope starts nothing. */
+	CHECK_OK(keel_scope_cancel(s));
+	CHECK_RC(keel_spawn(s, count_start, NULL, NULL, NULL), -ECANCELED);
+	CHECK_RC(keel_scope_close(s), -EPERM); /* the child's failure */
+	/* Nor into a closed one, whose handle is recognised. */
+	closed = s;
+	CHECK_RC(keel_spawn(closed, count_start, NULL, NULL, NULL), -ECANCELED);
+	CHECK_RC(keel_scope_close(closed), -EINVAL);
+	CHECK_RC(keel_scope_cancel(closed), -EINVAL);
+	CHECK_RC(keel_defer(closed, log_cleanup, NULL), -ECANCELED);
+	CHECK_EQ(atomic_load(&started_count), 0);
+	/* Bad arguments. */
+	CHECK_OK(keel_scope_open(&s, NULL));
+	CHECK_RC(keel_spawn(s, NULL, NULL, NULL, NULL), -EINVAL);
+	CHECK_RC(keel_defer(s, NULL, NULL), -EINVAL);
+	CHECK_RC(keel_resource(s, NULL, close_fd_teardown, NULL, NULL),
+		 -EINVAL);
+	CHECK_RC(keel_spawn(NULL, count_start, NULL, NULL, NULL), -EINVAL);
+	CHECK_RC(keel_scope_cancel((keel_scope_t *)(uintptr_t)0xfffff0),
+		 -EINVAL);
+	CHECK_RC(keel_scope_run(NULL, NULL, NULL), -EINVAL);
+	CHECK_OK(keel_scope_close(s));
+}
+
+static int leave_scope_open(void *arg)
+{
+	keel_scope_t *s;
+
+	(void)arg;
+	CHECK_OK(keel_scope_open(&s, &(keel_scope_opts){.name = "forgotten"}));
+	CHECK_OK(keel_defer(s, log_cleanup, TOKEN("forgotten-cleanup")));
+	note("child-returns");
+	return 0;
+}
+
+TEST(scope_left_open_is_reported_and_closed)
+{
+	struct capture cap;
+	keel_scope_t *s;
+	keel_task_t t;
+
+	log_init(&lg);
+	capture_begin(&cap);
+	CHECK_OK(keel_scope_open(&s, NULL));
+	CHECK_OK(keel_spawn(s, leave_scope_open, NULL,
+			    &(keel_spawn_opts){.name = "careless"}, &t));
+	CHECK_OK(keel_join(t, NULL, KEEL_FOREVER));
+	CHECK_OK(keel_scope_close(s));
+	capture_end(&cap);
+	/* Its cleanup ran before the task counted as ended. */
+	CHECK_LOG(&lg, "child-returns forgotten-cleanup");
+	CHECK(strstr(cap.text, "task 'careless' ended with scope 'forgotten' "
+			       "open") != NULL);
+}
+
+/* ---- No orphans ---- */
+
+static int nest_and_wait(void *arg)
+{
+	keel_scope_t *s;
+	int depth = (int)(intptr_t)arg;
+
+	if (depth > 0) {
+		CHECK_OK(keel_scope_open(&s, NULL));
+		for (int i = 0; i < 3; i++)
+			CHECK_OK(keel_spawn(s, nest_and_wait,
+					    (void *)(intptr_t)(depth - 1),
+					    &(keel_spawn_opts){.name = "orphan-check"},
+					    NULL));
+		keel_sleep_until(KEEL_FOREVER);
+		keel_scope_close(s);
+		return 0;
+	}
+	keel_sleep_until(KEEL_FOREVER);
+	return 0;
+}
+
+TEST(no_orphans_after_close)
+{
+	keel_scope_t *s;
+
+	CHECK_OK(keel_scope_open(&s, NULL));
+	for (int i = 0; i < 3; i++)
+		CHECK_OK(keel_spawn(s, nest_and_wait, (void *)(intptr_t)2,
+				    &(keel_spawn_opts){.name = "orphan-check"},
+				    NULL));
+	/* 3 + 9 + 27 tasks; let them all get going. */
+	while (threads_named("orphan-check") < 39)
+		sched_yield();
+	CHECK_OK(keel_scope_close(s));
+	CHECK_EQ(threads_named("orphan-check"), 0);
+}
+
+/* ---- Shields ---- */
+
+TEST(shield_hides_cancellation_until_its_end)
+{
+	keel_scope_t *s;
+
+	CHECK_OK(keel_scope_open(&s, NULL));
+	CHECK_OK(keel_shield_begin(keel_after(KEEL_SEC(30))));
+	CHECK_OK(keel_scope_cancel(s));
+	CHECK_OK(keel_checkpoint());
+	CHECK_OK(keel_sleep_until(keel_after(KEEL_MS(1))));
+	CHECK_OK(keel_shield_end());
+	CHECK_RC(keel_checkpoint(), -ECANCELED);
+	CHECK_RC(keel_scope_close(s), -ECANCELED);
+}
+
+TEST(shield_deadline_cancels_inside_it)
+{
+	keel_time_t start = keel_now();
+
+	CHECK_OK(keel_shield_begin(keel_after(KEEL_MS(10))));
+	CHECK_RC(keel_sleep_until(KEEL_FOREVER), -ECANCELED);
+	CHECK_EQ(keel_cancel_cause(), KEEL_CANCEL_DEADLINE);
+	CHECK_INT(keel_now() - start, >=, KEEL_MS(10));
+	CHECK_OK(keel_shield_end());
+	CHECK_OK(keel_checkpoint());
+	CHECK_RC(keel_shield_end(), -EPERM);
+	CHECK_RC(keel_shield_begin(KEEL_FOREVER), -EINVAL);
+}
+
+/* ---- keel_on_cancel ---- */
+
+static void cb_note(void *arg)
+{
+	note(arg);
+}
+
+TEST(on_cancel_runs_once_or_not_at_all)
+{
+	keel_cancel_token_t a, b, c;
+	keel_scope_t *s;
+
+	log_init(&lg);
+	CHECK_OK(keel_scope_open(&s, NULL));
+	CHECK_OK(keel_on_cancel(cb_note, TOKEN("a"), &a));
+	CHECK_OK(keel_on_cancel(cb_note, TOKEN("b"), &b));
+	CHECK_OK(keel_on_cancel_remove(b)); /* removed before: never runs */
+	CHECK_OK(keel_scope_cancel(s));
+	CHECK_OK(keel_scope_cancel(s)); /* idempotent: a runs once */
+	CHECK_LOG(&lg, "a");
+	/* Registered after: runs at once, here. */
+	CHECK_OK(keel_on_cancel(cb_note, TOKEN("c"), &c));
+	CHECK_LOG(&lg, "a c");
+	CHECK_EQ(keel_on_cancel_remove(a), 1);
+	CHECK_EQ(keel_on_cancel_remove(c), 1);
+	CHECK_RC(keel_on_cancel_remove(a), -EINVAL);
+	CHECK_RC(keel_on_cancel_remove(0), -EINVAL);
+	CHECK_RC(keel_on_cancel(NULL, NULL, &a), -EINVAL);
+	CHECK_RC(keel_scope_close(s), -ECANCELED);
+}
+
+struct slow_cb {
+	harness_event running, release;
+	atomic_int done;
+	keel_cancel_token_t token;
+	keel_scope_t *s;
+	int remove_rc;
+};
+
+static void slow_callback(void *arg)
+{
+	struct slow_cb *c = arg;
+
+	event_set(&c->running);
+	event_wait(&c->release);
+	atomic_store(&c->done, 1);
+}
+
+static void *cancel_from_elsewhere(void *arg)
+{
+	struct slow_cb *c = arg;
+
+	CHECK_OK(keel_scope_cancel(c->s));
+	return NULL;
+}
+
+static void *release_later(void *arg)
+{
+	struct slow_cb *c = arg;
+
+	event_wait(&c->running);
+	event_set(&c->release);
+	return NULL;
+}
+
+TEST(on_cancel_remove_waits_for_a_running_callback)
+{
+	struct slow_cb c;
+	pthread_t canceller, releaser;
+
+	memset(&c, 0, sizeof c);
+	event_init(&c.running);
+	event_init(&c.release);
+	CHECK_OK(keel_scope_open(&c.s, NULL));
+	CHECK_OK(keel_on_cancel(slow_callback, &c, &c.token));
+	canceller = harness_thread(cancel_from_elsewhere, &c);
+	event_wait(&c.running);
+	releaser = harness_thread(release_later, &c);
+	/* The callback is running on the canceller: removal waits. */
+	CHECK_EQ(keel_on_cancel_remove(c.token), 1);
+	CHECK_EQ(atomic_load(&c.done), 1);
+	harness_join(canceller);
+	harness_join(releaser);
+	CHECK_RC(keel_scope_close(c.s), -ECANCELED);
+}
+
+static keel_cancel_token_t self_token;
+
+static void remove_self(void *arg)
+{
+	(void)arg;
+	/* Removing a registration from inside its own callback is allowed
+	 * and does not wait for itself. */
+	CHECK_EQ(keel_on_cancel_remove(self_token), 1);
+	note("removed-self");
+}
+
+TEST(on_cancel_remove_from_inside_the_callback)
+{
+	keel_scope_t *s;
+
+	log_init(&lg);
+	CHECK_OK(keel_scope_open(&s, NULL));
+	CHECK_OK(keel_on_cancel(remove_self, NULL, &self_token));
+	CHECK_OK(keel_scope_cancel(s));
+	CHECK_LOG(&lg, "removed-self");
+	CHECK_RC(keel_scope_close(s), -ECANCELED);
+}
+
+/* ---- Every cancellation point ---- */
+
+enum point {
+	P_CHECKPOINT,
+	P_SLEEP,
+	P_FD_WAIT,
+	P_SERVE,
+	P_CALL,
+	P_JOIN,
+	P_SCOPE_JOIN,
+	P_COUNT
+};
+
+static const char *point_name[P_COUNT] = {
+	"checkpoint", "sleep_until", "fd_wait", "serve",
+	"call", "join", "scope_join",
+};
+
+struct point_ctx {
+	enum point p;
+	int result;
+	int pipefd[2];
+	keel_task_t never_serves;
+	harness_event entered, release_child;
+};
+
+/* Not cancellable: it ends only when the test lets it. */
+static int wait_released(void *arg)
+{
+	event_wait(&((struct point_ctx *)arg)->release_child);
+	return 0;
+}
+
+static void nop_work(void *arg)
+{
+	(void)arg;
+}
+
+static int wait_at_point(void *arg)
+{
+	struct point_ctx *pc = arg;
+	keel_scope_t *inner;
+	keel_task_t t;
+	int rc = 0;
+
+	/* "entered" means about to block: the cancel may land just before
+	 * the wait begins or during it, and both must end it. */
+	if (pc->p != P_JOIN && pc->p != P_SCOPE_JOIN)
+		event_set(&pc->entered);
+	switch (pc->p) {
+	case P_CHECKPOINT:
+		while ((rc = keel_checkpoint()) == 0)
+			sched_yield();
+		break;
+	case P_SLEEP:
+		rc = keel_sleep_until(KEEL_FOREVER);
+		break;
+	case P_FD_WAIT:
+		rc = keel_fd_wait(pc->pipefd[0], POLLIN, KEEL_FOREVER);
+		break;
+	case P_SERVE:
+		rc = keel_serve(KEEL_FOREVER);
+		break;
+	case P_CALL:
+		rc = keel_call(pc->never_serves, nop_work, NULL, KEEL_FOREVER);
+		break;
+	case P_JOIN:
+	case P_SCOPE_JOIN:
+		CHECK_OK(keel_scope_open(&inner, NULL));
+		CHECK_OK(keel_spawn(inner, wait_released, pc, NULL, &t));
+		event_set(&pc->entered);
+		rc = pc->p == P_JOIN ? keel_join(t, NULL, KEEL_FOREVER)
+				     : keel_scope_join(inner, KEEL_FOREVER);
+		event_set(&pc->release_child);
+		keel_scope_close(inner);
+		break;
+	default:
+		break;
+	}
+	pc->result = rc;
+	return 0;
+}
+
+static void *never_serving(void *arg)
+{
+	struct point_ctx *pc = arg;
+
+	pc->never_serves = keel_self();
+	event_set(&pc->entered);
+	keel_sleep_until(KEEL_FOREVER); /* an adopted task: never cancelled */
+	return NULL;
+}
+
+TEST(every_cancellation_point_returns_ecanceled)
+{
+	for (int p = 0; p < P_COUNT; p++) {
+		struct point_ctx pc;
+		pthread_t server = 0;
+		keel_scope_t *s;
+		keel_task_t t;
+
+		memset(&pc, 0, sizeof pc);
+		pc.p = (enum point)p;
+		CHECK_EQ(pipe(pc.pipefd), 0);
+		event_init(&pc.entered);
+		event_init(&pc.release_child);
+		if (p == P_CALL) {
+			server = harness_thread(never_serving, &pc);
+			event_wait(&pc.entered);
+			event_init(&pc.entered);
+		}
+		CHECK_OK(keel_scope_open(&s, NULL));
+		CHECK_OK(keel_spawn(s, wait_at_point, &pc, NULL, &t));
+		event_wait(&pc.entered);
+		CHECK_OK(keel_scope_cancel(s));
+		/* The close joins it (the owner's own waits are cancelled). */
+		CHECK_RC(keel_scope_close(s), -ECANCELED);
+		if (pc.result != -ECANCELED)
+			harness_fail(__FILE__, __LINE__, "%s returned %d (%s)",
+				     point_name[p], pc.result,
+				     keel_strerror(pc.result));
+		close(pc.pipefd[0]);
+		close(pc.pipefd[1]);
+		if (server) {
+			/* Its keel_sleep_until is not cancellable from here:
+			 * detach it and let the process end. */
+			pthread_detach(server);
+		}
+	}
+}
+
+/* ---- Dumps ---- */
+
+static int dump_child(void *arg)
+{
+	harness_event *ready = arg;
+
+	keel_set_name("dumped-child");
+	event_set(ready);
+	keel_sleep_until(KEEL_FOREVER);
+	return 0;
+}
+
+TEST(dump_shows_the_tree)
+{
+	harness_event ready;
+	keel_scope_t *s;
+	char buf[8192];
+	FILE *f;
+
+	event_init(&ready);
+	CHECK_OK(keel_scope_open(&s, &(keel_scope_opts){.name = "dumped"}));
+	CHECK_OK(keel_spawn(s, dump_child, &ready,
+			    &(keel_spawn_opts){.name = "dumped-child"}, NULL));
+	CHECK_OK(keel_defer(s, log_cleanup, TOKEN("x")));
+	event_wait(&ready);
+	f = fmemopen(buf, sizeof buf, "w");
+	CHECK_OK(keel_dump(f));
+	fclose(f);
+	printf("%s", buf);
+	CHECK(strstr(buf, "scope 'dumped'") != NULL);
+	CHECK(strstr(buf, "task 'dumped-child'") != NULL);
+	CHECK(strstr(buf, "cleanup #1") != NULL);
+	f = fmemopen(buf, sizeof buf, "w");
+	CHECK_OK(keel_dump_dot(f));
+	fclose(f);
+	CHECK(strncmp(buf, "digraph keel {", 14) == 0);
+	CHECK(strstr(buf, "dumped-child") != NULL);
+	CHECK_RC(keel_dump(NULL), -EINVAL);
+	log_init(&lg);
+	CHECK_OK(keel_scope_close(s));
+}
