@@ -83,6 +83,11 @@ long bench_count(long base, long min);
 /* The wall-clock limit of one repetition, ns (KEEL_BENCH_TIMEOUT s, 10). */
 int64_t bench_rep_limit(void);
 
+/* Record a line printed after the tables: for what a benchmark measures
+ * beside its time (memory per task, say). A later note with the same key
+ * (the text before the first ':') replaces an earlier one. */
+__attribute__((format(printf, 1, 2))) void bench_note(const char *fmt, ...);
+
 /* Print a message and abort: a benchmark that computed a wrong result. */
 __attribute__((noreturn, format(printf, 1, 2))) void
 bench_fail(const char *fmt, ...);

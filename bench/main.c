@@ -422,6 +422,32 @@ static void check_target(const struct target *t)
 		       keel->median / peer->median);
 }
 
+#define MAX_NOTES 16
+
+static char notes[MAX_NOTES][256];
+static int nnotes;
+
+void bench_note(const char *fmt, ...)
+{
+	char line[256];
+	size_t key;
+	va_list ap;
+	int i;
+
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof line, fmt, ap);
+	va_end(ap);
+	key = strcspn(line, ":");
+	for (i = 0; i < nnotes; i++)
+		if (strncmp(notes[i], line, key + 1) == 0)
+			break;
+	if (i == MAX_NOTES)
+		return;
+	if (i == nnotes)
+		nnotes++;
+	memcpy(notes[i], line, sizeof line);
+}
+
 static int write_json(const char *path)
 {
 	FILE *f = fopen(path, "w");
@@ -554,6 +580,10 @@ int main(int argc, char **argv)
 	printf("\n");
 	for (int i = 0; i < ntargets; i++)
 		check_target(&targets[i]);
+	if (nnotes)
+		printf("\n");
+	for (int i = 0; i < nnotes; i++)
+		printf("note %s\n", notes[i]);
 	if (out) {
 		if (write_json(out) < 0)
 			return 1;

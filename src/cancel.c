@@ -189,6 +189,39 @@ int keel__wait(struct keel__task *t, keel_time_t deadline, int cancellable,
 	return rc;
 }
 
+int keel__wait_for(struct keel__task *t, int (*cond)(void *), void *arg,
+		   keel_time_t deadline, int cancellable, const char *what)
+{
+	keel_time_t stop = 0;
+	int rc;
+
+	/* Spin first, within the task's adaptive budget: what we wait for
+	 * (a child ending, a reply) often comes within microseconds, and
+	 * sleeping and being woken costs tens of them. */
+	for (unsigned i = 1;; i++) {
+		if (cond(arg)) {
+			keel__spin_adapt(&t->spin_ns, 1);
+			return 0;
+		}
+		keel__cpu_relax();
+		if (i == 64) {
+			stop = keel__clock_now() + t->spin_ns;
+			if (deadline < stop)
+				stop = deadline;
+		} else if (i > 64 && (i & 15) == 0 &&
+			   keel__clock_now() >= stop) {
+			break;
+		}
+	}
+	keel__spin_adapt(&t->spin_ns, 0);
+	while (!cond(arg)) {
+		rc = keel__wait(t, deadline, cancellable, what);
+		if (rc < 0)
+			return cond(arg) ? 0 : rc;
+	}
+	return 0;
+}
+
 int keel__task_cancel(keel_task_t id, uint32_t cause)
 {
 	struct keel__task *t = keel__task_slot(id);

@@ -387,6 +387,11 @@ static inline int keel__check(struct keel__task *t)
 int keel__wait(struct keel__task *t, keel_time_t deadline, int cancellable,
 	       const char *what);
 
+/* Wait until cond(arg) holds: spin briefly, then keel__wait() in a loop.
+ * 0 once it holds; else keel__wait()'s -ETIMEDOUT or -ECANCELED. */
+int keel__wait_for(struct keel__task *t, int (*cond)(void *), void *arg,
+		   keel_time_t deadline, int cancellable, const char *what);
+
 /* Recompute t's effective deadline from its chain (after a push or pop). */
 void keel__chain_changed(struct keel__task *t);
 

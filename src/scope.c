@@ -473,6 +473,17 @@ int keel_resource(keel_scope_t *s, keel_setup_fn setup,
 
 /* ---- Joining ------------------------------------------------------------------------ */
 
+static int has_ended(void *p)
+{
+	/* Pairs with the release in keel__scope_child_ended(). */
+	return load_acquire(&((struct keel__task *)p)->ended) != 0;
+}
+
+static int no_foreground(void *p)
+{
+	return load_acquire(&((struct keel__scope *)p)->nfg) == 0;
+}
+
 int keel_scope_join(keel_scope_t *s, keel_time_t deadline)
 {
 	struct keel__task *t = keel__self();
@@ -487,13 +498,7 @@ int keel_scope_join(keel_scope_t *s, keel_time_t deadline)
 	pthread_mutex_unlock(&keel__scope_lock);
 	if (rc < 0)
 		return rc;
-	/* Pairs with the release in keel__scope_child_ended(). */
-	while (load_acquire(&sc->nfg) > 0) {
-		rc = keel__wait(t, deadline, 1, "scope_join");
-		if (rc < 0)
-			return load_acquire(&sc->nfg) == 0 ? 0 : rc;
-	}
-	return 0;
+	return keel__wait_for(t, no_foreground, sc, deadline, 1, "scope_join");
 }
 
 int keel_join(keel_task_t id, int *status, keel_time_t deadline)
@@ -517,11 +522,8 @@ int keel_join(keel_task_t id, int *status, keel_time_t deadline)
 		return rc;
 	/* Only the owner (this task) joins or closes, so the child and its
 	 * entry stay put while we wait. */
-	while (!load_acquire(&c->ended)) {
-		rc = keel__wait(t, deadline, 1, "join");
-		if (rc < 0 && !load_acquire(&c->ended))
-			return rc;
-	}
+	if ((rc = keel__wait_for(t, has_ended, c, deadline, 1, "join")) < 0)
+		return rc;
 	pthread_mutex_lock(&keel__scope_lock);
 	if (status)
 		*status = c->status;
@@ -565,9 +567,9 @@ static void join_child(struct keel__scope *sc, struct keel__task *t,
 		keel__frame_cancel(&c->base, KEEL_CANCEL_CLOSE);
 	pthread_mutex_unlock(&keel__scope_lock);
 	/* Not cancellable: close must not return while the child runs. */
-	while (!load_acquire(&c->ended)) {
-		if (keel__wait(t, report_at, 0, "close: join") == -ETIMEDOUT &&
-		    report_at != KEEL_FOREVER) {
+	while (keel__wait_for(t, has_ended, c, report_at, 0, "close: join") <
+	       0) {
+		if (report_at != KEEL_FOREVER) {
 			keel__task_copy_name(c, name);
 			keel__report("scope '%s': child '%s' still running %lld "
 				     "ms after it was cancelled; waiting",
