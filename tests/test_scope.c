@@ -595,13 +595,14 @@ static int must_not_teardown(void *arg)
 
 TEST(resource_failed_setup_registers_nothing)
 {
+	static int untouched;
 	keel_scope_t *s;
-	void *out = TOKEN("untouched");
+	void *out = &untouched;
 
 	CHECK_OK(keel_scope_open(&s, NULL));
 	CHECK_RC(keel_resource(s, failing_setup, must_not_teardown, NULL, &out),
 		 -ENOENT);
-	CHECK(out == TOKEN("untouched"));
+	CHECK(out == &untouched);
 	CHECK_OK(keel_scope_close(s));
 }
 
