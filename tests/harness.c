@@ -41,6 +41,13 @@ void harness_fail(const char *file, int line, const char *fmt, ...)
 	abort();
 }
 
+void harness_skip(const char *why)
+{
+	printf("SKIP: %s\n", why);
+	fflush(stdout);
+	exit(77);
+}
+
 long harness_param(const char *env, long dflt, long long_run)
 {
 	const char *v = getenv(env), *mode = getenv("KEEL_STRESS");

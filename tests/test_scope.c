@@ -827,9 +827,26 @@ static int nest_and_wait(void *arg)
 	return 0;
 }
 
+static int name_probe(void *arg)
+{
+	(void)arg;
+	return threads_named("keel-probe");
+}
+
 TEST(no_orphans_after_close)
 {
 	keel_scope_t *s;
+	keel_task_t t;
+	int seen;
+
+	/* The check counts threads by the names keel gives them. */
+	CHECK_OK(keel_scope_open(&s, NULL));
+	CHECK_OK(keel_spawn(s, name_probe, NULL,
+			    &(keel_spawn_opts){.name = "keel-probe"}, &t));
+	CHECK_OK(keel_join(t, &seen, KEEL_FOREVER));
+	CHECK_OK(keel_scope_close(s));
+	if (seen != 1)
+		harness_skip("threads cannot be named on this platform");
 
 	CHECK_OK(keel_scope_open(&s, NULL));
 	for (int i = 0; i < 3; i++)

@@ -145,7 +145,16 @@ keel_time_t keel__clock_now(void)
 
 void keel__thread_set_os_name(const char *name)
 {
+#if defined(__linux__)
+	/* Not POSIX, but glibc and musl have it. */
+	char buf[16];
+
+	strncpy(buf, name, sizeof buf - 1);
+	buf[sizeof buf - 1] = '\0';
+	pthread_setname_np(pthread_self(), buf);
+#else
 	(void)name;
+#endif
 }
 
 /* Without gettid there is no portable test. A constructor runs on the

@@ -401,17 +401,46 @@ TEST(stress_teardown_order)
 
 /* ---- Cancellation racing every wait ---- */
 
-enum point { P_CHECKPOINT, P_SLEEP, P_FD, P_SERVE, P_SCOPE_JOIN, P_COUNT };
+static _Atomic keel_task_t idle_task;
+
+enum point {
+	P_CHECKPOINT,
+	P_SLEEP,
+	P_FD,
+	P_SERVE,
+	P_CALL,
+	P_JOIN,
+	P_SCOPE_JOIN,
+	P_COUNT
+};
 
 struct race {
 	enum point p;
 	int fd;
+	keel_task_t never_serves;
 	int result;
 	harness_event go, release;
 };
 
+static void nothing(void *arg)
+{
+	(void)arg;
+}
+
+/* An adopted task that never serves: calls to it wait until cancelled. */
+static void *never_serving(void *arg)
+{
+	harness_event *up = arg;
+
+	atomic_store(&idle_task, keel_self());
+	event_set(up);
+	for (;;)
+		pause();
+	return NULL;
+}
+
 /* Ends only when released, so that only the cancellation can end the
- * scope join that waits for it. */
+ * join that waits for it. */
 static int hold_until_released(void *arg)
 {
 	event_wait(&((struct race *)arg)->release);
@@ -421,13 +450,14 @@ static int hold_until_released(void *arg)
 static int race_wait(void *arg)
 {
 	struct race *r = arg;
-	keel_scope_t *inner;
+	keel_scope_t *inner = NULL;
+	keel_task_t held = KEEL_TASK_NONE;
 	int rc = 0;
 
-	if (r->p == P_SCOPE_JOIN) {
+	if (r->p == P_SCOPE_JOIN || r->p == P_JOIN) {
 		/* A foreground grandchild to wait for. */
 		CHECK_OK(keel_scope_open(&inner, NULL));
-		CHECK_OK(keel_spawn(inner, hold_until_released, r, NULL, NULL));
+		CHECK_OK(keel_spawn(inner, hold_until_released, r, NULL, &held));
 	}
 	event_set(&r->go);
 	switch (r->p) {
@@ -444,8 +474,13 @@ static int race_wait(void *arg)
 	case P_SERVE:
 		rc = keel_serve(KEEL_FOREVER);
 		break;
+	case P_CALL:
+		rc = keel_call(r->never_serves, nothing, NULL, KEEL_FOREVER);
+		break;
+	case P_JOIN:
 	case P_SCOPE_JOIN:
-		rc = keel_scope_join(inner, KEEL_FOREVER);
+		rc = r->p == P_JOIN ? keel_join(held, NULL, KEEL_FOREVER)
+				    : keel_scope_join(inner, KEEL_FOREVER);
 		event_set(&r->release);
 		keel_scope_close(inner);
 		break;
@@ -460,12 +495,19 @@ TEST(stress_cancel_races_every_wait)
 {
 	long iters = harness_param("KEEL_ITERS", 200, 5000);
 	uint64_t rng = harness_seed();
+	harness_event up;
+	pthread_t idle;
 	int fds[2];
 
 	CHECK_EQ(pipe(fds), 0);
+	event_init(&up);
+	idle = harness_thread(never_serving, &up);
+	event_wait(&up);
+	pthread_detach(idle); /* ends with the process */
 	for (int p = 0; p < P_COUNT; p++) {
 		for (long it = 0; it < iters; it++) {
-			struct race r = {.p = (enum point)p, .fd = fds[0]};
+			struct race r = {.p = (enum point)p, .fd = fds[0],
+					 .never_serves = atomic_load(&idle_task)};
 			keel_scope_t *s;
 			unsigned spin = (unsigned)(rng_next(&rng) % 4000);
 
