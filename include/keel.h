@@ -11,5 +11,6 @@
 #include "keel/task.h"
 #include "keel/mailbox.h"
 #include "keel/scope.h"
+#include "keel/lock.h"
 
 #endif /* KEEL_H */

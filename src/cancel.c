@@ -266,6 +266,7 @@ int keel_sleep_until(keel_time_t deadline)
 
 	if (!t)
 		return -ENOMEM;
+	keel__lock_check_blocking("keel_sleep_until()");
 	while ((rc = keel__wait(t, deadline, 1, "sleep")) == 0)
 		;
 	return rc == -ETIMEDOUT ? 0 : rc;
@@ -298,6 +299,7 @@ int keel_fd_wait(int fd, short events, keel_time_t deadline)
 		return -EINVAL;
 	if (!t)
 		return -ENOMEM;
+	keel__lock_check_blocking("keel_fd_wait()");
 	if ((rc = wake_fd(t)) < 0)
 		return rc;
 	for (;;) {

@@ -467,6 +467,69 @@ void keel__proxy_abort_running(struct keel__task *t, struct keel__msg *m);
 void keel__proxy_close(struct keel__task *t);
 void keel__proxy_end(struct keel__task *t);
 
+/* ---- Ranked locks (lock.c, lockgraph.c) ---------------------------------
+ * Each thread's held-lock record: a fixed stack that never allocates, with
+ * the running minimum of the ranked levels held, so that the order check
+ * is O(1). Initial-exec TLS, like keel__tls. */
+#define KEEL_LOCK_STACK 32
+#define LEVEL_NONE 0x10000u /* "no ranked lock held": above every level */
+
+enum keel__lock_kind { LK_MUTEX, LK_RWLOCK };
+enum keel__lock_mode { LM_EXCL, LM_SHARED };
+
+struct keel__held {
+	void *lock;
+	const char *site;
+	const char *name;
+	uint32_t min;    /* running minimum of ranked levels, this included */
+	uint16_t level;
+	uint16_t flags;
+	uint8_t kind;
+	uint8_t mode;
+	uint8_t waiting; /* in keel_cond_wait: released while it sleeps */
+};
+
+struct keel__lockstate {
+	uint32_t depth; /* may exceed KEEL_LOCK_STACK: those are unrecorded */
+	uint32_t noblock, noalloc;
+	uint8_t overflow_warned;
+	struct keel__held stack[KEEL_LOCK_STACK];
+};
+
+extern KEEL_TLS struct keel__lockstate keel__locks;
+
+/* Report a blocking keel call made while a no-block lock is held. */
+void keel__lock_check_blocking(const char *what);
+/* Report serving a mailbox while holding a ranked lock. */
+void keel__lock_check_serve(void);
+/* Report a task or thread that ends holding keel locks. */
+void keel__lock_check_exit(const char *who);
+/* fork(): 0 prepare, 1 parent, 2 child. */
+void keel__lockgraph_fork(int phase);
+/* Tests: called after each lock report is written, before the policy. */
+extern void (*keel__lock_report_hook)(void);
+
+/* The lock graph (lockgraph.c). Nodes are locks, edges "taken while
+ * holding". Node ids are 1-based (0: none yet). */
+struct keel__lockinfo {
+	void *lock;
+	const char *name;
+	uint32_t *node; /* the lock's k_node field */
+	uint16_t level;
+	uint16_t flags;
+};
+/* The lock's node, assigning one on first use; 0 if the table is full.
+ * `taken`: mark it as taken (not just initialised). */
+uint32_t keel__graph_node(const struct keel__lockinfo *li, int taken);
+/* A lock is destroyed: forget it and its edges. */
+void keel__graph_forget(uint32_t *node);
+/* Record "to taken at site while holding from (taken at from_site)". With
+ * `learned` (either end is a learned lock), if the edge would close a
+ * cycle, writes the cycle into buf (for the report) and returns 1; else 0. */
+int keel__graph_edge(uint32_t from, uint32_t to, const char *site,
+		     const char *from_site, int learned, int violation,
+		     char *buf, size_t size);
+
 /* ---- Thread cache ------------------------------------------------------ */
 /* Run fn(arg) on a cached thread with the given stack size (0: default),
  * creating a thread if none is idle. 0 or -ENOMEM. */

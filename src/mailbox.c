@@ -311,6 +311,8 @@ int keel_serve(keel_time_t deadline)
 		return -ENOMEM;
 	if (t->serving)
 		return -EBUSY;
+	keel__lock_check_serve();
+	keel__lock_check_blocking("keel_serve()");
 	if (t->closed)
 		return -ESHUTDOWN;
 	if ((rc = keel__check(t)) < 0)
@@ -422,6 +424,7 @@ int keel_mailbox_close(void)
 
 	if (!t)
 		return -ENOMEM;
+	keel__lock_check_blocking("keel_mailbox_close()");
 	if (t->closed)
 		return -ESHUTDOWN;
 	close_and_wait(t);

@@ -417,6 +417,7 @@ static int call_common(keel_task_t target, enum keel__msg_kind kind,
 		return -ENOMEM;
 	if (target == c->id)
 		return -EDEADLK;
+	keel__lock_check_blocking("keel_call()");
 	if (!(m = new_call(c, kind, target)))
 		return -ENOMEM;
 	m->fn = fn;

@@ -498,6 +498,7 @@ int keel_scope_join(keel_scope_t *s, keel_time_t deadline)
 	pthread_mutex_unlock(&keel__scope_lock);
 	if (rc < 0)
 		return rc;
+	keel__lock_check_blocking("keel_scope_join()");
 	return keel__wait_for(t, no_foreground, sc, deadline, 1, "scope_join");
 }
 
@@ -511,6 +512,7 @@ int keel_join(keel_task_t id, int *status, keel_time_t deadline)
 		return -ENOMEM;
 	if (!c || id == KEEL_TASK_NONE)
 		return -ESRCH;
+	keel__lock_check_blocking("keel_join()");
 	pthread_mutex_lock(&keel__scope_lock);
 	if (!keel__task_is(c, id) || !(sc = c->home) ||
 	    sc->entries[c->entry].done)
@@ -660,6 +662,7 @@ int keel_scope_close(keel_scope_t *s)
 
 	if (!t)
 		return -EPERM;
+	keel__lock_check_blocking("keel_scope_close()");
 	pthread_mutex_lock(&keel__scope_lock);
 	sc = scope_get(s, &stale);
 	if (!sc || sc->frame.owner != t ||

@@ -177,6 +177,7 @@ void keel__task_end(struct keel__task *t, int status)
 
 	if (load_relaxed(&t->mword) & MB_ENDED)
 		return;
+	keel__lock_check_exit("a task ended holding a lock");
 	/* A call whose work is still marked running when the task ends never
 	 * returned: the thread exited inside it. (A close from inside a
 	 * work does not come here: that work goes on and completes.) */
@@ -476,6 +477,7 @@ int keel__task_join(keel_task_t id, int *status)
  */
 static void fork_prepare(void)
 {
+	keel__lockgraph_fork(0);
 	keel__thread_cache_fork(0);
 	keel__msg_fork(0);
 	pthread_mutex_lock(&registry_lock);
@@ -486,6 +488,7 @@ static void fork_parent(void)
 	pthread_mutex_unlock(&registry_lock);
 	keel__msg_fork(1);
 	keel__thread_cache_fork(1);
+	keel__lockgraph_fork(1);
 }
 
 static void fork_child(void)
@@ -508,6 +511,7 @@ static void fork_child(void)
 	pthread_mutex_unlock(&registry_lock);
 	keel__msg_fork(2);
 	keel__thread_cache_fork(2);
+	keel__lockgraph_fork(2);
 }
 
 __attribute__((constructor)) static void register_fork_handlers(void)

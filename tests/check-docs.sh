@@ -41,7 +41,8 @@ list_functions() {
 # The section of the docs whose ### heading names function $1.
 doc_section() {
 	awk -v fn="$1" '
-	/^#/ {
+	/^```/ { incode = !incode }
+	!incode && /^#+ / {
 		insec = 0
 		if ($0 ~ /^### / && index($0, "`" fn "`") > 0)
 			insec = 1

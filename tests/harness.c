@@ -129,6 +129,30 @@ int event_is_set(harness_event *e)
 	return s;
 }
 
+void capture_begin(harness_capture *c)
+{
+	CHECK_EQ(pipe(c->fds), 0);
+	fflush(stderr);
+	c->saved = dup(2);
+	CHECK_EQ(dup2(c->fds[1], 2), 2);
+}
+
+void capture_end(harness_capture *c)
+{
+	size_t n = 0;
+	ssize_t r;
+
+	fflush(stderr);
+	dup2(c->saved, 2);
+	close(c->saved);
+	close(c->fds[1]);
+	while ((r = read(c->fds[0], c->text + n, sizeof c->text - 1 - n)) > 0)
+		n += (size_t)r;
+	c->text[n] = '\0';
+	close(c->fds[0]);
+	fputs(c->text, stderr);
+}
+
 void log_init(harness_log *l)
 {
 	pthread_mutex_init(&l->mu, NULL);

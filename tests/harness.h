@@ -112,6 +112,15 @@ void event_set(harness_event *e);
 void event_wait(harness_event *e);
 int event_is_set(harness_event *e);
 
+/* Capture what is written to stderr (keel's reports) between begin and
+ * end; the text is also passed on to the real stderr at the end. */
+typedef struct {
+	int saved, fds[2];
+	char text[16384];
+} harness_capture;
+void capture_begin(harness_capture *c);
+void capture_end(harness_capture *c);
+
 /* An order-of-events log: append tokens, compare with an expected string. */
 typedef struct {
 	pthread_mutex_t mu;

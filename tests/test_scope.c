@@ -23,36 +23,6 @@ static void note(const char *token)
 
 /* ---- Helpers ---- */
 
-/* Capture what keel reports on stderr. */
-struct capture {
-	int saved, fds[2];
-	char text[4096];
-};
-
-static void capture_begin(struct capture *c)
-{
-	CHECK_EQ(pipe(c->fds), 0);
-	fflush(stderr);
-	c->saved = dup(2);
-	CHECK_EQ(dup2(c->fds[1], 2), 2);
-}
-
-static void capture_end(struct capture *c)
-{
-	size_t n = 0;
-	ssize_t r;
-
-	fflush(stderr);
-	dup2(c->saved, 2);
-	close(c->saved);
-	close(c->fds[1]);
-	while ((r = read(c->fds[0], c->text + n, sizeof c->text - 1 - n)) > 0)
-		n += (size_t)r;
-	c->text[n] = '\0';
-	close(c->fds[0]);
-	fputs(c->text, stderr); /* still visible in the test's output */
-}
-
 static int count_fds(void)
 {
 	DIR *d = opendir("/proc/self/fd");
@@ -461,7 +431,7 @@ static int blocking_cleanup(void *arg)
 TEST(blocking_cleanup_is_cut_off_and_reported)
 {
 	keel_scope_opts o = {.cleanup_deadline = KEEL_MS(30), .name = "cut"};
-	struct capture cap;
+	harness_capture cap;
 	keel_scope_t *s;
 	keel_time_t start;
 
@@ -787,7 +757,7 @@ static int leave_scope_open(void *arg)
 
 TEST(scope_left_open_is_reported_and_closed)
 {
-	struct capture cap;
+	harness_capture cap;
 	keel_scope_t *s;
 	keel_task_t t;
 

@@ -1,0 +1,461 @@
+/*
+ * lockgraph.c: every lock keel has seen, and the order they were taken in.
+ *
+ * DESIGN
+ * Nodes are locks (instances): a lock gets a node when it is initialised
+ * with keel_*_init() or, for a statically initialised one, when it is
+ * first taken. An edge A -> B means "B was taken while A was held", with
+ * the site where B was taken and where A had been. Edges come from the
+ * lock on top of the holder's record. Since a thread's held locks form a
+ * chain of such edges, a cycle in the order ever taken shows up as a cycle
+ * in this graph.
+ *
+ * For learned locks the graph is the check: before an edge with a learned
+ * lock at either end is added, a breadth-first search from its head (over
+ * every lock, ranked ones included: a learned lock taken both before and
+ * after a ranked one is a cycle too) looks for its tail; if found, taking
+ * the lock would close a cycle (a potential deadlock) and the shortest such
+ * cycle, with every edge's sites, goes in the report. Edges between two
+ * ranked locks need no search: they follow the levels, which are acyclic.
+ * This runs before the lock is taken.
+ *
+ * Storage is fixed: node and edge tables and a bounded out-degree, so the
+ * graph never allocates. If a table fills, the graph (only it) switches
+ * off with one warning; level checks go on. A destroyed lock's node gets a
+ * new generation and its edges (which record both ends' generations) are
+ * ignored from then on, so a lock initialised again at the same address
+ * carries no stale order.
+ *
+ * Edge lookups that find an edge already recorded take no lock: a
+ * lock-free probe of a hash table whose slots are published with a release
+ * store of their key. Everything else happens under the graph lock.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "internal.h"
+
+#define MAX_NODES 4096
+#define MAX_EDGES 16384
+#define MAX_OUT 32
+#define NODE_TAKEN 0x80000000u
+
+struct gnode {
+	const void *lock;
+	const char *name;
+	_Atomic uint32_t gen; /* read by lock-free edge lookups */
+	uint16_t level, flags;
+	uint8_t live, taken;
+	uint16_t nout;
+	uint32_t out[MAX_OUT]; /* edge indices */
+};
+
+struct gedge {
+	_Atomic uint64_t key; /* from << 32 | to; 0: empty */
+	/* Read by lock-free lookups while a slot may be rewritten. */
+	_Atomic uint32_t from_gen, to_gen;
+	_Atomic uint8_t violation;
+	const char *site;      /* where `to` was taken */
+	const char *from_site; /* where `from` had been taken */
+};
+
+static pthread_mutex_t glock = PTHREAD_MUTEX_INITIALIZER;
+static struct gnode nodes[MAX_NODES + 1]; /* 1-based */
+static struct gedge edges[MAX_EDGES];
+static uint32_t nnodes, free_node;
+static _Atomic int graph_off;
+
+void keel__lockgraph_fork(int phase)
+{
+	if (phase == 0)
+		pthread_mutex_lock(&glock);
+	else
+		pthread_mutex_unlock(&glock);
+}
+
+static void graph_full(const char *what)
+{
+	if (load_relaxed(&graph_off))
+		return;
+	store_relaxed(&graph_off, 1);
+	keel__report("the lock graph is full (%s): learned-order checking and "
+		     "the graph stop here; level checks go on",
+		     what);
+}
+
+uint32_t keel__graph_node(const struct keel__lockinfo *li, int taken)
+{
+	uint32_t id, w;
+
+	pthread_mutex_lock(&glock);
+	w = __atomic_load_n(li->node, __ATOMIC_RELAXED);
+	id = w & ~NODE_TAKEN;
+	if (id && nodes[id].live && nodes[id].lock == li->lock) {
+		if (taken && !(w & NODE_TAKEN)) {
+			nodes[id].taken = 1;
+			__atomic_store_n(li->node, id | NODE_TAKEN,
+					 __ATOMIC_RELEASE);
+		}
+		pthread_mutex_unlock(&glock);
+		return id;
+	}
+	if (free_node) {
+		id = free_node;
+		free_node = nodes[id].out[0];
+	} else if (nnodes < MAX_NODES) {
+		id = ++nnodes;
+	} else {
+		graph_full("more than 4096 locks");
+		/* Mark it taken anyway, so the fast path stops asking. */
+		__atomic_store_n(li->node, NODE_TAKEN, __ATOMIC_RELEASE);
+		pthread_mutex_unlock(&glock);
+		return 0;
+	}
+	nodes[id].lock = li->lock;
+	nodes[id].name = li->name;
+	nodes[id].level = li->level;
+	nodes[id].flags = li->flags;
+	nodes[id].live = 1;
+	nodes[id].taken = taken ? 1 : 0;
+	nodes[id].nout = 0;
+	__atomic_store_n(li->node, id | (taken ? NODE_TAKEN : 0),
+			 __ATOMIC_RELEASE);
+	pthread_mutex_unlock(&glock);
+	return id;
+}
+
+void keel__graph_forget(uint32_t *node)
+{
+	uint32_t id;
+
+	pthread_mutex_lock(&glock);
+	id = __atomic_load_n(node, __ATOMIC_RELAXED) & ~NODE_TAKEN;
+	if (id && nodes[id].live) {
+		/* A new generation: every edge to or from the old one is
+		 * stale now. */
+		nodes[id].live = 0;
+		nodes[id].lock = NULL;
+		store_relaxed(&nodes[id].gen, load_relaxed(&nodes[id].gen) + 1);
+		nodes[id].nout = 0;
+		nodes[id].out[0] = free_node;
+		free_node = id;
+	}
+	__atomic_store_n(node, 0u, __ATOMIC_RELEASE);
+	pthread_mutex_unlock(&glock);
+}
+
+static uint64_t key_of(uint32_t from, uint32_t to)
+{
+	return (uint64_t)from << 32 | to;
+}
+
+static size_t slot_of(uint64_t key)
+{
+	key *= 0x9E3779B97F4A7C15ull;
+	return (size_t)(key >> 40) % MAX_EDGES;
+}
+
+/* An edge's index if it is recorded and current; -1. Lock-free. */
+static int edge_find(uint32_t from, uint32_t to)
+{
+	uint64_t key = key_of(from, to);
+	size_t i = slot_of(key);
+
+	for (size_t probe = 0; probe < 64; probe++, i = (i + 1) % MAX_EDGES) {
+		/* Pairs with the release store in edge_insert(). */
+		uint64_t k = load_acquire(&edges[i].key);
+
+		if (k == 0)
+			return -1;
+		if (k == key &&
+		    load_relaxed(&edges[i].from_gen) ==
+			    load_relaxed(&nodes[from].gen) &&
+		    load_relaxed(&edges[i].to_gen) == load_relaxed(&nodes[to].gen))
+			return (int)i;
+	}
+	return -1;
+}
+
+/* Under glock. */
+static int edge_insert(uint32_t from, uint32_t to, const char *site,
+		       const char *from_site, int violation)
+{
+	uint64_t key = key_of(from, to);
+	size_t i = slot_of(key);
+
+	if (nodes[from].nout == MAX_OUT) {
+		graph_full("a lock taken before more than 32 others");
+		return -1;
+	}
+	for (size_t probe = 0; probe < 64; probe++, i = (i + 1) % MAX_EDGES) {
+		uint64_t k = load_relaxed(&edges[i].key);
+		struct gedge *e = &edges[i];
+
+		/* A stale edge's slot (an end was destroyed) is reused. */
+		if (k && (load_relaxed(&e->from_gen) !=
+				  load_relaxed(&nodes[k >> 32].gen) ||
+			  load_relaxed(&e->to_gen) !=
+				  load_relaxed(&nodes[(uint32_t)k].gen))) {
+			store_relaxed(&e->key, 0);
+			k = 0;
+		}
+		if (k != 0)
+			continue;
+		store_relaxed(&e->from_gen, load_relaxed(&nodes[from].gen));
+		store_relaxed(&e->to_gen, load_relaxed(&nodes[to].gen));
+		e->site = site;
+		e->from_site = from_site;
+		store_relaxed(&e->violation, (uint8_t)violation);
+		/* Pairs with the acquire load in edge_find(). */
+		store_release(&e->key, key);
+		nodes[from].out[nodes[from].nout++] = (uint32_t)i;
+		return (int)i;
+	}
+	graph_full("more than 16384 lock-order edges");
+	return -1;
+}
+
+/* Under glock: a shortest path from -> ... -> to over current edges, as
+ * edge indices into path (reversed); its length, or 0 if there is none. */
+static int shortest_path(uint32_t from, uint32_t to, int *path)
+{
+	static uint32_t queue[MAX_NODES + 1];
+	static int via[MAX_NODES + 1]; /* edge that reached the node, or -1 */
+	static uint8_t seen[MAX_NODES + 1];
+	uint32_t head = 0, tail = 0;
+	int n = 0;
+
+	memset(seen, 0, sizeof seen);
+	queue[tail++] = from;
+	seen[from] = 1;
+	via[from] = -1;
+	while (head < tail) {
+		uint32_t u = queue[head++];
+
+		if (u == to)
+			break;
+		for (uint16_t j = 0; j < nodes[u].nout; j++) {
+			struct gedge *e = &edges[nodes[u].out[j]];
+			uint64_t k = load_relaxed(&e->key);
+			uint32_t v = (uint32_t)k;
+
+			if (!k || (uint32_t)(k >> 32) != u ||
+			    load_relaxed(&e->from_gen) !=
+				    load_relaxed(&nodes[u].gen) ||
+			    load_relaxed(&e->to_gen) !=
+				    load_relaxed(&nodes[v].gen) ||
+			    !nodes[v].live || seen[v])
+				continue;
+			seen[v] = 1;
+			via[v] = (int)nodes[u].out[j];
+			queue[tail++] = v;
+		}
+	}
+	if (!seen[to])
+		return 0;
+	for (uint32_t v = to; v != from;) {
+		path[n++] = via[v];
+		v = (uint32_t)(load_relaxed(&edges[via[v]].key) >> 32);
+	}
+	return n;
+}
+
+int keel__graph_edge(uint32_t from, uint32_t to, const char *site,
+		     const char *from_site, int learned, int violation,
+		     char *buf, size_t size)
+{
+	int path[MAX_NODES], n = 0, idx;
+
+	if (from == to || load_relaxed(&graph_off))
+		return 0;
+	if ((idx = edge_find(from, to)) >= 0 &&
+	    (!violation || load_relaxed(&edges[idx].violation)))
+		return 0; /* seen before: the common case, lock-free */
+	pthread_mutex_lock(&glock);
+	if ((idx = edge_find(from, to)) >= 0) {
+		if (violation)
+			store_relaxed(&edges[idx].violation, 1);
+		pthread_mutex_unlock(&glock);
+		return 0;
+	}
+	/* Adding from -> to closes a cycle if to already reaches from. */
+	if (learned && buf)
+		n = shortest_path(to, from, path);
+	if (n) {
+		size_t w = 0;
+		int len;
+
+		len = snprintf(buf, size,
+			       "\nkeel:     '%s' -> '%s': taken at %s while "
+			       "holding it from %s (this taking)",
+			       nodes[from].name, nodes[to].name, site,
+			       from_site);
+		w = len > 0 && (size_t)len < size ? (size_t)len : size;
+		for (int i = n; i-- > 0 && w < size;) {
+			struct gedge *e = &edges[path[i]];
+			uint64_t k = load_relaxed(&e->key);
+
+			len = snprintf(buf + w, size - w,
+				       "\nkeel:     '%s' -> '%s': taken at %s "
+				       "while holding it from %s",
+				       nodes[k >> 32].name,
+				       nodes[(uint32_t)k].name, e->site,
+				       e->from_site);
+			w += len > 0 && (size_t)len < size - w ? (size_t)len
+							       : size - w;
+		}
+		violation = 1;
+	}
+	edge_insert(from, to, site, from_site, violation);
+	pthread_mutex_unlock(&glock);
+	return n != 0;
+}
+
+/* ---- Export ------------------------------------------------------------------ */
+
+static void put_json_string(FILE *f, const char *s)
+{
+	fputc('"', f);
+	for (; s && *s; s++) {
+		unsigned char c = (unsigned char)*s;
+
+		if (c == '"' || c == '\\')
+			fprintf(f, "\\%c", c);
+		else if (c < 0x20)
+			fprintf(f, "\\u%04x", c);
+		else
+			fputc(c, f);
+	}
+	fputc('"', f);
+}
+
+/* DOT labels: the same escaping keeps them valid. */
+static void put_dot_string(FILE *f, const char *s)
+{
+	put_json_string(f, s);
+}
+
+static const char *flag_names[] = {"leaf", "root", "noblock", "noalloc",
+				   "recursive"};
+
+static int edge_current(struct gedge *e, uint64_t *k)
+{
+	*k = load_relaxed(&e->key);
+	return *k && nodes[*k >> 32].live && nodes[(uint32_t)*k].live &&
+	       load_relaxed(&e->from_gen) == load_relaxed(&nodes[*k >> 32].gen) &&
+	       load_relaxed(&e->to_gen) == load_relaxed(&nodes[(uint32_t)*k].gen);
+}
+
+static void write_json(FILE *f)
+{
+	int first = 1;
+	uint64_t k;
+
+	fprintf(f, "{\n  \"locks\": [");
+	for (uint32_t id = 1; id <= nnodes; id++) {
+		struct gnode *n = &nodes[id];
+		int ff = 1;
+
+		if (!n->live)
+			continue;
+		fprintf(f, "%s\n    {\"id\": %u, \"name\": ", first ? "" : ",", id);
+		put_json_string(f, n->name);
+		fprintf(f, ", \"level\": %u, \"taken\": %s, \"flags\": [", n->level,
+			n->taken ? "true" : "false");
+		for (int b = 0; b < 5; b++)
+			if (n->flags & (1u << b)) {
+				fprintf(f, "%s\"%s\"", ff ? "" : ", ", flag_names[b]);
+				ff = 0;
+			}
+		fprintf(f, "]}");
+		first = 0;
+	}
+	fprintf(f, "\n  ],\n  \"edges\": [");
+	first = 1;
+	for (size_t i = 0; i < MAX_EDGES; i++) {
+		struct gedge *e = &edges[i];
+
+		if (!edge_current(e, &k))
+			continue;
+		fprintf(f, "%s\n    {\"from\": %u, \"to\": %u, \"site\": ",
+			first ? "" : ",", (uint32_t)(k >> 32), (uint32_t)k);
+		put_json_string(f, e->site);
+		fprintf(f, ", \"held_at\": ");
+		put_json_string(f, e->from_site);
+		fprintf(f, ", \"violation\": %s}",
+			load_relaxed(&e->violation) ? "true" : "false");
+		first = 0;
+	}
+	fprintf(f, "\n  ]\n}\n");
+}
+
+static void write_dot(FILE *f)
+{
+	static uint32_t order[MAX_NODES];
+	uint32_t count = 0;
+	uint64_t k;
+
+	fprintf(f, "digraph keel_locks {\n  rankdir=TB;\n  node [shape=box];\n");
+	/* The live locks by level, highest first (insertion sort: no
+	 * allocation), one rank per declared level; learned locks apart. */
+	for (uint32_t id = 1; id <= nnodes; id++) {
+		uint32_t j = count++;
+
+		if (!nodes[id].live) {
+			count--;
+			continue;
+		}
+		while (j > 0 && nodes[order[j - 1]].level < nodes[id].level) {
+			order[j] = order[j - 1];
+			j--;
+		}
+		order[j] = id;
+	}
+	for (uint32_t i = 0; i < count;) {
+		uint32_t level = nodes[order[i]].level, j = i;
+
+		if (level)
+			fprintf(f, "  { rank=same;\n");
+		for (; j < count && nodes[order[j]].level == level; j++) {
+			struct gnode *n = &nodes[order[j]];
+
+			fprintf(f, "    n%u [label=", order[j]);
+			put_dot_string(f, n->name);
+			if (level)
+				fprintf(f, " xlabel=\"level %u\"", level);
+			fprintf(f, "%s];\n",
+				n->taken ? ""
+					 : " color=grey fontcolor=grey style=dashed");
+		}
+		if (level)
+			fprintf(f, "  }\n");
+		i = j;
+	}
+	for (size_t i = 0; i < MAX_EDGES; i++) {
+		struct gedge *e = &edges[i];
+
+		if (!edge_current(e, &k))
+			continue;
+		fprintf(f, "  n%u -> n%u [label=", (uint32_t)(k >> 32),
+			(uint32_t)k);
+		put_dot_string(f, e->site);
+		fprintf(f, "%s];\n", load_relaxed(&e->violation)
+					     ? " color=red fontcolor=red"
+					     : "");
+	}
+	fprintf(f, "}\n");
+}
+
+int keel_lockgraph_write(FILE *f, int format)
+{
+	if (!f || (format != KEEL_FORMAT_DOT && format != KEEL_FORMAT_JSON))
+		return -EINVAL;
+	pthread_mutex_lock(&glock);
+	if (format == KEEL_FORMAT_DOT)
+		write_dot(f);
+	else
+		write_json(f);
+	pthread_mutex_unlock(&glock);
+	fflush(f);
+	return 0;
+}

@@ -1,0 +1,983 @@
+/*
+ * test_lock.c: ranked locks: the level rule, learned order, flags,
+ * recursion, ownership, condition variables, the graph, reports.
+ *
+ * Most cases run under the report policy and capture stderr to check what
+ * was reported; one runs the default abort policy in a child process.
+ */
+#include <signal.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "harness.h"
+#include "internal.h"
+
+static unsigned long reports_before;
+
+static void report_mode(void)
+{
+	keel_lockcheck_set(KEEL_LOCKCHECK_REPORT);
+	reports_before = keel_lockcheck_reports();
+}
+
+static unsigned long new_reports(void)
+{
+	return keel_lockcheck_reports() - reports_before;
+}
+
+static int contains(const char *text, const char *part)
+{
+	return strstr(text, part) != NULL;
+}
+
+#define CHECK_SAID(cap, part)                                              \
+	do {                                                               \
+		if (!contains((cap)->text, (part)))                        \
+			harness_fail(__FILE__, __LINE__,                   \
+				     "report lacks \"%s\"; it said:\n%s",  \
+				     (part), (cap)->text);                 \
+	} while (0)
+
+/* ---- 1. Out of order: reported before blocking ---- */
+
+static keel_mutex_t db = KEEL_MUTEX_INIT(3, "db");
+static keel_mutex_t cache = KEEL_MUTEX_INIT(5, "cache");
+
+struct prober {
+	pthread_t th;
+	harness_event go, done;
+	int trylock_rc;
+};
+
+static struct prober probe;
+
+static void *probe_main(void *arg)
+{
+	(void)arg;
+	event_wait(&probe.go);
+	/* Is the level-5 mutex taken at the moment of the report? */
+	probe.trylock_rc = keel_mutex_trylock(&cache);
+	if (probe.trylock_rc == 0)
+		keel_mutex_unlock(&cache);
+	event_set(&probe.done);
+	return NULL;
+}
+
+static void at_report(void)
+{
+	event_set(&probe.go);
+	event_wait(&probe.done);
+}
+
+TEST(out_of_order_reported_before_it_blocks)
+{
+	harness_capture cap;
+
+	report_mode();
+	event_init(&probe.go);
+	event_init(&probe.done);
+	probe.th = harness_thread(probe_main, NULL);
+	keel__lock_report_hook = at_report;
+	capture_begin(&cap);
+	keel_mutex_lock(&db);
+	keel_mutex_lock(&cache); /* level 5 under level 3: wrong way */
+	capture_end(&cap);
+	keel__lock_report_hook = NULL;
+	harness_join(probe.th);
+	/* At the report, the level-5 mutex was still free. */
+	CHECK_RC(probe.trylock_rc, 0);
+	CHECK_EQ(new_reports(), 1);
+	CHECK_SAID(&cap, "lock order violation: taking 'cache' (level 5) at");
+	CHECK_SAID(&cap, "test_lock.c:");
+	CHECK_SAID(&cap, "while holding 'db' (level 3), taken at");
+	CHECK_SAID(&cap, "holds 1 lock:");
+	keel_mutex_unlock(&cache);
+	keel_mutex_unlock(&db);
+	/* The same pair again: reported once only. */
+	keel_mutex_lock(&db);
+	keel_mutex_lock(&cache);
+	keel_mutex_unlock(&cache);
+	keel_mutex_unlock(&db);
+	CHECK_EQ(new_reports(), 1);
+}
+
+TEST(abort_policy_ends_the_process_with_the_report)
+{
+	int fds[2], status;
+	char text[4096] = "";
+	ssize_t n;
+	pid_t pid;
+
+	CHECK_EQ(pipe(fds), 0);
+	pid = fork();
+	CHECK(pid >= 0);
+	if (pid == 0) {
+		dup2(fds[1], 2);
+		keel_lockcheck_set(KEEL_LOCKCHECK_ABORT);
+		keel_mutex_lock(&db);
+		keel_mutex_lock(&cache);
+		_exit(0); /* not reached */
+	}
+	close(fds[1]);
+	n = read(fds[0], text, sizeof text - 1);
+	text[n > 0 ? n : 0] = '\0';
+	close(fds[0]);
+	CHECK_EQ(waitpid(pid, &status, 0), pid);
+	CHECK(WIFSIGNALED(status));
+	CHECK_EQ(WTERMSIG(status), SIGABRT);
+	CHECK(contains(text, "taking 'cache' (level 5)"));
+}
+
+TEST(in_order_is_silent)
+{
+	static keel_mutex_t a = KEEL_MUTEX_INIT(10, "a");
+	static keel_mutex_t b = KEEL_MUTEX_INIT(7, "b");
+	static keel_mutex_t c = KEEL_MUTEX_INIT(2, "c");
+
+	report_mode();
+	keel_mutex_lock(&a);
+	keel_mutex_lock(&b);
+	keel_mutex_lock(&c);
+	/* Unlock order is free. */
+	keel_mutex_unlock(&b);
+	keel_mutex_unlock(&a);
+	keel_mutex_unlock(&c);
+	keel_mutex_lock(&a);
+	keel_mutex_lock(&c);
+	keel_mutex_unlock(&c);
+	keel_mutex_unlock(&a);
+	CHECK_EQ(new_reports(), 0);
+	CHECK_EQ(keel__locks.depth, 0);
+}
+
+/* ---- 2. Learned order: cycles ---- */
+
+static keel_mutex_t la = KEEL_MUTEX_INIT(KEEL_LEVEL_LEARNED, "learned-a");
+static keel_mutex_t lb = KEEL_MUTEX_INIT(KEEL_LEVEL_LEARNED, "learned-b");
+static keel_mutex_t lc = KEEL_MUTEX_INIT(KEEL_LEVEL_LEARNED, "learned-c");
+
+static void *a_then_b(void *arg)
+{
+	(void)arg;
+	keel_mutex_lock(&la);
+	keel_mutex_lock(&lb);
+	keel_mutex_unlock(&lb);
+	keel_mutex_unlock(&la);
+	return NULL;
+}
+
+static void *b_then_a(void *arg)
+{
+	(void)arg;
+	keel_mutex_lock(&lb);
+	keel_mutex_lock(&la);
+	keel_mutex_unlock(&la);
+	keel_mutex_unlock(&lb);
+	return NULL;
+}
+
+TEST(abba_on_learned_locks_is_reported_not_hung)
+{
+	harness_capture cap;
+
+	report_mode();
+	/* One after the other: nothing deadlocks on this run, but the two
+	 * orders together could. */
+	harness_join(harness_thread(a_then_b, NULL));
+	CHECK_EQ(new_reports(), 0);
+	capture_begin(&cap);
+	harness_join(harness_thread(b_then_a, NULL));
+	capture_end(&cap);
+	CHECK_EQ(new_reports(), 1);
+	CHECK_SAID(&cap, "lock order cycle: taking 'learned-a'");
+	CHECK_SAID(&cap, "'learned-b' -> 'learned-a': taken at");
+	CHECK_SAID(&cap, "'learned-a' -> 'learned-b': taken at");
+}
+
+static void *b_then_c(void *arg)
+{
+	(void)arg;
+	keel_mutex_lock(&lb);
+	keel_mutex_lock(&lc);
+	keel_mutex_unlock(&lc);
+	keel_mutex_unlock(&lb);
+	return NULL;
+}
+
+static void *c_then_a(void *arg)
+{
+	(void)arg;
+	keel_mutex_lock(&lc);
+	keel_mutex_lock(&la);
+	keel_mutex_unlock(&la);
+	keel_mutex_unlock(&lc);
+	return NULL;
+}
+
+TEST(three_lock_cycle_across_three_threads)
+{
+	harness_capture cap;
+	const char *p;
+	int edges = 0;
+
+	report_mode();
+	harness_join(harness_thread(a_then_b, NULL));
+	harness_join(harness_thread(b_then_c, NULL));
+	CHECK_EQ(new_reports(), 0);
+	capture_begin(&cap);
+	harness_join(harness_thread(c_then_a, NULL));
+	capture_end(&cap);
+	CHECK_EQ(new_reports(), 1);
+	for (p = cap.text; (p = strstr(p, "': taken at ")) != NULL; p++)
+		edges++;
+	CHECK_EQ(edges, 3);
+	CHECK_SAID(&cap, "'learned-c' -> 'learned-a'");
+	CHECK_SAID(&cap, "'learned-a' -> 'learned-b'");
+	CHECK_SAID(&cap, "'learned-b' -> 'learned-c'");
+}
+
+static keel_mutex_t mixed_ranked = KEEL_MUTEX_INIT(7, "mixed-ranked");
+static keel_mutex_t mixed_learned = KEEL_MUTEX_INIT(0, "mixed-learned");
+
+static void *ranked_then_learned(void *arg)
+{
+	(void)arg;
+	keel_mutex_lock(&mixed_ranked);
+	keel_mutex_lock(&mixed_learned);
+	keel_mutex_unlock(&mixed_learned);
+	keel_mutex_unlock(&mixed_ranked);
+	return NULL;
+}
+
+static void *learned_then_ranked(void *arg)
+{
+	(void)arg;
+	keel_mutex_lock(&mixed_learned);
+	keel_mutex_lock(&mixed_ranked);
+	keel_mutex_unlock(&mixed_ranked);
+	keel_mutex_unlock(&mixed_learned);
+	return NULL;
+}
+
+TEST(learned_lock_on_both_sides_of_a_ranked_one_is_a_cycle)
+{
+	harness_capture cap;
+
+	/* The level rule says nothing about a learned lock, so only the
+	 * graph can see this ABBA. */
+	report_mode();
+	harness_join(harness_thread(ranked_then_learned, NULL));
+	capture_begin(&cap);
+	harness_join(harness_thread(learned_then_ranked, NULL));
+	capture_end(&cap);
+	CHECK_EQ(new_reports(), 1);
+	CHECK_SAID(&cap, "lock order cycle: taking 'mixed-ranked' (level 7)");
+	CHECK_SAID(&cap, "'mixed-ranked' -> 'mixed-learned'");
+}
+
+/* ---- 3. The rules one by one ---- */
+
+TEST(same_level_needs_lock2)
+{
+	static keel_mutex_t x = KEEL_MUTEX_INIT(4, "acct-x");
+	static keel_mutex_t y = KEEL_MUTEX_INIT(4, "acct-y");
+	harness_capture cap;
+
+	report_mode();
+	keel_mutex_lock2(&x, &y);
+	CHECK(keel_mutex_held(&x) && keel_mutex_held(&y));
+	keel_mutex_unlock(&x);
+	keel_mutex_unlock(&y);
+	keel_mutex_lock2(&y, &x); /* either argument order: address order */
+	keel_mutex_unlock(&y);
+	keel_mutex_unlock(&x);
+	CHECK_EQ(new_reports(), 0);
+	capture_begin(&cap);
+	keel_mutex_lock(&x);
+	keel_mutex_lock(&y);
+	capture_end(&cap);
+	CHECK_EQ(new_reports(), 1);
+	CHECK_SAID(&cap, "two locks of one level");
+	keel_mutex_unlock(&y);
+	keel_mutex_unlock(&x);
+}
+
+TEST(leaf_and_root_rules)
+{
+	static keel_mutex_t leaf = KEEL_MUTEX_INIT_FLAGS(9, "leaf", KEEL_LOCK_LEAF);
+	static keel_mutex_t low = KEEL_MUTEX_INIT(2, "low");
+	static keel_mutex_t root = KEEL_MUTEX_INIT_FLAGS(20, "root", KEEL_LOCK_ROOT);
+	harness_capture cap;
+
+	report_mode();
+	keel_mutex_lock(&root); /* nothing held: fine */
+	keel_mutex_unlock(&root);
+	capture_begin(&cap);
+	keel_mutex_lock(&leaf);
+	keel_mutex_lock(&low); /* lower level, but under a leaf */
+	keel_mutex_unlock(&low);
+	keel_mutex_unlock(&leaf);
+	keel_mutex_lock(&low);
+	keel_mutex_lock(&root); /* a root with something held */
+	keel_mutex_unlock(&root);
+	keel_mutex_unlock(&low);
+	capture_end(&cap);
+	CHECK_SAID(&cap, "lock taken under a leaf lock: taking 'low'");
+	CHECK_SAID(&cap, "root lock taken with locks held: taking 'root'");
+}
+
+TEST(blocking_call_under_a_noblock_lock)
+{
+	static keel_mutex_t nb = KEEL_MUTEX_INIT_FLAGS(3, "spin-ish",
+						       KEEL_LOCK_NOBLOCK);
+	harness_capture cap;
+
+	report_mode();
+	capture_begin(&cap);
+	keel_mutex_lock(&nb);
+	CHECK_OK(keel_sleep_until(0)); /* checked even when it does not block */
+	keel_mutex_unlock(&nb);
+	capture_end(&cap);
+	CHECK_EQ(new_reports(), 1);
+	CHECK_SAID(&cap, "keel_sleep_until(): 'spin-ish'");
+}
+
+TEST(trylock_out_of_order_is_not_reported_and_adds_no_edge)
+{
+	static keel_mutex_t hi = KEEL_MUTEX_INIT(8, "try-hi");
+	static keel_mutex_t lo = KEEL_MUTEX_INIT(1, "try-lo");
+	char buf[16384];
+	FILE *f;
+
+	report_mode();
+	keel_mutex_lock(&lo);
+	CHECK_OK(keel_mutex_trylock(&hi)); /* wrong way, but cannot block */
+	CHECK(keel_mutex_held(&hi));
+	keel_mutex_unlock(&hi);
+	keel_mutex_unlock(&lo);
+	CHECK_EQ(new_reports(), 0);
+	f = fmemopen(buf, sizeof buf, "w");
+	CHECK_OK(keel_lockgraph_write(f, KEEL_FORMAT_JSON));
+	fclose(f);
+	CHECK(contains(buf, "\"try-hi\""));
+	CHECK(!contains(buf, "\"edges\": [\n    {"));
+	/* Busy: -EBUSY. */
+	keel_mutex_lock(&hi);
+	CHECK_RC(keel_mutex_trylock(&hi), -EBUSY);
+	keel_mutex_unlock(&hi);
+}
+
+TEST(recursion_reported_before_self_deadlock)
+{
+	static keel_mutex_t m = KEEL_MUTEX_INIT(5, "once-only");
+	static keel_mutex_t r = KEEL_MUTEX_INIT_FLAGS(5, "recursive",
+						      KEEL_LOCK_RECURSIVE);
+	harness_capture cap;
+
+	report_mode();
+	keel_mutex_lock(&r);
+	keel_mutex_lock(&r);
+	keel_mutex_unlock(&r);
+	CHECK(keel_mutex_held(&r));
+	keel_mutex_unlock(&r);
+	CHECK(!keel_mutex_held(&r));
+	CHECK_EQ(new_reports(), 0);
+	capture_begin(&cap);
+	keel_mutex_lock(&m);
+	keel_mutex_lock(&m); /* would deadlock: reported, then carried on */
+	capture_end(&cap);
+	CHECK_EQ(new_reports(), 1);
+	CHECK_SAID(&cap, "lock taken again by its holder: taking 'once-only'");
+	keel_mutex_unlock(&m);
+	keel_mutex_unlock(&m);
+	CHECK(!keel_mutex_held(&m));
+	CHECK_OK(keel_mutex_trylock(&m));
+	keel_mutex_unlock(&m);
+}
+
+static keel_mutex_t owned = KEEL_MUTEX_INIT(5, "owned");
+
+static void *unlock_foreign(void *arg)
+{
+	(void)arg;
+	keel_mutex_unlock(&owned);
+	return NULL;
+}
+
+TEST(unlock_not_held_or_held_by_another_thread)
+{
+	harness_capture cap;
+
+	report_mode();
+	capture_begin(&cap);
+	keel_mutex_unlock(&owned); /* not held at all */
+	keel_mutex_lock(&owned);
+	harness_join(harness_thread(unlock_foreign, NULL));
+	capture_end(&cap);
+	CHECK_EQ(new_reports(), 2);
+	CHECK_SAID(&cap, "unlock of a lock that is not held: 'owned'");
+	CHECK_SAID(&cap, "unlock of a lock another thread holds: 'owned'");
+	/* The foreign unlock did nothing: still ours. */
+	CHECK(keel_mutex_held(&owned));
+	keel_mutex_unlock(&owned);
+}
+
+TEST(destroy_held_is_an_error_and_reinit_leaves_no_stale_edge)
+{
+	keel_mutex_t m, other;
+	harness_capture cap;
+	char buf[16384];
+	FILE *f;
+
+	report_mode();
+	CHECK_OK(keel_mutex_init(&other, 0, "other", 0));
+	CHECK_OK(keel_mutex_init(&m, 0, "first-life", 0));
+	/* Learn other -> m. */
+	keel_mutex_lock(&other);
+	keel_mutex_lock(&m);
+	capture_begin(&cap);
+	CHECK_RC(keel_mutex_destroy(&m), -EBUSY);
+	capture_end(&cap);
+	CHECK_SAID(&cap, "destroying a lock that is held");
+	keel_mutex_unlock(&m);
+	keel_mutex_unlock(&other);
+	CHECK_OK(keel_mutex_destroy(&m));
+	CHECK_RC(keel_mutex_destroy(&m), -EINVAL);
+	/* A new lock at the same address: the old order is gone, so the
+	 * reverse order is no cycle. */
+	CHECK_OK(keel_mutex_init(&m, 0, "second-life", 0));
+	keel_mutex_lock(&m);
+	keel_mutex_lock(&other);
+	keel_mutex_unlock(&other);
+	keel_mutex_unlock(&m);
+	f = fmemopen(buf, sizeof buf, "w");
+	CHECK_OK(keel_lockgraph_write(f, KEEL_FORMAT_JSON));
+	fclose(f);
+	CHECK(!contains(buf, "first-life"));
+	CHECK(contains(buf, "second-life"));
+	CHECK_OK(keel_mutex_destroy(&m));
+	CHECK_OK(keel_mutex_destroy(&other));
+	CHECK_EQ(new_reports(), 1);
+}
+
+TEST(init_and_use_errors)
+{
+	keel_mutex_t m;
+	harness_capture cap;
+
+	report_mode();
+	CHECK_RC(keel_mutex_init(NULL, 1, "x", 0), -EINVAL);
+	CHECK_RC(keel_mutex_init(&m, 1, NULL, 0), -EINVAL);
+	CHECK_RC(keel_mutex_init(&m, KEEL_LEVEL_MAX + 1, "x", 0), -EINVAL);
+	CHECK_RC(keel_mutex_init(&m, 1, "x", 0x100), -EINVAL);
+	CHECK_RC(keel_mutex_init(&m, 1, "x", KEEL_LOCK_LEAF | KEEL_LOCK_ROOT),
+		 -EINVAL);
+	memset(&m, 0, sizeof m);
+	capture_begin(&cap);
+	keel_mutex_lock(&m); /* never initialised */
+	capture_end(&cap);
+	CHECK_SAID(&cap, "not initialised, or destroyed");
+	keel_mutex_unlock(&m);
+}
+
+TEST(stack_overflow_warns_once_and_checking_resumes)
+{
+	static keel_mutex_t many[40];
+	static keel_mutex_t hi = KEEL_MUTEX_INIT(60000, "hi");
+	harness_capture cap;
+	char name[40][16];
+
+	report_mode();
+	for (int i = 0; i < 40; i++) {
+		snprintf(name[i], sizeof name[i], "deep-%d", i);
+		CHECK_OK(keel_mutex_init(&many[i], (unsigned)(1000 - i), name[i],
+					 0));
+	}
+	capture_begin(&cap);
+	for (int i = 0; i < 40; i++)
+		keel_mutex_lock(&many[i]);
+	for (int i = 39; i >= 0; i--)
+		keel_mutex_unlock(&many[i]);
+	CHECK_EQ(keel__locks.depth, 0);
+	/* Checking works again. */
+	keel_mutex_lock(&many[39]);
+	keel_mutex_lock(&hi);
+	keel_mutex_unlock(&hi);
+	keel_mutex_unlock(&many[39]);
+	capture_end(&cap);
+	CHECK_EQ(new_reports(), 2); /* one overflow, one order */
+	CHECK_SAID(&cap, "more than 32 locks held");
+	CHECK_SAID(&cap, "taking 'hi'");
+}
+
+TEST(forked_child_keeps_a_consistent_record)
+{
+	static keel_mutex_t held = KEEL_MUTEX_INIT(9, "held-at-fork");
+	static keel_mutex_t lower = KEEL_MUTEX_INIT(2, "lower");
+	pid_t pid;
+	int status;
+
+	report_mode();
+	keel_mutex_lock(&held);
+	pid = fork();
+	CHECK(pid >= 0);
+	if (pid == 0) {
+		/* The child holds what its thread held, and checks go on. */
+		if (!keel_mutex_held(&held) || keel__locks.depth != 1)
+			_exit(10);
+		keel_mutex_lock(&lower);
+		keel_mutex_unlock(&lower);
+		keel_mutex_unlock(&held);
+		if (keel__locks.depth != 0 || keel_lockcheck_reports() !=
+						      reports_before)
+			_exit(11);
+		_exit(0);
+	}
+	CHECK_EQ(waitpid(pid, &status, 0), pid);
+	CHECK(WIFEXITED(status));
+	CHECK_EQ(WEXITSTATUS(status), 0);
+	keel_mutex_unlock(&held);
+}
+
+/* ---- 4. Condition variables ---- */
+
+static keel_mutex_t cv_mu = KEEL_MUTEX_INIT(4, "cv-mutex");
+static keel_mutex_t cv_high = KEEL_MUTEX_INIT(9, "cv-high");
+static keel_mutex_t cv_low = KEEL_MUTEX_INIT(1, "cv-low");
+static keel_cond_t cv = KEEL_COND_INIT;
+static int cv_flag;
+
+static void *cv_signaller(void *arg)
+{
+	(void)arg;
+	keel_mutex_lock(&cv_mu);
+	cv_flag = 1;
+	keel_cond_signal(&cv);
+	keel_mutex_unlock(&cv_mu);
+	return NULL;
+}
+
+TEST(cond_wait_on_the_lowest_lock_keeps_the_record)
+{
+	struct keel__held before[2];
+	pthread_t th;
+
+	report_mode();
+	keel_mutex_lock(&cv_high);
+	keel_mutex_lock(&cv_mu);
+	memcpy(before, keel__locks.stack, sizeof before);
+	cv_flag = 0;
+	th = harness_thread(cv_signaller, NULL);
+	while (!cv_flag)
+		CHECK_OK(keel_cond_wait(&cv, &cv_mu));
+	harness_join(th);
+	/* Same locks, same sites, nothing waiting, mutex ours again. */
+	CHECK_EQ(keel__locks.depth, 2);
+	CHECK(memcmp(before, keel__locks.stack, sizeof before) == 0);
+	CHECK(keel_mutex_held(&cv_mu));
+	keel_mutex_unlock(&cv_mu);
+	keel_mutex_unlock(&cv_high);
+	CHECK_EQ(new_reports(), 0);
+}
+
+TEST(cond_wait_while_holding_a_lower_lock_is_reported)
+{
+	harness_capture cap;
+
+	report_mode();
+	keel_mutex_lock(&cv_mu);
+	keel_mutex_lock(&cv_low); /* level 1 below the cv's mutex (4) */
+	capture_begin(&cap);
+	CHECK_RC(keel_cond_wait_until(&cv, &cv_mu, 0), -ETIMEDOUT);
+	capture_end(&cap);
+	CHECK_SAID(&cap, "keel_cond_wait() while holding a lower-level lock");
+	CHECK_SAID(&cap, "while holding 'cv-low' (level 1)");
+	CHECK(keel_mutex_held(&cv_mu));
+	keel_mutex_unlock(&cv_low);
+	keel_mutex_unlock(&cv_mu);
+	CHECK_RC(keel_cond_wait(&cv, &cv_mu), -EPERM); /* not held */
+}
+
+static keel_scope_t *cv_scope;
+
+static int cv_waiter(void *arg)
+{
+	int rc;
+
+	(void)arg;
+	keel_mutex_lock(&cv_mu);
+	rc = keel_cond_wait(&cv, &cv_mu);
+	/* Held again, whatever the outcome. */
+	if (!keel_mutex_held(&cv_mu))
+		rc = -EPROTO;
+	keel_mutex_unlock(&cv_mu);
+	return rc == -ECANCELED ? 0 : -EPROTO;
+}
+
+TEST(cond_wait_is_a_cancellation_point)
+{
+	keel_task_t t;
+
+	report_mode();
+	CHECK_OK(keel_scope_open(&cv_scope, &(keel_scope_opts){
+						    .policy = KEEL_SUPERVISE}));
+	CHECK_OK(keel_spawn(cv_scope, cv_waiter, NULL, NULL, &t));
+	/* Before or during the wait, the cancellation ends it. */
+	CHECK_OK(keel_scope_cancel(cv_scope));
+	CHECK_RC(keel_scope_close(cv_scope), -ECANCELED);
+	CHECK_EQ(new_reports(), 0);
+}
+
+/* ---- Cancellable locking ---- */
+
+static keel_mutex_t contended = KEEL_MUTEX_INIT(6, "contended");
+static harness_event holding, release_it;
+
+static void *hold_it(void *arg)
+{
+	(void)arg;
+	keel_mutex_lock(&contended);
+	event_set(&holding);
+	event_wait(&release_it);
+	keel_mutex_unlock(&contended);
+	return NULL;
+}
+
+static int lock_until_cancelled(void *arg)
+{
+	int rc = keel_mutex_lock_until(&contended, KEEL_FOREVER);
+
+	(void)arg;
+	return rc == -ECANCELED ? 0 : -EPROTO;
+}
+
+TEST(mutex_lock_until_times_out_and_is_cancellable)
+{
+	keel_scope_t *s;
+	pthread_t th;
+
+	report_mode();
+	event_init(&holding);
+	event_init(&release_it);
+	th = harness_thread(hold_it, NULL);
+	event_wait(&holding);
+	CHECK_RC(keel_mutex_lock_until(&contended, keel_after(KEEL_MS(5))),
+		 -ETIMEDOUT);
+	CHECK(!keel_mutex_held(&contended));
+	CHECK_OK(keel_scope_open(&s, NULL));
+	CHECK_OK(keel_spawn(s, lock_until_cancelled, NULL, NULL, NULL));
+	CHECK_OK(keel_scope_cancel(s));
+	CHECK_RC(keel_scope_close(s), -ECANCELED);
+	event_set(&release_it);
+	harness_join(th);
+	/* Free again: a blocking lock works, and so does lock_until. */
+	CHECK_OK(keel_mutex_lock_until(&contended, KEEL_FOREVER));
+	keel_mutex_unlock(&contended);
+	CHECK_EQ(new_reports(), 0);
+}
+
+/* ---- Reader-writer locks ---- */
+
+TEST(rwlock_rules)
+{
+	static keel_rwlock_t rw = KEEL_RWLOCK_INIT(6, "table");
+	static keel_rwlock_t rrw = KEEL_RWLOCK_INIT_FLAGS(6, "rtable",
+							  KEEL_LOCK_RECURSIVE);
+	static keel_mutex_t low = KEEL_MUTEX_INIT(2, "rw-low");
+	harness_capture cap;
+
+	report_mode();
+	keel_rwlock_rdlock(&rw);
+	keel_mutex_lock(&low);
+	keel_mutex_unlock(&low);
+	keel_rwlock_unlock(&rw);
+	keel_rwlock_wrlock(&rw);
+	keel_rwlock_unlock(&rw);
+	keel_rwlock_rdlock(&rrw);
+	keel_rwlock_rdlock(&rrw); /* allowed: recursive */
+	keel_rwlock_unlock(&rrw);
+	keel_rwlock_unlock(&rrw);
+	CHECK_EQ(new_reports(), 0);
+	capture_begin(&cap);
+	keel_rwlock_rdlock(&rw);
+	keel_rwlock_rdlock(&rw); /* a reader again: can deadlock */
+	keel_rwlock_unlock(&rw);
+	keel_rwlock_unlock(&rw);
+	keel_mutex_lock(&low);
+	keel_rwlock_wrlock(&rw); /* level 6 under level 2 */
+	keel_rwlock_unlock(&rw);
+	keel_mutex_unlock(&low);
+	capture_end(&cap);
+	CHECK_EQ(new_reports(), 2);
+	CHECK_SAID(&cap, "lock taken again by its holder: taking 'table'");
+	CHECK_SAID(&cap, "lock order violation: taking 'table' (level 6)");
+	CHECK_EQ(keel__locks.depth, 0);
+	CHECK_OK(keel_rwlock_destroy(&rw));
+}
+
+/* ---- Asserts and integration ---- */
+
+TEST(asserts_check_the_owner)
+{
+	static keel_mutex_t m = KEEL_MUTEX_INIT(5, "asserted");
+	static keel_mutex_t na = KEEL_MUTEX_INIT_FLAGS(5, "no-alloc",
+						       KEEL_LOCK_NOALLOC);
+	harness_capture cap;
+
+	report_mode();
+	keel_mutex_lock(&m);
+	keel_mutex_assert_held(&m);
+	keel_mutex_unlock(&m);
+	keel_assert_no_locks();
+	keel_assert_may_alloc();
+	CHECK_EQ(new_reports(), 0);
+	capture_begin(&cap);
+	keel_mutex_assert_held(&m);
+	keel_mutex_lock(&na);
+	keel_assert_may_alloc();
+	keel_assert_no_locks();
+	keel_mutex_unlock(&na);
+	capture_end(&cap);
+	CHECK_EQ(new_reports(), 3);
+	CHECK_SAID(&cap, "does not hold the lock: 'asserted'");
+	CHECK_SAID(&cap, "allocation while holding a no-alloc lock: 'no-alloc'");
+	CHECK_SAID(&cap, "assertion failed: locks are held");
+}
+
+static keel_mutex_t serve_lock = KEEL_MUTEX_INIT(3, "serving-under");
+
+static int end_holding(void *arg)
+{
+	(void)arg;
+	keel_mutex_lock(&serve_lock);
+	return 0; /* ends with the lock held */
+}
+
+TEST(serving_or_ending_while_holding_is_reported)
+{
+	harness_capture cap;
+	keel_scope_t *s;
+	keel_task_t t;
+
+	report_mode();
+	capture_begin(&cap);
+	keel_mutex_lock(&serve_lock);
+	CHECK_RC(keel_serve(0), -ETIMEDOUT);
+	keel_mutex_unlock(&serve_lock);
+	CHECK_OK(keel_scope_open(&s, NULL));
+	CHECK_OK(keel_spawn(s, end_holding, NULL,
+			    &(keel_spawn_opts){.name = "sloppy"}, &t));
+	CHECK_OK(keel_join(t, NULL, KEEL_FOREVER));
+	CHECK_OK(keel_scope_close(s));
+	capture_end(&cap);
+	CHECK_SAID(&cap, "keel_serve() while holding a lock");
+	CHECK_SAID(&cap, "a task ended holding a lock: 'serving-under'");
+	CHECK_SAID(&cap, "thread 'sloppy'");
+}
+
+/* ---- 6. The graph ---- */
+
+TEST(graph_exports_exactly_the_observed_edges)
+{
+	keel_mutex_t top, mid, bottom, spare;
+	char buf[32768], *p;
+	FILE *f;
+	int edges = 0;
+
+	report_mode();
+	CHECK_OK(keel_mutex_init(&top, 30, "g-top", 0));
+	CHECK_OK(keel_mutex_init(&mid, 20, "g-mid", 0));
+	CHECK_OK(keel_mutex_init(&bottom, 10, "g-bottom", 0));
+	CHECK_OK(keel_mutex_init(&spare, 15, "g-spare", 0));
+	keel_mutex_lock(&top);
+	keel_mutex_lock(&mid);
+	keel_mutex_lock(&bottom);
+	keel_mutex_unlock(&bottom);
+	keel_mutex_unlock(&mid);
+	keel_mutex_lock(&bottom); /* a second edge from top */
+	keel_mutex_unlock(&bottom);
+	keel_mutex_unlock(&top);
+	f = fmemopen(buf, sizeof buf, "w");
+	CHECK_OK(keel_lockgraph_write(f, KEEL_FORMAT_JSON));
+	fclose(f);
+	for (p = buf; (p = strstr(p, "\"from\"")) != NULL; p++)
+		edges++;
+	/* top->mid, mid->bottom, top->bottom: nothing else (this test's
+	 * process has no other locks). */
+	CHECK_EQ(edges, 3);
+	CHECK(contains(buf, "\"name\": \"g-spare\", \"level\": 15, \"taken\": false"));
+	CHECK(contains(buf, "\"name\": \"g-top\", \"level\": 30, \"taken\": true"));
+	f = fmemopen(buf, sizeof buf, "w");
+	CHECK_OK(keel_lockgraph_write(f, KEEL_FORMAT_DOT));
+	fclose(f);
+	CHECK(strncmp(buf, "digraph keel_locks {", 20) == 0);
+	CHECK(contains(buf, "color=grey")); /* g-spare, never taken */
+	CHECK_RC(keel_lockgraph_write(NULL, KEEL_FORMAT_DOT), -EINVAL);
+	CHECK_RC(keel_lockgraph_write(stdout, 7), -EINVAL);
+}
+
+TEST(policy_off_checks_nothing)
+{
+	static keel_mutex_t lo = KEEL_MUTEX_INIT(1, "off-lo");
+	static keel_mutex_t hi = KEEL_MUTEX_INIT(2, "off-hi");
+
+	report_mode();
+	CHECK_EQ(keel_lockcheck_set(KEEL_LOCKCHECK_OFF), KEEL_LOCKCHECK_REPORT);
+	keel_mutex_lock(&lo);
+	keel_mutex_lock(&hi);
+	keel_mutex_unlock(&hi);
+	keel_mutex_unlock(&lo);
+	CHECK_EQ(new_reports(), 0);
+	CHECK_RC(keel_lockcheck_set(9), -EINVAL);
+}
+
+/* ---- The graph's formats ---- */
+
+/* A JSON syntax check (RFC 8259 values): the end of the value, or NULL. */
+static const char *json_ws(const char *p)
+{
+	while (*p == ' ' || *p == '\n' || *p == '\t' || *p == '\r')
+		p++;
+	return p;
+}
+
+static const char *json_value(const char *p);
+
+static const char *json_string(const char *p)
+{
+	if (*p++ != '"')
+		return NULL;
+	for (; *p && *p != '"'; p++) {
+		if ((unsigned char)*p < 0x20)
+			return NULL;
+		if (*p == '\\') {
+			p++;
+			if (*p == 'u') {
+				for (int i = 1; i <= 4; i++)
+					if (!strchr("0123456789abcdefABCDEF",
+						    p[i]) || !p[i])
+						return NULL;
+				p += 4;
+			} else if (!*p || !strchr("\"\\/bfnrt", *p)) {
+				return NULL;
+			}
+		}
+	}
+	return *p == '"' ? p + 1 : NULL;
+}
+
+static const char *json_container(const char *p, char close, int keys)
+{
+	p = json_ws(p + 1);
+	if (*p == close)
+		return p + 1;
+	for (;;) {
+		if (keys) {
+			if (!(p = json_string(json_ws(p))))
+				return NULL;
+			p = json_ws(p);
+			if (*p++ != ':')
+				return NULL;
+		}
+		if (!(p = json_value(p)))
+			return NULL;
+		p = json_ws(p);
+		if (*p == close)
+			return p + 1;
+		if (*p++ != ',')
+			return NULL;
+	}
+}
+
+static const char *json_value(const char *p)
+{
+	p = json_ws(p);
+	if (*p == '{')
+		return json_container(p, '}', 1);
+	if (*p == '[')
+		return json_container(p, ']', 0);
+	if (*p == '"')
+		return json_string(p);
+	if (strncmp(p, "true", 4) == 0)
+		return p + 4;
+	if (strncmp(p, "false", 5) == 0)
+		return p + 5;
+	if (strncmp(p, "null", 4) == 0)
+		return p + 4;
+	if (*p == '-' || (*p >= '0' && *p <= '9')) {
+		char *end;
+
+		strtod(p, &end);
+		return end > p ? end : NULL;
+	}
+	return NULL;
+}
+
+static int json_valid(const char *text)
+{
+	const char *end = json_value(text);
+
+	return end && *json_ws(end) == '\0';
+}
+
+static void make_some_order(void)
+{
+	static keel_mutex_t a = KEEL_MUTEX_INIT(9, "quote\"and\\slash");
+	static keel_mutex_t b = KEEL_MUTEX_INIT(5, "b");
+	static keel_mutex_t c = KEEL_MUTEX_INIT(0, "learned");
+
+	keel_mutex_lock(&a);
+	keel_mutex_lock(&b);
+	keel_mutex_lock(&c);
+	keel_mutex_unlock(&c);
+	keel_mutex_unlock(&b);
+	keel_mutex_unlock(&a);
+	keel_mutex_lock(&b);
+	keel_mutex_lock(&a); /* a violation: red in the graph */
+	keel_mutex_unlock(&a);
+	keel_mutex_unlock(&b);
+}
+
+TEST(graph_json_parses)
+{
+	char buf[32768];
+	FILE *f;
+
+	report_mode();
+	make_some_order();
+	f = fmemopen(buf, sizeof buf, "w");
+	CHECK_OK(keel_lockgraph_write(f, KEEL_FORMAT_JSON));
+	fclose(f);
+	printf("%s", buf);
+	CHECK(json_valid(buf));
+	CHECK(contains(buf, "\"violation\": true"));
+	CHECK(contains(buf, "quote\\\"and\\\\slash"));
+	/* The checker itself rejects broken text. */
+	CHECK(!json_valid("{\"a\": [1, 2,]}"));
+	CHECK(!json_valid("{\"a\" 1}"));
+}
+
+TEST(graph_dot_renders_with_graphviz)
+{
+	char path[] = "/tmp/keel-lockgraph-XXXXXX", cmd[256];
+	FILE *f;
+	int fd;
+
+	if (system("command -v dot >/dev/null 2>&1") != 0)
+		harness_skip("Graphviz's dot is not installed");
+	report_mode();
+	make_some_order();
+	CHECK((fd = mkstemp(path)) >= 0);
+	f = fdopen(fd, "w");
+	CHECK_OK(keel_lockgraph_write(f, KEEL_FORMAT_DOT));
+	fclose(f);
+	snprintf(cmd, sizeof cmd, "dot -Tsvg %s -o %s.svg", path, path);
+	CHECK_EQ(system(cmd), 0);
+	snprintf(cmd, sizeof cmd, "grep -q '<svg' %s.svg", path);
+	CHECK_EQ(system(cmd), 0);
+	unlink(path);
+	snprintf(cmd, sizeof cmd, "%s.svg", path);
+	unlink(cmd);
+}
