@@ -41,8 +41,10 @@ typedef double (*bench_fn)(void);
 
 void bench_register(const char *id, const char *impl, bench_fn fn);
 void bench_register_skip(const char *id, const char *impl, const char *why);
-/* @peer NULL names the fastest peer measured for @id in the same run. */
-void bench_register_target(const char *id, const char *peer, double max_ratio);
+/* @impl is the keel variant the target is for ("keel" for keel itself);
+ * @peer NULL names the fastest peer measured for @id in the same run. */
+void bench_register_target(const char *id, const char *impl, const char *peer,
+			   double max_ratio);
 
 #define BENCH_CAT_(a, b) a##b
 #define BENCH_CAT(a, b) BENCH_CAT_(a, b)
@@ -65,10 +67,14 @@ void bench_register_target(const char *id, const char *peer, double max_ratio);
 
 /* Target: keel's median <= max_ratio * peer's median, in the same run. */
 #define BENCH_TARGET(id, peer, max_ratio)                                  \
+	BENCH_TARGET_FOR(id, keel, peer, max_ratio)
+
+/* The same for another of keel's impls of @id (a mode of keel's). */
+#define BENCH_TARGET_FOR(id, impl, peer, max_ratio)                        \
 	__attribute__((constructor)) static void                          \
 	BENCH_CAT(bench_target_##id##_, __LINE__)(void)                    \
 	{                                                                  \
-		bench_register_target(#id, (peer), (max_ratio));           \
+		bench_register_target(#id, #impl, (peer), (max_ratio));    \
 	}
 
 /* The reason given by a BENCH_SKIP for a peer library that is absent. */

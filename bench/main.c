@@ -60,6 +60,7 @@ struct entry {
 
 struct target {
 	const char *id;
+	const char *impl; /* keel's impl the target is for */
 	const char *peer; /* NULL: the fastest peer */
 	double max_ratio;
 };
@@ -98,13 +99,15 @@ void bench_register_skip(const char *id, const char *impl, const char *why)
 	new_entry(id, impl)->skip = why;
 }
 
-void bench_register_target(const char *id, const char *peer, double max_ratio)
+void bench_register_target(const char *id, const char *impl, const char *peer,
+			   double max_ratio)
 {
 	if (ntargets == MAX_TARGETS) {
 		fprintf(stderr, "keel_bench: too many targets\n");
 		abort();
 	}
 	targets[ntargets].id = id;
+	targets[ntargets].impl = impl;
 	targets[ntargets].peer = peer;
 	targets[ntargets].max_ratio = max_ratio;
 	ntargets++;
@@ -389,30 +392,31 @@ static const struct entry *fastest_peer(const char *id, int variants)
 
 static void check_target(const struct target *t)
 {
-	const struct entry *keel = find(t->id, "keel"), *peer = NULL;
-	char what[128];
+	const struct entry *keel = find(t->id, t->impl), *peer = NULL;
+	char what[160];
 
 	if (t->peer) {
 		peer = find(t->id, t->peer);
-		snprintf(what, sizeof what, "keel <= %.2f x %s", t->max_ratio,
-			 t->peer);
+		snprintf(what, sizeof what, "%s <= %.2f x %s", t->impl,
+			 t->max_ratio, t->peer);
 	} else {
 		peer = fastest_peer(t->id, 0);
-		snprintf(what, sizeof what, "keel <= %.2f x fastest peer (%s)",
-			 t->max_ratio, peer ? peer->impl : "none measured");
+		snprintf(what, sizeof what, "%s <= %.2f x fastest peer (%s)",
+			 t->impl, t->max_ratio,
+			 peer ? peer->impl : "none measured");
 	}
 	if (!keel || !keel->selected)
 		return; /* keel was filtered out of this run */
 	printf("target %s: %s: ", t->id, what);
 	if (!measured(keel))
-		printf("not checked (keel not measured)\n");
+		printf("not checked (%s not measured)\n", t->impl);
 	else if (!measured(peer))
 		printf("not checked (%s not measured)\n",
 		       t->peer ? t->peer : "no peer");
 	else {
 		double ratio = keel->median / peer->median;
 
-		printf("keel/%s = %.2f: %s\n", peer->impl, ratio,
+		printf("%s/%s = %.2f: %s\n", t->impl, peer->impl, ratio,
 		       ratio <= t->max_ratio ? "met" : "NOT met");
 	}
 	if (!t->peer && measured(keel) && (peer = fastest_peer(t->id, 1)))

@@ -474,26 +474,34 @@ void keel__proxy_end(struct keel__task *t);
 #define KEEL_LOCK_STACK 32
 #define LEVEL_NONE 0x10000u /* "no ranked lock held": above every level */
 
-enum keel__lock_kind { LK_MUTEX, LK_RWLOCK };
 enum keel__lock_mode { LM_EXCL, LM_SHARED };
 
+/* One lock in a thread's record. The lock's name, level and flags are
+ * read from the lock itself (keel_mutex_t and keel_rwlock_t share their
+ * layout), so taking a lock writes only this much. */
 struct keel__held {
 	void *lock;
 	const char *site;
-	const char *name;
-	uint32_t min;    /* running minimum of ranked levels, this included */
-	uint16_t level;
-	uint16_t flags;
-	uint8_t kind;
-	uint8_t mode;
-	uint8_t waiting; /* in keel_cond_wait: released while it sleeps */
+	uint32_t min;  /* running minimum of ranked levels, this included */
+	uint16_t node; /* the lock's graph node id (0: none) */
+	uint8_t mode;  /* LM_EXCL or LM_SHARED */
+	uint8_t bits;  /* HELD_* */
 };
+
+#define HELD_WAITING 1 /* in keel_cond_wait: released while it sleeps */
+#define HELD_LEAF 2    /* a KEEL_LOCK_LEAF lock */
 
 struct keel__lockstate {
 	uint32_t depth; /* may exceed KEEL_LOCK_STACK: those are unrecorded */
 	uint32_t noblock, noalloc;
 	uint8_t overflow_warned;
 	struct keel__held stack[KEEL_LOCK_STACK];
+	/* Graph edges this thread knows are recorded, as node ids
+	 * (from << 32 | to), so taking a nested pair again skips the graph;
+	 * cleared when keel__graph_epoch moves (an id now means another
+	 * lock). */
+	uint32_t edges_epoch;
+	uint64_t edges_known[64];
 };
 
 extern KEEL_TLS struct keel__lockstate keel__locks;
@@ -523,6 +531,8 @@ struct keel__lockinfo {
 uint32_t keel__graph_node(const struct keel__lockinfo *li, int taken);
 /* A lock is destroyed: forget it and its edges. */
 void keel__graph_forget(uint32_t *node);
+/* Moves each time a forgotten node's id is given to another lock. */
+extern _Atomic uint32_t keel__graph_epoch;
 /* Record "to taken at site while holding from (taken at from_site)". With
  * `learned` (either end is a learned lock), if the edge would close a
  * cycle, writes the cycle into buf (for the report) and returns 1; else 0. */

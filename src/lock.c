@@ -15,8 +15,8 @@
  *
  * The mutex is its own futex lock (Drepper's three states):
  *   0 free, 1 held, 2 held and someone may be waiting.
- *   lock:    CAS 0 -> 1; else spin a little; else XCHG to 2 and futex-wait
- *            while the old value was not 0.
+ *   lock:    CAS 0 -> 1; else XCHG to 2 and futex-wait while the old value
+ *            was not 0 (no spinning: see mutex_wait()).
  *   unlock:  XCHG to 0; if the old value was 2, wake one futex waiter and
  *            one queued waiter.
  * k_owner is the holder's lock record (its keel__locks address), so
@@ -26,6 +26,21 @@
  * queue a node on the lock (k_waitq, guarded by the k_qlock spin bit) and
  * sleep on their task's parker, which cancellation wakes; they set the
  * state to 2 after queueing, so the unlocker, seeing 2, looks at the queue.
+ *
+ * THE FAST PATHS
+ * A checked lock costs what an unchecked one does when its checks read
+ * only words already at hand. keel_mutex_lock() reads the lock's first 16
+ * bytes (state, level, flags, owner: one cache line) and k_node, and the
+ * thread's record: keel's own bits in k_flags say "initialised" and "in
+ * the graph" in the same load as the user's flags; each held entry keeps
+ * the lock's node id and leaf flag; and a small per-thread cache of the
+ * graph edges this thread has already recorded (edges_known) answers
+ * "is this nesting known and allowed" without the graph. Taking a lock
+ * with nothing held, or nested where the levels allow and the edge is
+ * known, is one CAS and a few stores; anything else (a first nesting, a
+ * violation, a learned lock's new edge, contention) goes the general way,
+ * which checks everything before it waits. keel_mutex_unlock() of the lock
+ * on top of the record is an XCHG and two stores.
  *
  * Reports are formatted into a stack buffer with snprintf and written with
  * one write(2): no allocation, no keel lock, so they work when malloc is
@@ -93,27 +108,61 @@ static int checking(void)
 
 /* ---- A lock, whatever its kind ------------------------------------------ */
 
-/* The fields keel_mutex_t and keel_rwlock_t share, in the same places. */
-struct lk {
-	uint32_t *state;
-	uint16_t level, flags;
-	const char *name;
-	void **owner;
-	uint32_t *node;
-	uint32_t *depth;
-	uint32_t magic;
-	uint8_t kind;
-};
+/* keel_mutex_t and keel_rwlock_t share their layout, so the fields checks
+ * and reports need are read through one set of accessors, each at its
+ * member's own type. */
+#define SAME_PLACE(f)                                                      \
+	_Static_assert(offsetof(keel_mutex_t, f) == offsetof(keel_rwlock_t, f), \
+		       "keel_mutex_t and keel_rwlock_t differ at " #f)
+SAME_PLACE(k_state);
+SAME_PLACE(k_level);
+SAME_PLACE(k_flags);
+SAME_PLACE(k_name);
+SAME_PLACE(k_owner);
+SAME_PLACE(k_node);
+SAME_PLACE(k_magic);
 
-#define LK_OF(l, k)                                                        \
-	((struct lk){&(l)->k_state, (l)->k_level, (l)->k_flags,            \
-		     (l)->k_name ? (l)->k_name : "(unnamed)", &(l)->k_owner, \
-		     &(l)->k_node, &(l)->k_depth, (l)->k_magic, (k)})
+#define LK_FIELD(lock, f, type)                                            \
+	(*(type *)(void *)((char *)(uintptr_t)(lock) + offsetof(keel_mutex_t, f)))
 
-static struct keel__lockinfo info_of(void *lock, const struct lk *k)
+static inline unsigned lk_level(const void *lock)
 {
-	return (struct keel__lockinfo){lock, k->name, k->node, k->level,
-				       k->flags};
+	return LK_FIELD(lock, k_level, uint16_t);
+}
+
+/* k_flags changes while others read it (keel's own bits): atomically. */
+static inline unsigned lk_flags(const void *lock)
+{
+	return __atomic_load_n(&LK_FIELD(lock, k_flags, uint16_t),
+			       __ATOMIC_RELAXED);
+}
+
+#define USER_FLAGS                                                          \
+	(KEEL_LOCK_LEAF | KEEL_LOCK_ROOT | KEEL_LOCK_NOBLOCK |              \
+	 KEEL_LOCK_NOALLOC | KEEL_LOCK_RECURSIVE)
+
+static inline void lk_flags_set(void *lock, unsigned bits)
+{
+	__atomic_or_fetch(&LK_FIELD(lock, k_flags, uint16_t), (uint16_t)bits,
+			  __ATOMIC_RELAXED);
+}
+
+static inline void lk_flags_clear(void *lock, unsigned bits)
+{
+	__atomic_and_fetch(&LK_FIELD(lock, k_flags, uint16_t),
+			   (uint16_t)~bits, __ATOMIC_RELAXED);
+}
+
+static inline const char *lk_name(const void *lock)
+{
+	const char *n = LK_FIELD(lock, k_name, const char *);
+
+	return n ? n : "(unnamed)";
+}
+
+static inline uint32_t *lk_node(void *lock)
+{
+	return &LK_FIELD(lock, k_node, uint32_t);
 }
 
 /* ---- Reports ------------------------------------------------------------- */
@@ -164,10 +213,10 @@ static void rb_held(struct rbuf *r, struct keel__lockstate *ls)
 	for (uint32_t i = 0; i < d; i++) {
 		struct keel__held *h = &ls->stack[i];
 
-		rb_add(r, "\nkeel:     #%u '%s' (", i, h->name);
-		rb_level(r, h->level);
+		rb_add(r, "\nkeel:     #%u '%s' (", i, lk_name(h->lock));
+		rb_level(r, lk_level(h->lock));
 		rb_add(r, "%s), taken at %s%s", h->mode == LM_SHARED ? ", shared" : "",
-		       h->site, h->waiting ? " (released: waiting on a cond)" : "");
+		       h->site, h->bits & HELD_WAITING ? " (released: waiting on a cond)" : "");
 	}
 	if (ls->depth > d)
 		rb_add(r, "\nkeel:     ... and %u more, past the record's capacity",
@@ -233,20 +282,21 @@ enum rkind {
 
 /* "<what>: taking 'x' (level n) at site" + the held stack. */
 static void report_taking(int kind, const struct keel__held *against,
-			  const struct lk *k, void *lock, const char *site,
-			  const char *what, const char *rule)
+			  void *lock, const char *site, const char *what,
+			  const char *rule)
 {
 	struct rbuf r;
 
 	if (!first_time(kind, against ? against->lock : NULL, lock))
 		return;
 	r.n = 0;
-	rb_add(&r, "keel: %s: taking '%s' (", what, k->name);
-	rb_level(&r, k->level);
+	rb_add(&r, "keel: %s: taking '%s' (", what, lk_name(lock));
+	rb_level(&r, lk_level(lock));
 	rb_add(&r, ") at %s", site);
 	if (against) {
-		rb_add(&r, "\nkeel:   while holding '%s' (", against->name);
-		rb_level(&r, against->level);
+		rb_add(&r, "\nkeel:   while holding '%s' (",
+		       lk_name(against->lock));
+		rb_level(&r, lk_level(against->lock));
 		rb_add(&r, "), taken at %s", against->site);
 	}
 	if (rule)
@@ -271,37 +321,51 @@ static void report_lock(int kind, void *lock, const char *name,
 
 /* ---- The held-lock record -------------------------------------------------- */
 
-static void held_push(struct keel__lockstate *ls, void *lock, const struct lk *k,
-		      const char *site, int mode)
+static void held_overflow(struct keel__lockstate *ls, void *lock,
+			  const char *site)
 {
-	uint32_t d = ls->depth++, prev;
+	if (!ls->overflow_warned) {
+		ls->overflow_warned = 1;
+		report_lock(R_OVERFLOW, lock, lk_name(lock), site,
+			    "more than 32 locks held: those past the 32nd are "
+			    "not checked until the count is back under it");
+	}
+}
+
+/* Record lock as taken; flags and node are the lock's, as the caller
+ * read them. */
+static inline void held_push_as(struct keel__lockstate *ls, void *lock,
+				const char *site, int mode, unsigned flags,
+				uint32_t node)
+{
+	uint32_t d = ls->depth, prev, level = lk_level(lock);
 	struct keel__held *h;
 
-	if (k->flags & KEEL_LOCK_NOBLOCK)
-		ls->noblock++;
-	if (k->flags & KEEL_LOCK_NOALLOC)
-		ls->noalloc++;
+	ls->depth = d + 1;
 	if (unlikely(d >= KEEL_LOCK_STACK)) {
-		if (!ls->overflow_warned) {
-			ls->overflow_warned = 1;
-			report_lock(R_OVERFLOW, lock, k->name, site,
-				    "more than 32 locks held: those past the "
-				    "32nd are not checked until the count is "
-				    "back under it");
-		}
+		held_overflow(ls, lock, site);
 		return;
+	}
+	/* Counted only when recorded: held_remove() uncounts. */
+	if (unlikely(flags & (KEEL_LOCK_NOBLOCK | KEEL_LOCK_NOALLOC))) {
+		ls->noblock += !!(flags & KEEL_LOCK_NOBLOCK);
+		ls->noalloc += !!(flags & KEEL_LOCK_NOALLOC);
 	}
 	h = &ls->stack[d];
 	prev = d ? ls->stack[d - 1].min : LEVEL_NONE;
 	h->lock = lock;
 	h->site = site;
-	h->name = k->name;
-	h->level = k->level;
-	h->flags = k->flags;
-	h->kind = k->kind;
+	h->min = level && level < prev ? level : prev;
+	h->node = (uint16_t)node;
 	h->mode = (uint8_t)mode;
-	h->waiting = 0;
-	h->min = k->level && k->level < prev ? k->level : prev;
+	h->bits = flags & KEEL_LOCK_LEAF ? HELD_LEAF : 0;
+}
+
+static inline void held_push(struct keel__lockstate *ls, void *lock,
+			     const char *site, int mode)
+{
+	held_push_as(ls, lock, site, mode, lk_flags(lock),
+		     A_LOAD(lk_node(lock)) & ~NODE_TAKEN);
 }
 
 /* The index of lock in the record, searching from the top; -1. */
@@ -319,18 +383,18 @@ static void held_remove(struct keel__lockstate *ls, int i)
 {
 	uint32_t d = ls->depth < KEEL_LOCK_STACK ? ls->depth : KEEL_LOCK_STACK;
 	struct keel__held *h = &ls->stack[i];
+	unsigned flags = lk_flags(h->lock);
 
-	if (h->flags & KEEL_LOCK_NOBLOCK)
-		ls->noblock--;
-	if (h->flags & KEEL_LOCK_NOALLOC)
-		ls->noalloc--;
+	ls->noblock -= !!(flags & KEEL_LOCK_NOBLOCK);
+	ls->noalloc -= !!(flags & KEEL_LOCK_NOALLOC);
 	/* Unlock order is free: close the gap and redo the minima above. */
 	memmove(h, h + 1, (d - (uint32_t)i - 1) * sizeof *h);
 	for (uint32_t j = (uint32_t)i; j + 1 < d; j++) {
 		uint32_t prev = j ? ls->stack[j - 1].min : LEVEL_NONE;
 		struct keel__held *e = &ls->stack[j];
+		uint32_t level = lk_level(e->lock);
 
-		e->min = e->level && e->level < prev ? e->level : prev;
+		e->min = level && level < prev ? level : prev;
 	}
 	ls->depth--;
 	if (ls->depth < KEEL_LOCK_STACK)
@@ -354,50 +418,101 @@ static int held_release(struct keel__lockstate *ls, const void *lock)
 	return -1;
 }
 
-static void mark_taken(void *lock, const struct lk *k)
+/* The first time a lock is taken (or it is not in the graph yet). */
+static void mark_taken(void *lock)
 {
-	struct keel__lockinfo li = info_of(lock, k);
+	struct keel__lockinfo li = {lock, lk_name(lock), lk_node(lock),
+				    (uint16_t)lk_level(lock),
+				    (uint16_t)(lk_flags(lock) & USER_FLAGS)};
 
 	keel__graph_node(&li, 1);
 }
 
+/* Graph edges a thread knows are recorded, as node ids (from << 32 | to):
+ * a lock-free, thread-local shortcut for the nested pairs a thread takes
+ * over and over. Two ways per set, chosen by the lock taken alone, so the
+ * slot's address does not wait for the record's top to be read. A new
+ * edge goes in way 0, the older one moving to way 1. keel__graph_epoch
+ * moves whenever a forgotten node id is given to another lock, which
+ * clears them all. */
+static inline uint64_t *edge_set(struct keel__lockstate *ls, uint32_t to)
+{
+	_Static_assert(sizeof ls->edges_known / sizeof ls->edges_known[0] == 64,
+		       "edges_known is 32 sets of 2");
+	/* The top bits of the product mix every bit of the id. */
+	return &ls->edges_known[((to * 0x9E3779B1u) >> 27) * 2];
+}
+
+/* 1 if from -> to is known recorded (the fast path's question). */
+static inline int edge_cached(struct keel__lockstate *ls, uint32_t from,
+			      uint32_t to)
+{
+	uint64_t key = (uint64_t)from << 32 | to, *set = edge_set(ls, to);
+
+	return (set[0] == key || set[1] == key) &&
+	       ls->edges_epoch == load_relaxed(&keel__graph_epoch);
+}
+
+/* 1 if from -> to is known recorded; else 0, and it is known from now on:
+ * the caller passes it to keel__graph_edge(), which records it. */
+static inline int edge_known(struct keel__lockstate *ls, uint32_t from,
+			     uint32_t to)
+{
+	uint64_t key = (uint64_t)from << 32 | to, *set;
+	uint32_t epoch = load_relaxed(&keel__graph_epoch);
+
+	if (unlikely(ls->edges_epoch != epoch)) {
+		memset(ls->edges_known, 0, sizeof ls->edges_known);
+		ls->edges_epoch = epoch;
+	}
+	set = edge_set(ls, to);
+	if (set[0] == key || set[1] == key)
+		return 1;
+	set[1] = set[0];
+	set[0] = key;
+	return 0;
+}
+
 /* The order check, before blocking; called with something held. */
 static void check_acquire(struct keel__lockstate *ls, void *lock,
-			  const struct lk *k, const char *site, int same_ok)
+			  const char *site, int same_ok)
 {
 	uint32_t d = ls->depth < KEEL_LOCK_STACK ? ls->depth : KEEL_LOCK_STACK;
 	struct keel__held *top = &ls->stack[d - 1];
-	uint32_t from, to = A_LOAD(k->node) & ~NODE_TAKEN;
+	unsigned level = lk_level(lock), flags = lk_flags(lock);
+	unsigned top_level = lk_level(top->lock);
+	uint32_t from = top->node, to = A_LOAD(lk_node(lock)) & ~NODE_TAKEN;
 	int violation = 0;
 	char cycle[1024];
 
-	if (top->flags & KEEL_LOCK_LEAF) {
-		report_taking(R_LEAF, top, k, lock, site,
+	if (unlikely(top->bits & HELD_LEAF)) {
+		report_taking(R_LEAF, top, lock, site,
 			      "lock taken under a leaf lock",
 			      "nothing may be taken while a leaf lock is held");
 		violation = 1;
 	}
-	if (k->flags & KEEL_LOCK_ROOT) {
-		report_taking(R_ROOT, top, k, lock, site,
+	if (unlikely(flags & KEEL_LOCK_ROOT)) {
+		report_taking(R_ROOT, top, lock, site,
 			      "root lock taken with locks held",
 			      "a root lock is taken only with nothing held");
 		violation = 1;
 	}
-	if (k->level && k->level >= top->min && !(same_ok && k->level == top->min)) {
+	if (unlikely(level && level >= top->min &&
+		     !(same_ok && level == top->min))) {
 		struct keel__held *lowest = top;
 
 		for (uint32_t i = 0; i < d; i++)
-			if (ls->stack[i].level == top->min) {
+			if (lk_level(ls->stack[i].lock) == top->min) {
 				lowest = &ls->stack[i];
 				break;
 			}
-		if (k->level == top->min)
-			report_taking(R_SAME_LEVEL, lowest, k, lock, site,
+		if (level == top->min)
+			report_taking(R_SAME_LEVEL, lowest, lock, site,
 				      "two locks of one level",
 				      "take two locks of one level together, "
 				      "with keel_mutex_lock2()");
 		else
-			report_taking(R_ORDER, lowest, k, lock, site,
+			report_taking(R_ORDER, lowest, lock, site,
 				      "lock order violation",
 				      "a thread may take only a lock of a lower "
 				      "level than every lock it holds");
@@ -407,23 +522,19 @@ static void check_acquire(struct keel__lockstate *ls, void *lock,
 	 * The held stack is a chain of such edges, so a cycle in the order
 	 * ever taken is a cycle in the graph. Ranked-to-ranked edges follow
 	 * the levels, so a cycle must pass through a learned lock: an edge
-	 * with a learned end is checked for one, across all locks. (keel_mutex_t
-	 * and keel_rwlock_t keep k_node at the same place.) */
-	from = A_LOAD(&((keel_mutex_t *)top->lock)->k_node) & ~NODE_TAKEN;
-	if (from && to &&
-	    keel__graph_edge(from, to, site, top->site,
-			     !k->level || !top->level, violation, cycle,
-			     sizeof cycle)) {
+	 * with a learned end is checked for one, across all locks. */
+	if (from && to && (violation || !edge_known(ls, from, to)) &&
+	    keel__graph_edge(from, to, site, top->site, !level || !top_level,
+			     violation, cycle, sizeof cycle)) {
 		struct rbuf r;
 
 		if (!first_time(R_CYCLE, top->lock, lock))
 			return;
 		r.n = 0;
-		rb_add(&r,
-		       "keel: lock order cycle: taking '%s' (", k->name);
-		rb_level(&r, k->level);
+		rb_add(&r, "keel: lock order cycle: taking '%s' (", lk_name(lock));
+		rb_level(&r, level);
 		rb_add(&r, ") at %s while holding '%s' closes a cycle:%s", site,
-		       top->name, cycle);
+		       lk_name(top->lock), cycle);
 		rb_held(&r, ls);
 		report_end(&r);
 	}
@@ -450,7 +561,7 @@ int keel_mutex_init(keel_mutex_t *m, unsigned level, const char *name,
 		return -EINVAL;
 	memset(m, 0, sizeof *m);
 	m->k_level = (uint16_t)level;
-	m->k_flags = (uint16_t)flags;
+	m->k_flags = (uint16_t)(flags | KEEL__LOCK_READY);
 	m->k_name = name;
 	A_STORE_REL(&m->k_magic, KEEL__LOCK_MAGIC);
 	/* Known to the graph from now on: "never taken" until it is. */
@@ -467,22 +578,17 @@ static void bad_lock(void *lock, uint32_t *magic, const char *site)
 	report_lock(R_UNINIT, lock, "(unknown)", site,
 		    "use of a lock that is not initialised, or destroyed");
 	A_STORE(magic, KEEL__LOCK_MAGIC);
+	lk_flags_set(lock, KEEL__LOCK_READY);
 }
 
-static void mutex_wait(keel_mutex_t *m)
+/* Wait for the lock word and take it (as 2: others may be waiting). No
+ * spinning, like glibc's default mutex: a waiter that spun would take the
+ * lock at each release, passing its cache line back and forth, where a
+ * sleeper lets the running holder take it again and again. */
+static __attribute__((noinline)) void mutex_wait(keel_mutex_t *m)
 {
-	uint32_t z;
-
-	/* A short spin: critical sections are often shorter than a sleep. */
-	for (int i = 0; i < 100; i++) {
-		z = 0;
-		if (A_LOAD(&m->k_state) == 0 &&
-		    __atomic_compare_exchange_n(&m->k_state, &z, 1, 0,
-						__ATOMIC_ACQUIRE,
-						__ATOMIC_RELAXED))
-			return;
-		keel__cpu_relax();
-	}
+	if (A_LOAD(&m->k_state) == 2)
+		keel__futex_wait(fword(&m->k_state), 2, KEEL_FOREVER);
 	while (__atomic_exchange_n(&m->k_state, 2, __ATOMIC_ACQUIRE) != 0)
 		keel__futex_wait(fword(&m->k_state), 2, KEEL_FOREVER);
 }
@@ -549,14 +655,14 @@ static void q_wake(void **head, uint32_t *ql, int all)
 	qunlock(ql);
 }
 
-static void mutex_wake(keel_mutex_t *m)
+static __attribute__((noinline)) void mutex_wake(keel_mutex_t *m)
 {
 	keel__futex_wake(fword(&m->k_state), 1);
 	q_wake(&m->k_waitq, &m->k_qlock, 0);
 }
 
 /* Release the lock word itself (no record). */
-static void mutex_release(keel_mutex_t *m)
+static inline void mutex_release(keel_mutex_t *m)
 {
 	A_STORE(&m->k_owner, NULL);
 	if (__atomic_exchange_n(&m->k_state, 0, __ATOMIC_RELEASE) == 2)
@@ -597,129 +703,213 @@ static int mutex_wait_until(keel_mutex_t *m, struct keel__task *t,
 	}
 }
 
-/* The checks before taking a mutex. Returns 1 if it is a relock by its
- * holder (recursive, or reported and treated as recursive). */
-static int mutex_checks(keel_mutex_t *m, const struct lk *k, const char *site,
-			int same_ok)
+/* What every acquisition does before the lock word, off the fast path: a
+ * lock that is not initialised, or not yet in the graph. */
+static __attribute__((noinline)) void lock_first(void *lock, const char *site)
+{
+	uint32_t *magic = &LK_FIELD(lock, k_magic, uint32_t);
+
+	if (A_LOAD(magic) != KEEL__LOCK_MAGIC ||
+	    !(lk_flags(lock) & KEEL__LOCK_READY))
+		bad_lock(lock, magic, site);
+	if (!(lk_flags(lock) & KEEL__LOCK_GRAPHED)) {
+		mark_taken(lock);
+		lk_flags_set(lock, KEEL__LOCK_GRAPHED);
+	}
+}
+
+static inline int lock_ready(void *lock)
+{
+	return likely((lk_flags(lock) & (KEEL__LOCK_READY | KEEL__LOCK_GRAPHED)) ==
+		      (KEEL__LOCK_READY | KEEL__LOCK_GRAPHED));
+}
+
+/* Its holder taking a mutex again: recursive, or reported and treated as
+ * recursive (waiting would deadlock the thread on itself). */
+static __attribute__((noinline)) void mutex_relock(keel_mutex_t *m,
+						   const char *site)
 {
 	struct keel__lockstate *ls = &keel__locks;
 
-	if (unlikely(!(A_LOAD(&m->k_node) & NODE_TAKEN)))
-		mark_taken(m, k);
-	if (unlikely(A_LOAD(&m->k_owner) == (void *)ls)) {
-		if (!(m->k_flags & KEEL_LOCK_RECURSIVE) && checking()) {
-			int i = held_find(ls, m);
+	if (!(lk_flags(m) & KEEL_LOCK_RECURSIVE) && checking()) {
+		int i = held_find(ls, m);
 
-			report_taking(R_RECURSION, i >= 0 ? &ls->stack[i] : NULL,
-				      k, m, site,
-				      "lock taken again by its holder",
-				      "a non-recursive lock taken twice by one "
-				      "thread deadlocks it");
-		}
-		return 1;
+		report_taking(R_RECURSION, i >= 0 ? &ls->stack[i] : NULL, m,
+			      site, "lock taken again by its holder",
+			      "a non-recursive lock taken twice by one thread "
+			      "deadlocks it");
 	}
-	if (unlikely(ls->depth) && checking())
-		check_acquire(ls, m, k, site, same_ok);
-	return 0;
-}
-
-static void mutex_relock(keel_mutex_t *m, const struct lk *k, const char *site)
-{
 	m->k_depth++;
-	held_push(&keel__locks, m, k, site, LM_EXCL);
+	lk_flags_set(m, KEEL__LOCK_DEEP);
+	held_push(ls, m, site, LM_EXCL);
 }
 
-void keel_mutex_lock_at(keel_mutex_t *m, const char *site)
+/* Take the lock word and record it, after the checks. */
+static inline void mutex_take(struct keel__lockstate *ls, keel_mutex_t *m,
+			      const char *site)
 {
-	struct lk k;
 	uint32_t z = 0;
 
-	if (unlikely(A_LOAD(&m->k_magic) != KEEL__LOCK_MAGIC))
-		bad_lock(m, &m->k_magic, site);
-	k = LK_OF(m, LK_MUTEX);
-	if (unlikely(mutex_checks(m, &k, site, 0))) {
-		mutex_relock(m, &k, site);
-		return;
-	}
 	if (unlikely(!__atomic_compare_exchange_n(&m->k_state, &z, 1, 0,
 						  __ATOMIC_ACQUIRE,
 						  __ATOMIC_RELAXED)))
 		mutex_wait(m);
-	A_STORE(&m->k_owner, (void *)&keel__locks);
-	held_push(&keel__locks, m, &k, site, LM_EXCL);
+	A_STORE(&m->k_owner, (void *)ls);
+	held_push(ls, m, site, LM_EXCL);
+}
+
+static __attribute__((noinline)) void mutex_lock_slow(keel_mutex_t *m,
+						      const char *site)
+{
+	struct keel__lockstate *ls = &keel__locks;
+
+	if (unlikely(!lock_ready(m)))
+		lock_first(m, site);
+	if (unlikely(A_LOAD(&m->k_owner) == (void *)ls)) {
+		mutex_relock(m, site);
+		return;
+	}
+	if (ls->depth && checking())
+		check_acquire(ls, m, site, 0);
+	mutex_take(ls, m, site);
+}
+
+/* Taking a ready lock with d > 0 locks held: the nesting is checked
+ * here, without a call, when the levels allow it and the edge is known
+ * (this thread took the pair before); anything else goes the general way. */
+static __attribute__((noinline)) void mutex_lock_nested(keel_mutex_t *m,
+							const char *site,
+							unsigned flags,
+							uint32_t d)
+{
+	struct keel__lockstate *ls = &keel__locks;
+	const struct keel__held *top = &ls->stack[d - 1];
+	uint32_t z = 0, node = A_LOAD(&m->k_node) & ~NODE_TAKEN;
+	unsigned level = m->k_level;
+
+	if (likely(d <= KEEL_LOCK_STACK && A_LOAD(&m->k_owner) != (void *)ls &&
+		   (level == 0 || level < top->min) &&
+		   !(flags & KEEL_LOCK_ROOT) && !(top->bits & HELD_LEAF) &&
+		   top->node && node && edge_cached(ls, top->node, node) &&
+		   __atomic_compare_exchange_n(&m->k_state, &z, 1, 0,
+					       __ATOMIC_ACQUIRE,
+					       __ATOMIC_RELAXED))) {
+		A_STORE(&m->k_owner, (void *)ls);
+		held_push_as(ls, m, site, LM_EXCL, flags, node);
+		return;
+	}
+	mutex_lock_slow(m, site);
+}
+
+void keel_mutex_lock_at(keel_mutex_t *m, const char *site)
+{
+	struct keel__lockstate *ls = &keel__locks;
+	uint32_t d = ls->depth, z = 0;
+	unsigned flags = lk_flags(m);
+
+	/* The common case, a leaf function: a lock ready to use (keel's
+	 * bits in the flags say initialised and in the graph), taken with
+	 * nothing held (nothing to check, and the caller cannot be its
+	 * holder), and free. */
+	if (likely((flags & (KEEL__LOCK_READY | KEEL__LOCK_GRAPHED)) ==
+		   (KEEL__LOCK_READY | KEEL__LOCK_GRAPHED))) {
+		if (d != 0) {
+			mutex_lock_nested(m, site, flags, d);
+			return;
+		}
+		if (likely(__atomic_compare_exchange_n(&m->k_state, &z, 1, 0,
+						       __ATOMIC_ACQUIRE,
+						       __ATOMIC_RELAXED))) {
+			struct keel__held *h = &ls->stack[0];
+			unsigned level = m->k_level;
+
+			A_STORE(&m->k_owner, (void *)ls);
+			h->lock = m;
+			h->site = site;
+			h->min = level ? level : LEVEL_NONE;
+			h->node = (uint16_t)(A_LOAD(&m->k_node) & ~NODE_TAKEN);
+			h->mode = LM_EXCL;
+			h->bits = flags & KEEL_LOCK_LEAF ? HELD_LEAF : 0;
+			ls->depth = 1;
+			if (unlikely(flags & (KEEL_LOCK_NOBLOCK | KEEL_LOCK_NOALLOC))) {
+				ls->noblock += !!(flags & KEEL_LOCK_NOBLOCK);
+				ls->noalloc += !!(flags & KEEL_LOCK_NOALLOC);
+			}
+			return;
+		}
+	}
+	mutex_lock_slow(m, site);
 }
 
 int keel_mutex_trylock_at(keel_mutex_t *m, const char *site)
 {
-	struct lk k;
+	struct keel__lockstate *ls = &keel__locks;
 	uint32_t z = 0;
 
-	if (unlikely(A_LOAD(&m->k_magic) != KEEL__LOCK_MAGIC))
-		bad_lock(m, &m->k_magic, site);
-	k = LK_OF(m, LK_MUTEX);
-	if (A_LOAD(&m->k_owner) == (void *)&keel__locks) {
-		if (!(m->k_flags & KEEL_LOCK_RECURSIVE))
+	if (unlikely(!lock_ready(m)))
+		lock_first(m, site);
+	if (A_LOAD(&m->k_owner) == (void *)ls) {
+		if (!(lk_flags(m) & KEEL_LOCK_RECURSIVE))
 			return -EBUSY;
-		mutex_relock(m, &k, site);
+		m->k_depth++;
+		lk_flags_set(m, KEEL__LOCK_DEEP);
+		held_push(ls, m, site, LM_EXCL);
 		return 0;
 	}
 	if (!__atomic_compare_exchange_n(&m->k_state, &z, 1, 0,
 					 __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
 		return -EBUSY;
-	if (unlikely(!(A_LOAD(&m->k_node) & NODE_TAKEN)))
-		mark_taken(m, &k);
 	/* Not checked, and no edge: a trylock cannot deadlock. */
-	A_STORE(&m->k_owner, (void *)&keel__locks);
-	held_push(&keel__locks, m, &k, site, LM_EXCL);
+	A_STORE(&m->k_owner, (void *)ls);
+	held_push(ls, m, site, LM_EXCL);
 	return 0;
 }
 
 int keel_mutex_lock_until_at(keel_mutex_t *m, keel_time_t deadline,
 			     const char *site)
 {
+	struct keel__lockstate *ls = &keel__locks;
 	struct keel__task *t;
-	struct lk k;
 	uint32_t z = 0;
 	int rc;
 
-	if (unlikely(A_LOAD(&m->k_magic) != KEEL__LOCK_MAGIC))
-		bad_lock(m, &m->k_magic, site);
-	k = LK_OF(m, LK_MUTEX);
+	if (unlikely(!lock_ready(m)))
+		lock_first(m, site);
 	if (!(t = keel__self()))
 		return -ENOMEM;
 	if ((rc = keel__check(t)) < 0)
 		return rc;
 	keel__lock_check_blocking("keel_mutex_lock_until()");
-	if (mutex_checks(m, &k, site, 0)) {
-		mutex_relock(m, &k, site);
+	if (A_LOAD(&m->k_owner) == (void *)ls) {
+		mutex_relock(m, site);
 		return 0;
 	}
+	if (ls->depth && checking())
+		check_acquire(ls, m, site, 0);
 	if (!__atomic_compare_exchange_n(&m->k_state, &z, 1, 0,
 					 __ATOMIC_ACQUIRE, __ATOMIC_RELAXED) &&
 	    (rc = mutex_wait_until(m, t, deadline, "mutex_lock")) < 0)
 		return rc;
-	A_STORE(&m->k_owner, (void *)&keel__locks);
-	held_push(&keel__locks, m, &k, site, LM_EXCL);
+	A_STORE(&m->k_owner, (void *)ls);
+	held_push(ls, m, site, LM_EXCL);
 	return 0;
 }
 
 void keel_mutex_lock2_at(keel_mutex_t *a, keel_mutex_t *b, const char *site)
 {
+	struct keel__lockstate *ls = &keel__locks;
 	keel_mutex_t *first = a, *second = b;
-	struct lk ka, kb;
 
 	if (a == b) {
 		keel_mutex_lock_at(a, site);
 		return;
 	}
-	if (unlikely(A_LOAD(&a->k_magic) != KEEL__LOCK_MAGIC))
-		bad_lock(a, &a->k_magic, site);
-	if (unlikely(A_LOAD(&b->k_magic) != KEEL__LOCK_MAGIC))
-		bad_lock(b, &b->k_magic, site);
-	ka = LK_OF(a, LK_MUTEX);
-	kb = LK_OF(b, LK_MUTEX);
+	if (unlikely(!lock_ready(a)))
+		lock_first(a, site);
+	if (unlikely(!lock_ready(b)))
+		lock_first(b, site);
 	if (a->k_level != b->k_level && checking())
-		report_taking(R_SAME_LEVEL, NULL, &kb, b, site,
+		report_taking(R_SAME_LEVEL, NULL, b, site,
 			      "keel_mutex_lock2() of two levels",
 			      "keel_mutex_lock2() takes two locks of one level");
 	/* Address order: any two threads take the pair the same way. */
@@ -728,46 +918,60 @@ void keel_mutex_lock2_at(keel_mutex_t *a, keel_mutex_t *b, const char *site)
 		second = a;
 	}
 	keel_mutex_lock_at(first, site);
-	{
-		struct lk ks = first == a ? kb : ka;
-		uint32_t z = 0;
-
-		if (mutex_checks(second, &ks, site, 1)) {
-			mutex_relock(second, &ks, site);
-			return;
-		}
-		if (!__atomic_compare_exchange_n(&second->k_state, &z, 1, 0,
-						 __ATOMIC_ACQUIRE,
-						 __ATOMIC_RELAXED))
-			mutex_wait(second);
-		A_STORE(&second->k_owner, (void *)&keel__locks);
-		held_push(&keel__locks, second, &ks, site, LM_EXCL);
+	if (A_LOAD(&second->k_owner) == (void *)ls) {
+		mutex_relock(second, site);
+		return;
 	}
+	if (checking())
+		check_acquire(ls, second, site, 1);
+	mutex_take(ls, second, site);
 }
 
-void keel_mutex_unlock_at(keel_mutex_t *m, const char *site)
+/* Unlock, the general way: reports, recursion, out-of-order release. */
+static __attribute__((noinline)) void mutex_unlock_slow(keel_mutex_t *m,
+							const char *site)
 {
 	struct keel__lockstate *ls = &keel__locks;
 
-	if (unlikely(A_LOAD(&m->k_magic) != KEEL__LOCK_MAGIC))
+	if (unlikely(A_LOAD(&m->k_magic) != KEEL__LOCK_MAGIC ||
+		     !(lk_flags(m) & KEEL__LOCK_READY)))
 		bad_lock(m, &m->k_magic, site);
 	if (unlikely(A_LOAD(&m->k_owner) != (void *)ls)) {
 		if (checking())
-			report_lock(R_NOT_HELD, m, m->k_name ? m->k_name : "(unnamed)",
-				    site,
+			report_lock(R_NOT_HELD, m, lk_name(m), site,
 				    A_LOAD(&m->k_owner)
 					    ? "unlock of a lock another thread holds"
 					    : "unlock of a lock that is not held");
 		return; /* releasing someone else's lock would break it */
 	}
 	if (unlikely(held_release(ls, m) < 0))
-		report_lock(R_NOT_HELD, m, m->k_name, site,
+		report_lock(R_NOT_HELD, m, lk_name(m), site,
 			    "unlock of a lock missing from the held record");
 	if (m->k_depth) {
-		m->k_depth--;
+		if (--m->k_depth == 0)
+			lk_flags_clear(m, KEEL__LOCK_DEEP);
 		return;
 	}
 	mutex_release(m);
+}
+
+void keel_mutex_unlock_at(keel_mutex_t *m, const char *site)
+{
+	struct keel__lockstate *ls = &keel__locks;
+	uint32_t d = ls->depth;
+
+	/* The common case: the lock on top of the record, held once, with
+	 * no counted flags and nothing past the record's capacity. (Held by
+	 * this thread means initialised: destroying a held lock fails.) */
+	if (likely(A_LOAD(&m->k_owner) == (void *)ls && d - 1 < KEEL_LOCK_STACK - 1 &&
+		   ls->stack[d - 1].lock == m &&
+		   !(lk_flags(m) & (KEEL_LOCK_NOBLOCK | KEEL_LOCK_NOALLOC |
+				    KEEL__LOCK_DEEP)))) {
+		ls->depth = d - 1;
+		mutex_release(m);
+		return;
+	}
+	mutex_unlock_slow(m, site);
 }
 
 int keel_mutex_destroy(keel_mutex_t *m)
@@ -780,6 +984,7 @@ int keel_mutex_destroy(keel_mutex_t *m)
 		return -EBUSY;
 	}
 	keel__graph_forget(&m->k_node);
+	lk_flags_clear(m, KEEL__LOCK_READY | KEEL__LOCK_GRAPHED | KEEL__LOCK_DEEP);
 	A_STORE_REL(&m->k_magic, 0u);
 	return 0;
 }
@@ -813,7 +1018,7 @@ int keel_rwlock_init(keel_rwlock_t *l, unsigned level, const char *name,
 		return -EINVAL;
 	memset(l, 0, sizeof *l);
 	l->k_level = (uint16_t)level;
-	l->k_flags = (uint16_t)flags;
+	l->k_flags = (uint16_t)(flags | KEEL__LOCK_READY);
 	l->k_name = name;
 	A_STORE_REL(&l->k_magic, KEEL__LOCK_MAGIC);
 	li = (struct keel__lockinfo){l, name, &l->k_node, (uint16_t)level,
@@ -832,25 +1037,25 @@ int keel_rwlock_destroy(keel_rwlock_t *l)
 		return -EBUSY;
 	}
 	keel__graph_forget(&l->k_node);
+	lk_flags_clear(l, KEEL__LOCK_READY | KEEL__LOCK_GRAPHED | KEEL__LOCK_DEEP);
 	A_STORE_REL(&l->k_magic, 0u);
 	return 0;
 }
 
 /* Checks for an rwlock; 1 if the caller already holds it (for reading,
  * recursively allowed, or reported). */
-static int rw_checks(keel_rwlock_t *l, const struct lk *k, const char *site,
-		     int mode)
+static int rw_checks(keel_rwlock_t *l, const char *site, int mode)
 {
 	struct keel__lockstate *ls = &keel__locks;
 	int i;
 
-	if (unlikely(!(A_LOAD(&l->k_node) & NODE_TAKEN)))
-		mark_taken(l, k);
+	if (unlikely(!lock_ready(l)))
+		lock_first(l, site);
 	if (unlikely(ls->depth) && (i = held_find(ls, l)) >= 0) {
 		if (!(mode == LM_SHARED && ls->stack[i].mode == LM_SHARED &&
-		      (l->k_flags & KEEL_LOCK_RECURSIVE)) &&
+		      (lk_flags(l) & KEEL_LOCK_RECURSIVE)) &&
 		    checking())
-			report_taking(R_RECURSION, &ls->stack[i], k, l, site,
+			report_taking(R_RECURSION, &ls->stack[i], l, site,
 				      "lock taken again by its holder",
 				      mode == LM_SHARED
 					      ? "a reader taking a non-recursive "
@@ -861,23 +1066,19 @@ static int rw_checks(keel_rwlock_t *l, const struct lk *k, const char *site,
 		return 1;
 	}
 	if (unlikely(ls->depth) && checking())
-		check_acquire(ls, l, k, site, 0);
+		check_acquire(ls, l, site, 0);
 	return 0;
 }
 
 void keel_rwlock_rdlock_at(keel_rwlock_t *l, const char *site)
 {
-	struct lk k;
 	uint32_t s;
 
-	if (unlikely(A_LOAD(&l->k_magic) != KEEL__LOCK_MAGIC))
-		bad_lock(l, &l->k_magic, site);
-	k = LK_OF(l, LK_RWLOCK);
-	if (rw_checks(l, &k, site, LM_SHARED)) {
+	if (rw_checks(l, site, LM_SHARED)) {
 		/* Held already: one more reader (it would deadlock behind a
 		 * waiting writer if we waited, so do not). */
 		__atomic_add_fetch(&l->k_state, 1, __ATOMIC_ACQUIRE);
-		held_push(&keel__locks, l, &k, site, LM_SHARED);
+		held_push(&keel__locks, l, site, LM_SHARED);
 		return;
 	}
 	for (;;) {
@@ -891,21 +1092,17 @@ void keel_rwlock_rdlock_at(keel_rwlock_t *l, const char *site)
 		}
 		keel__futex_wait(fword(&l->k_state), s, KEEL_FOREVER);
 	}
-	held_push(&keel__locks, l, &k, site, LM_SHARED);
+	held_push(&keel__locks, l, site, LM_SHARED);
 }
 
 void keel_rwlock_wrlock_at(keel_rwlock_t *l, const char *site)
 {
-	struct lk k;
 	uint32_t s;
 
-	if (unlikely(A_LOAD(&l->k_magic) != KEEL__LOCK_MAGIC))
-		bad_lock(l, &l->k_magic, site);
-	k = LK_OF(l, LK_RWLOCK);
-	if (rw_checks(l, &k, site, LM_EXCL)) {
+	if (rw_checks(l, site, LM_EXCL)) {
 		/* Waiting would deadlock: go on without the lock word (its
 		 * unlock only drops this record). */
-		held_push(&keel__locks, l, &k, site, LM_EXCL);
+		held_push(&keel__locks, l, site, LM_EXCL);
 		l->k_depth++;
 		return;
 	}
@@ -926,7 +1123,7 @@ void keel_rwlock_wrlock_at(keel_rwlock_t *l, const char *site)
 		keel__futex_wait(fword(&l->k_state), s | RW_WWAIT, KEEL_FOREVER);
 	}
 	A_STORE(&l->k_owner, (void *)&keel__locks);
-	held_push(&keel__locks, l, &k, site, LM_EXCL);
+	held_push(&keel__locks, l, site, LM_EXCL);
 }
 
 void keel_rwlock_unlock_at(keel_rwlock_t *l, const char *site)
@@ -1026,11 +1223,10 @@ int keel_cond_wait_until_at(keel_cond_t *c, keel_mutex_t *m,
 		for (uint32_t j = 0; j < d; j++) {
 			struct keel__held *h = &ls->stack[j];
 
-			if ((int)j != i && h->level && m->k_level &&
-			    h->level < m->k_level) {
-				struct lk km = LK_OF(m, LK_MUTEX);
+			unsigned hl = lk_level(h->lock);
 
-				report_taking(R_COND, h, &km, m, site,
+			if ((int)j != i && hl && m->k_level && hl < m->k_level) {
+				report_taking(R_COND, h, m, site,
 					      "keel_cond_wait() while holding a "
 					      "lower-level lock",
 					      "wait only on the lowest-level lock "
@@ -1046,7 +1242,7 @@ int keel_cond_wait_until_at(keel_cond_t *c, keel_mutex_t *m,
 	q_append(&c->k_waiters, &n);
 	qunlock(&c->k_qlock);
 	/* Release the lock word, keeping its record (and site) in place. */
-	ls->stack[i].waiting = 1;
+	ls->stack[i].bits |= HELD_WAITING;
 	mutex_release(m);
 	while (!A_LOAD_ACQ(&n.woken) && rc == 0)
 		rc = keel__wait(t, deadline, 1, "cond_wait");
@@ -1069,7 +1265,7 @@ int keel_cond_wait_until_at(keel_cond_t *c, keel_mutex_t *m,
 			mutex_wait(m);
 	}
 	A_STORE(&m->k_owner, (void *)ls);
-	ls->stack[held_find(ls, m)].waiting = 0;
+	ls->stack[held_find(ls, m)].bits &= (uint8_t)~HELD_WAITING;
 	return rc;
 }
 
@@ -1080,7 +1276,7 @@ void keel_assert_no_locks_at(const char *site)
 	struct keel__lockstate *ls = &keel__locks;
 
 	if (ls->depth && checking())
-		report_lock(R_ASSERT, ls->stack[0].lock, ls->stack[0].name, site,
+		report_lock(R_ASSERT, ls->stack[0].lock, lk_name(ls->stack[0].lock), site,
 			    "assertion failed: locks are held");
 }
 
@@ -1093,10 +1289,10 @@ void keel_assert_may_alloc_at(const char *site)
 							  : KEEL_LOCK_STACK);
 
 		while (d-- > 0)
-			if (ls->stack[d].flags & KEEL_LOCK_NOALLOC)
+			if (lk_flags(ls->stack[d].lock) & KEEL_LOCK_NOALLOC)
 				break;
 		report_lock(R_NOALLOC, d >= 0 ? ls->stack[d].lock : NULL,
-			    d >= 0 ? ls->stack[d].name : "?", site,
+			    d >= 0 ? lk_name(ls->stack[d].lock) : "?", site,
 			    "allocation while holding a no-alloc lock");
 	}
 }
@@ -1110,10 +1306,10 @@ void keel__lock_check_blocking(const char *what)
 		return;
 	d = (int)(ls->depth < KEEL_LOCK_STACK ? ls->depth : KEEL_LOCK_STACK);
 	while (d-- > 0)
-		if (ls->stack[d].flags & KEEL_LOCK_NOBLOCK)
+		if (lk_flags(ls->stack[d].lock) & KEEL_LOCK_NOBLOCK)
 			break;
 	if (d >= 0)
-		report_lock(R_BLOCKING, ls->stack[d].lock, ls->stack[d].name,
+		report_lock(R_BLOCKING, ls->stack[d].lock, lk_name(ls->stack[d].lock),
 			    ls->stack[d].site, what);
 }
 
@@ -1123,7 +1319,7 @@ void keel__lock_check_serve(void)
 
 	if (likely(!ls->depth) || !checking())
 		return;
-	report_lock(R_SERVE, ls->stack[0].lock, ls->stack[0].name,
+	report_lock(R_SERVE, ls->stack[0].lock, lk_name(ls->stack[0].lock),
 		    ls->stack[0].site,
 		    "keel_serve() while holding a lock: messages would run "
 		    "inside the critical section");
@@ -1135,6 +1331,6 @@ void keel__lock_check_exit(const char *who)
 
 	if (likely(!ls->depth) || !checking())
 		return;
-	report_lock(R_EXIT, ls->stack[0].lock, ls->stack[0].name,
+	report_lock(R_EXIT, ls->stack[0].lock, lk_name(ls->stack[0].lock),
 		    ls->stack[0].site, who);
 }

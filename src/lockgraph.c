@@ -64,6 +64,7 @@ static struct gnode nodes[MAX_NODES + 1]; /* 1-based */
 static struct gedge edges[MAX_EDGES];
 static uint32_t nnodes, free_node;
 static _Atomic int graph_off;
+_Atomic uint32_t keel__graph_epoch;
 
 void keel__lockgraph_fork(int phase)
 {
@@ -102,6 +103,9 @@ uint32_t keel__graph_node(const struct keel__lockinfo *li, int taken)
 	if (free_node) {
 		id = free_node;
 		free_node = nodes[id].out[0];
+		/* The id meant another lock: threads' caches of known edges
+		 * (by id) start again. */
+		fetch_add_relaxed(&keel__graph_epoch, 1);
 	} else if (nnodes < MAX_NODES) {
 		id = ++nnodes;
 	} else {

@@ -462,6 +462,47 @@ TEST(destroy_held_is_an_error_and_reinit_leaves_no_stale_edge)
 	CHECK_EQ(new_reports(), 1);
 }
 
+/* A thread remembers the nested pairs it has taken (by graph node id) so
+ * taking them again skips the graph. A destroyed lock's id goes to the
+ * next lock initialised: the remembered pair must not stand for the new
+ * lock, or its first nesting would never reach the graph and a cycle
+ * through it would go unseen. */
+TEST(a_reused_node_id_is_not_taken_for_a_known_pair)
+{
+	keel_mutex_t m, other;
+	harness_capture cap;
+
+	report_mode();
+	CHECK_OK(keel_mutex_init(&other, 0, "steady", 0));
+	CHECK_OK(keel_mutex_init(&m, 0, "old-lock", 0));
+	for (int i = 0; i < 3; i++) { /* remembered after the first */
+		keel_mutex_lock(&other);
+		keel_mutex_lock(&m);
+		keel_mutex_unlock(&m);
+		keel_mutex_unlock(&other);
+	}
+	CHECK_OK(keel_mutex_destroy(&m));
+	CHECK_OK(keel_mutex_init(&m, 0, "new-lock", 0));
+	/* steady -> new-lock is a new edge, then new-lock -> steady closes
+	 * a cycle. */
+	keel_mutex_lock(&other);
+	keel_mutex_lock(&m);
+	keel_mutex_unlock(&m);
+	keel_mutex_unlock(&other);
+	CHECK_EQ(new_reports(), 0);
+	capture_begin(&cap);
+	keel_mutex_lock(&m);
+	keel_mutex_lock(&other);
+	capture_end(&cap);
+	keel_mutex_unlock(&other);
+	keel_mutex_unlock(&m);
+	CHECK_EQ(new_reports(), 1);
+	CHECK_SAID(&cap, "lock order cycle: taking 'steady'");
+	CHECK_SAID(&cap, "'steady' -> 'new-lock'");
+	CHECK_OK(keel_mutex_destroy(&m));
+	CHECK_OK(keel_mutex_destroy(&other));
+}
+
 TEST(init_and_use_errors)
 {
 	keel_mutex_t m;

@@ -77,28 +77,43 @@ extern "C" {
 
 #define KEEL__LOCK_MAGIC 0x6b6c636bu /* "klck": initialised */
 
+/* keel's own bits in k_flags, above the KEEL_LOCK_* flags. */
+#define KEEL__LOCK_READY 0x8000   /* initialised (set by the initialisers) */
+#define KEEL__LOCK_GRAPHED 0x4000 /* known to the lock graph as taken */
+#define KEEL__LOCK_DEEP 0x2000    /* held more than once by its holder */
+
+/* The words every lock and unlock touches are the first 16 bytes (and
+ * k_node, for nested locks); on the 64-bit targets whose malloc aligns to
+ * 16, the type is aligned so that those 16 always share one cache line. */
+#if (defined(__x86_64__) || defined(__aarch64__)) && defined(__GNUC__)
+#define KEEL__LOCK_ALIGN __attribute__((aligned(16)))
+#else
+#define KEEL__LOCK_ALIGN
+#endif
+
 /**
  * typedef keel_mutex_t - a ranked mutual-exclusion lock.
  *
  * Caller-allocated; the fields are keel's. Initialise with KEEL_MUTEX_INIT
  * or keel_mutex_init(); a zeroed or destroyed one is reported when used.
  */
-typedef struct KEEL_CAPABILITY("mutex") keel_mutex {
+typedef struct KEEL_CAPABILITY("mutex") KEEL__LOCK_ALIGN keel_mutex {
 	uint32_t k_state;
 	uint16_t k_level;
 	uint16_t k_flags;
-	const char *k_name;
 	void *k_owner;
-	void *k_waitq;
-	uint32_t k_qlock;
 	uint32_t k_node;
 	uint32_t k_depth;
+	const char *k_name;
+	void *k_waitq;
+	uint32_t k_qlock;
 	uint32_t k_magic;
 	uint64_t k_reserved[2];
 } keel_mutex_t;
 
-#define KEEL_MUTEX_INIT_FLAGS(level, name, flags)                          \
-	{ 0, (level), (flags), (name), 0, 0, 0, 0, 0, KEEL__LOCK_MAGIC, { 0, 0 } }
+#define KEEL_MUTEX_INIT_FLAGS(level, name, flags)                            \
+	{ 0, (level), (uint16_t)((flags) | KEEL__LOCK_READY), 0, 0, 0, (name), \
+	  0, 0, KEEL__LOCK_MAGIC, { 0, 0 } }
 #define KEEL_MUTEX_INIT(level, name) KEEL_MUTEX_INIT_FLAGS(level, name, 0)
 
 /**
@@ -106,22 +121,23 @@ typedef struct KEEL_CAPABILITY("mutex") keel_mutex {
  *
  * Initialise with KEEL_RWLOCK_INIT or keel_rwlock_init().
  */
-typedef struct KEEL_CAPABILITY("rwlock") keel_rwlock {
+typedef struct KEEL_CAPABILITY("rwlock") KEEL__LOCK_ALIGN keel_rwlock {
 	uint32_t k_state;
 	uint16_t k_level;
 	uint16_t k_flags;
-	const char *k_name;
 	void *k_owner;
-	void *k_waitq;
-	uint32_t k_qlock;
 	uint32_t k_node;
 	uint32_t k_depth;
+	const char *k_name;
+	void *k_waitq;
+	uint32_t k_qlock;
 	uint32_t k_magic;
 	uint64_t k_reserved[2];
 } keel_rwlock_t;
 
-#define KEEL_RWLOCK_INIT_FLAGS(level, name, flags)                         \
-	{ 0, (level), (flags), (name), 0, 0, 0, 0, 0, KEEL__LOCK_MAGIC, { 0, 0 } }
+#define KEEL_RWLOCK_INIT_FLAGS(level, name, flags)                            \
+	{ 0, (level), (uint16_t)((flags) | KEEL__LOCK_READY), 0, 0, 0, (name), \
+	  0, 0, KEEL__LOCK_MAGIC, { 0, 0 } }
 #define KEEL_RWLOCK_INIT(level, name) KEEL_RWLOCK_INIT_FLAGS(level, name, 0)
 
 /**
