@@ -15,4 +15,13 @@ echo
 echo "== echo-server: one task per connection; Ctrl-C in the middle of the traffic"
 "$dir/echo-drive" "$dir/echo-server" 16
 echo
+echo "== lock-order: a latent ABBA deadlock that does not happen, reported anyway"
+"$dir/lock-order" "$dir/lock-order.dot" "$dir/lock-order.json"
+if command -v dot >/dev/null 2>&1; then
+	dot -Tsvg "$dir/lock-order.dot" -o "$dir/lock-order.svg"
+	echo "rendered the lock graph: $dir/lock-order.svg"
+else
+	echo "(Graphviz's dot is not installed: the graph is not rendered to SVG)"
+fi
+echo
 echo "All demonstrations passed."

@@ -437,11 +437,17 @@ static void write_dot(FILE *f)
 	}
 	for (size_t i = 0; i < MAX_EDGES; i++) {
 		struct gedge *e = &edges[i];
+		const char *base;
 
 		if (!edge_current(e, &k))
 			continue;
+		base = e->site ? strrchr(e->site, '/') : NULL;
+		/* The drawing names the file without its directory; the JSON
+		 * keeps the whole site. */
 		fprintf(f, "  n%u -> n%u [label=", (uint32_t)(k >> 32),
 			(uint32_t)k);
+		put_dot_string(f, base ? base + 1 : e->site);
+		fprintf(f, " tooltip=");
 		put_dot_string(f, e->site);
 		fprintf(f, "%s];\n", load_relaxed(&e->violation)
 					     ? " color=red fontcolor=red"
