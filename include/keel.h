@@ -12,5 +12,6 @@
 #include "keel/mailbox.h"
 #include "keel/scope.h"
 #include "keel/lock.h"
+#include "keel/once.h"
 
 #endif /* KEEL_H */

@@ -506,6 +506,32 @@ struct keel__lockstate {
 
 extern KEEL_TLS struct keel__lockstate keel__locks;
 
+/* Queues of cancellable waiters (lock.c): a node per waiter, on its stack,
+ * guarded by a spin bit; a waiter sleeps on its task's parker. */
+struct keel__qnode {
+	struct keel__qnode *next;
+	struct keel__task *t;
+	uint32_t woken;
+};
+void keel__qlock(uint32_t *q);
+void keel__qunlock(uint32_t *q);
+void keel__q_append(void **head, struct keel__qnode *n);
+void keel__q_remove(void **head, struct keel__qnode *n);
+/* Wake the first queued waiter (or all); under nothing. */
+void keel__q_wake(void **head, uint32_t *ql, int all);
+
+/* A ranked resource that is not a lock (a once's claim), checked by the
+ * level rule as if it were one: token is a keel_mutex_t never locked, set
+ * up by keel__rank_token(). check: before waiting for it; enter/leave:
+ * while holding it (locks taken meanwhile must rank below it). */
+void keel__rank_token(keel_mutex_t *token, unsigned level, const char *name);
+void keel__rank_check(keel_mutex_t *token, const char *site);
+void keel__rank_enter(keel_mutex_t *token, const char *site);
+void keel__rank_leave(keel_mutex_t *token);
+
+/* once.c: how often a waiter looks at the owner (KEEL_ONCE_POLL). */
+extern _Atomic keel_time_t keel__once_poll;
+
 /* Report a blocking keel call made while a no-block lock is held. */
 void keel__lock_check_blocking(const char *what);
 /* Report serving a mailbox while holding a ranked lock. */

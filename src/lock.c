@@ -595,27 +595,21 @@ static __attribute__((noinline)) void mutex_wait(keel_mutex_t *m)
 
 /* ---- Queues of cancellable waiters ------------------------------------------ */
 
-struct qnode {
-	struct qnode *next;
-	struct keel__task *t;
-	uint32_t woken;
-};
-
-static void qlock(uint32_t *q)
+void keel__qlock(uint32_t *q)
 {
 	while (__atomic_exchange_n(q, 1, __ATOMIC_ACQUIRE))
 		while (A_LOAD(q))
 			keel__cpu_relax();
 }
 
-static void qunlock(uint32_t *q)
+void keel__qunlock(uint32_t *q)
 {
 	A_STORE_REL(q, 0);
 }
 
-static void q_append(void **head, struct qnode *n)
+void keel__q_append(void **head, struct keel__qnode *n)
 {
-	struct qnode **pp = (struct qnode **)head;
+	struct keel__qnode **pp = (struct keel__qnode **)head;
 
 	n->next = NULL;
 	A_STORE(&n->woken, 0);
@@ -624,9 +618,9 @@ static void q_append(void **head, struct qnode *n)
 	A_STORE_REL(pp, n);
 }
 
-static void q_remove(void **head, struct qnode *n)
+void keel__q_remove(void **head, struct keel__qnode *n)
 {
-	for (struct qnode **pp = (struct qnode **)head; *pp; pp = &(*pp)->next)
+	for (struct keel__qnode **pp = (struct keel__qnode **)head; *pp; pp = &(*pp)->next)
 		if (*pp == n) {
 			A_STORE(pp, n->next);
 			return;
@@ -634,14 +628,14 @@ static void q_remove(void **head, struct qnode *n)
 }
 
 /* Wake the first queued waiter (or all); under nothing. */
-static void q_wake(void **head, uint32_t *ql, int all)
+void keel__q_wake(void **head, uint32_t *ql, int all)
 {
-	struct qnode *n;
+	struct keel__qnode *n;
 
 	if (!A_LOAD_ACQ(head))
 		return;
-	qlock(ql);
-	while ((n = *(struct qnode **)head) != NULL) {
+	keel__qlock(ql);
+	while ((n = *(struct keel__qnode **)head) != NULL) {
 		struct keel__task *t = n->t;
 
 		A_STORE(head, n->next);
@@ -652,13 +646,13 @@ static void q_wake(void **head, uint32_t *ql, int all)
 		if (!all)
 			break;
 	}
-	qunlock(ql);
+	keel__qunlock(ql);
 }
 
 static __attribute__((noinline)) void mutex_wake(keel_mutex_t *m)
 {
 	keel__futex_wake(fword(&m->k_state), 1);
-	q_wake(&m->k_waitq, &m->k_qlock, 0);
+	keel__q_wake(&m->k_waitq, &m->k_qlock, 0);
 }
 
 /* Release the lock word itself (no record). */
@@ -673,27 +667,27 @@ static inline void mutex_release(keel_mutex_t *m)
 static int mutex_wait_until(keel_mutex_t *m, struct keel__task *t,
 			    keel_time_t deadline, const char *what)
 {
-	struct qnode n = {.t = t};
+	struct keel__qnode n = {.t = t};
 	int rc = 0;
 
 	for (;;) {
-		qlock(&m->k_qlock);
-		q_append(&m->k_waitq, &n);
-		qunlock(&m->k_qlock);
+		keel__qlock(&m->k_qlock);
+		keel__q_append(&m->k_waitq, &n);
+		keel__qunlock(&m->k_qlock);
 		/* Queued before marking the lock contended: an unlocker that
 		 * sees the 2 finds us in the queue. */
 		if (__atomic_exchange_n(&m->k_state, 2, __ATOMIC_ACQUIRE) == 0) {
-			qlock(&m->k_qlock);
-			q_remove(&m->k_waitq, &n);
-			qunlock(&m->k_qlock);
+			keel__qlock(&m->k_qlock);
+			keel__q_remove(&m->k_waitq, &n);
+			keel__qunlock(&m->k_qlock);
 			return 0;
 		}
 		while (!A_LOAD_ACQ(&n.woken) && rc == 0)
 			rc = keel__wait(t, deadline, 1, what);
-		qlock(&m->k_qlock);
+		keel__qlock(&m->k_qlock);
 		if (!A_LOAD(&n.woken))
-			q_remove(&m->k_waitq, &n);
-		qunlock(&m->k_qlock);
+			keel__q_remove(&m->k_waitq, &n);
+		keel__qunlock(&m->k_qlock);
 		if (rc < 0) {
 			/* A wake-up meant for us would be lost: pass it on. */
 			if (A_LOAD_ACQ(&n.woken))
@@ -1184,7 +1178,7 @@ int keel_cond_signal(keel_cond_t *c)
 {
 	if (!c || A_LOAD(&c->k_magic) != KEEL__LOCK_MAGIC)
 		return -EINVAL;
-	q_wake(&c->k_waiters, &c->k_qlock, 0);
+	keel__q_wake(&c->k_waiters, &c->k_qlock, 0);
 	return 0;
 }
 
@@ -1192,7 +1186,7 @@ int keel_cond_broadcast(keel_cond_t *c)
 {
 	if (!c || A_LOAD(&c->k_magic) != KEEL__LOCK_MAGIC)
 		return -EINVAL;
-	q_wake(&c->k_waiters, &c->k_qlock, 1);
+	keel__q_wake(&c->k_waiters, &c->k_qlock, 1);
 	return 0;
 }
 
@@ -1201,7 +1195,7 @@ int keel_cond_wait_until_at(keel_cond_t *c, keel_mutex_t *m,
 {
 	struct keel__lockstate *ls = &keel__locks;
 	struct keel__task *t;
-	struct qnode n;
+	struct keel__qnode n;
 	int i, rc = 0;
 
 	if (!c || A_LOAD(&c->k_magic) != KEEL__LOCK_MAGIC || !m)
@@ -1238,18 +1232,18 @@ int keel_cond_wait_until_at(keel_cond_t *c, keel_mutex_t *m,
 		keel__lock_check_blocking("keel_cond_wait()");
 	}
 	n.t = t;
-	qlock(&c->k_qlock);
-	q_append(&c->k_waiters, &n);
-	qunlock(&c->k_qlock);
+	keel__qlock(&c->k_qlock);
+	keel__q_append(&c->k_waiters, &n);
+	keel__qunlock(&c->k_qlock);
 	/* Release the lock word, keeping its record (and site) in place. */
 	ls->stack[i].bits |= HELD_WAITING;
 	mutex_release(m);
 	while (!A_LOAD_ACQ(&n.woken) && rc == 0)
 		rc = keel__wait(t, deadline, 1, "cond_wait");
-	qlock(&c->k_qlock);
+	keel__qlock(&c->k_qlock);
 	if (!A_LOAD(&n.woken))
-		q_remove(&c->k_waiters, &n);
-	qunlock(&c->k_qlock);
+		keel__q_remove(&c->k_waiters, &n);
+	keel__qunlock(&c->k_qlock);
 	if (rc < 0 && A_LOAD_ACQ(&n.woken)) {
 		/* Woken and gave up at once: the signal counts as taken, as
 		 * a wake-up of a waiter that then returns is allowed to be. */
@@ -1333,4 +1327,39 @@ void keel__lock_check_exit(const char *who)
 		return;
 	report_lock(R_EXIT, ls->stack[0].lock, lk_name(ls->stack[0].lock),
 		    ls->stack[0].site, who);
+}
+
+/* ---- Ranked resources that are not locks ------------------------------------- */
+
+void keel__rank_token(keel_mutex_t *token, unsigned level, const char *name)
+{
+	memset(token, 0, sizeof *token);
+	token->k_level = (uint16_t)level;
+	/* Ready, and "in the graph" so nothing registers it: with no node it
+	 * takes part in the level rule only. */
+	token->k_flags = KEEL__LOCK_READY | KEEL__LOCK_GRAPHED;
+	token->k_name = name;
+	token->k_magic = KEEL__LOCK_MAGIC;
+}
+
+void keel__rank_check(keel_mutex_t *token, const char *site)
+{
+	struct keel__lockstate *ls = &keel__locks;
+
+	if (ls->depth && checking())
+		check_acquire(ls, token, site, 0);
+}
+
+void keel__rank_enter(keel_mutex_t *token, const char *site)
+{
+	struct keel__lockstate *ls = &keel__locks;
+
+	if (ls->depth && checking())
+		check_acquire(ls, token, site, 0);
+	held_push(ls, token, site, LM_EXCL);
+}
+
+void keel__rank_leave(keel_mutex_t *token)
+{
+	held_release(&keel__locks, token);
 }

@@ -31,6 +31,13 @@ int keel__futex_wait(_Atomic uint32_t *addr, uint32_t expected,
  * Linux; callers avoid calling it when they know nobody waits. */
 void keel__futex_wake(_Atomic uint32_t *addr, int n);
 
+/* The same for a word in memory shared between processes (MAP_SHARED).
+ * The POSIX layer has no cross-process wake-up: its wait sleeps a short
+ * slice (at most 1 ms) and its wake does nothing; callers poll. */
+int keel__futex_wait_shared(_Atomic uint32_t *addr, uint32_t expected,
+			    keel_time_t deadline);
+void keel__futex_wake_shared(_Atomic uint32_t *addr);
+
 /* A notification fd pair: rfd becomes readable after notify_signal(wfd)
  * until notify_drain(rfd). On Linux both are the same eventfd. */
 int keel__notify_open(int *rfd, int *wfd);

@@ -48,6 +48,32 @@ void keel__futex_wake(_Atomic uint32_t *addr, int n)
 		n, NULL, NULL, 0);
 }
 
+int keel__futex_wait_shared(_Atomic uint32_t *addr, uint32_t expected,
+			    keel_time_t deadline)
+{
+	struct timespec ts, *tsp = NULL;
+	long rc;
+
+	if (deadline != KEEL_FOREVER) {
+		if (deadline < 0)
+			deadline = 0;
+		ts.tv_sec = (time_t)(deadline / 1000000000);
+		ts.tv_nsec = (long)(deadline % 1000000000);
+		tsp = &ts;
+	}
+	rc = syscall(SYS_futex, (void *)(uintptr_t)addr, FUTEX_WAIT_BITSET,
+		     expected, tsp, NULL, FUTEX_BITSET_MATCH_ANY);
+	if (rc == -1 && errno == ETIMEDOUT)
+		return -ETIMEDOUT;
+	return 0;
+}
+
+void keel__futex_wake_shared(_Atomic uint32_t *addr)
+{
+	syscall(SYS_futex, (void *)(uintptr_t)addr, FUTEX_WAKE, INT32_MAX, NULL,
+		NULL, 0);
+}
+
 int keel__notify_open(int *rfd, int *wfd)
 {
 	int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);

@@ -93,6 +93,30 @@ void keel__futex_wake(_Atomic uint32_t *addr, int n)
 	pthread_mutex_unlock(&b->mu);
 }
 
+int keel__futex_wait_shared(_Atomic uint32_t *addr, uint32_t expected,
+			    keel_time_t deadline)
+{
+	keel_time_t now = keel_now(), until = now + KEEL_MS(1);
+	struct timespec ts;
+
+	if (atomic_load_explicit(addr, memory_order_acquire) != expected)
+		return 0;
+	if (deadline <= now)
+		return -ETIMEDOUT;
+	if (deadline < until)
+		until = deadline;
+	ts.tv_sec = (time_t)(until / 1000000000);
+	ts.tv_nsec = (long)(until % 1000000000);
+	while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+		;
+	return until == deadline ? -ETIMEDOUT : 0;
+}
+
+void keel__futex_wake_shared(_Atomic uint32_t *addr)
+{
+	(void)addr; /* waiters poll */
+}
+
 int keel__notify_open(int *rfd, int *wfd)
 {
 	int p[2];

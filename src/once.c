@@ -1,0 +1,586 @@
+/*
+ * once.c: reclaimable once, in one process and across processes.
+ *
+ * STATE MACHINE (k_word)
+ *   FREE(g, d)  tag 0: no owner. g is the last claim's generation (0: none
+ *               yet); d is set when that claim ended without finishing (its
+ *               owner died, was presumed hung, or was cancelled).
+ *   BUSY(g)     tag 1: claim g's owner is running init.
+ *   DONE(v)     tag 3: v is published; final.
+ *   FREE and BUSY are g << 3 | d << 2 | tag; DONE is a pointer | 3 (in
+ *   one process) or a handle << 2 | 3 (shared).
+ *
+ *   claim:    FREE(g, d) -> BUSY(g + 1)  CAS; the caller owns claim g + 1
+ *                                         (prev_owner_died = d)
+ *   reclaim:  BUSY(g)    -> BUSY(g + 1)  CAS, by a waiter that found owner g
+ *                                         dead or past its deadline
+ *                                         (prev_owner_died = 1)
+ *   publish:  BUSY(g)    -> DONE(v)      CAS, by owner g
+ *   fail:     BUSY(g)    -> FREE(g, c)   CAS, by owner g whose init failed
+ *                                         (c: it was cancelled)
+ * Every transition out of BUSY(g) is a CAS from exactly BUSY(g), so a stale
+ * owner (one whose g is no longer the word's) can neither publish nor free
+ * a newer claim: its publish gets -ESTALE and its caller waits for the
+ * current claim's value.
+ *
+ * THE OWNER'S RECORD
+ * After its claim CAS the owner writes who it is (k_gen, k_started,
+ * k_thread, k_pid, k_life) seqlock-style: k_gen = 0, the fields (release
+ * stores), then k_gen = g with release; a reader loads k_gen (acquire),
+ * the fields (acquire), and k_gen again. A reader takes the record as g's
+ * only if k_gen reads g before and after the fields; otherwise (not
+ * written yet, or being rewritten) it knows nothing about the owner and
+ * times it from when it first saw BUSY(g).
+ *
+ * LIFELINES
+ * An owner's death is noticed through robust mutexes, which the kernel
+ * marks "owner died" however a thread ends (a raw exit that runs no
+ * cleanup included). Each once has a few; an owner locks one before its
+ * claim CAS and unlocks it after its publish or fail CAS (or after a claim
+ * CAS that failed). So:
+ *   while the word is BUSY(g) and the record is g's, owner g holds
+ *   lifeline k_life, or it has died.
+ * A waiter probes with trylock: EBUSY means alive; success (0, or
+ * EOWNERDEAD made consistent) means the owner does not hold it, so if the
+ * word and record still say g, owner g is dead, and the waiter reclaims
+ * with that lifeline as its own. (A lifeline found dead by a claimer
+ * taking a fresh one is made consistent and used: if it was a current
+ * owner's, that owner's probers now find it free, which reads as dead too.)
+ * A hung owner keeps its lifeline; its reclaimer takes another. With all
+ * taken, an owner goes without one and only its deadline covers it. In a
+ * forked child, an owner recorded with another pid is a parent's thread:
+ * dead here.
+ *
+ * WAITING
+ * In one process a waiter queues a node on the once and sleeps on its
+ * task's parker until min(now + KEEL_ONCE_POLL, the owner's deadline, its
+ * own max_wait): publish and fail wake every node; cancellation wakes the
+ * parker. Across processes a waiter sleeps on the word (a shared futex)
+ * for at most KEEL_ONCE_POLL at a time and checks its cancellation at each
+ * wake-up.
+ */
+#include <sched.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define TAG_FREE 0u
+#define TAG_BUSY 1u
+#define TAG_DONE 3u
+#define TAG(w) ((unsigned)((w) & 3))
+#define GEN(w) ((w) >> 3)
+#define DIED(w) ((unsigned)((w) >> 2 & 1))
+#define WORD(g, d, tag) ((uint64_t)(g) << 3 | (uint64_t)(d) << 2 | (tag))
+#define GEN_MAX ((UINT64_C(1) << 61) - 1)
+
+#define ONCE_SHARED_MAGIC 0x6b6f6e63u /* "konc" */
+
+#define LS_NONE 0  /* lifelines not set up */
+#define LS_BUSY 1  /* being set up */
+#define LS_READY 2
+#define LS_FAILED 3 /* could not be: go without */
+
+/* How often a waiter looks at the owner (tests lengthen it so that a lost
+ * wake-up shows as a hang). */
+_Atomic keel_time_t keel__once_poll = KEEL_ONCE_POLL;
+
+/* This thread's identity for the record: the address of its own copy. */
+static _Thread_local char me;
+
+/* ---- A once, whichever kind ------------------------------------------------ */
+
+struct ov {
+	uint64_t *word;
+	uint64_t *gen;
+	int64_t *started;
+	uint64_t *thread;
+	int32_t *pid;
+	int32_t *life;
+	pthread_mutex_t *lifeline;
+	uint32_t *lstate; /* NULL: set up by keel_once_shared_init() */
+	void **waitq;     /* NULL: shared (no parkers across processes) */
+	uint32_t *qlock;
+	int shared;
+};
+
+struct keel_claim {
+	struct ov *ov;
+	uint64_t gen;
+	int prev_died;
+	int published;
+	int life; /* the lifeline it holds, -1: none */
+	uint64_t value;
+};
+
+struct record {
+	uint64_t gen;
+	int64_t started;
+	uint64_t thread;
+	int32_t pid;
+	int32_t life;
+};
+
+static uint64_t word_load(const struct ov *v)
+{
+	return __atomic_load_n(v->word, __ATOMIC_ACQUIRE);
+}
+
+static int word_cas(const struct ov *v, uint64_t old, uint64_t new)
+{
+	return __atomic_compare_exchange_n(v->word, &old, new, 0,
+					   __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+
+/* The word's low 32 bits, which change at every transition: the futex. */
+static _Atomic uint32_t *word_futex(const struct ov *v)
+{
+	char *p = (char *)v->word;
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+	p += 4;
+#endif
+	return (_Atomic uint32_t *)(void *)p;
+}
+
+static void record_write(const struct ov *v, uint64_t gen, int life)
+{
+	/* Release stores for the fields, acquire loads in the reader: a
+	 * reader that sees any of them sees the k_gen = 0 before them. */
+	__atomic_store_n(v->gen, 0, __ATOMIC_RELAXED);
+	__atomic_store_n(v->started, keel_now(), __ATOMIC_RELEASE);
+	__atomic_store_n(v->thread, (uint64_t)(uintptr_t)&me, __ATOMIC_RELEASE);
+	__atomic_store_n(v->pid, (int32_t)getpid(), __ATOMIC_RELEASE);
+	__atomic_store_n(v->life, life, __ATOMIC_RELEASE);
+	__atomic_store_n(v->gen, gen, __ATOMIC_RELEASE);
+}
+
+/* 1 if the record is claim gen's, read into r. */
+static int record_read(const struct ov *v, uint64_t gen, struct record *r)
+{
+	uint64_t g1 = __atomic_load_n(v->gen, __ATOMIC_ACQUIRE), g2;
+
+	r->started = __atomic_load_n(v->started, __ATOMIC_ACQUIRE);
+	r->thread = __atomic_load_n(v->thread, __ATOMIC_ACQUIRE);
+	r->pid = __atomic_load_n(v->pid, __ATOMIC_ACQUIRE);
+	r->life = __atomic_load_n(v->life, __ATOMIC_ACQUIRE);
+	g2 = __atomic_load_n(v->gen, __ATOMIC_RELAXED);
+	r->gen = g1;
+	return g1 == gen && g2 == gen && r->life >= -1 &&
+	       r->life < KEEL__ONCE_LIFELINES;
+}
+
+static void wake_all(const struct ov *v)
+{
+	if (v->shared)
+		keel__futex_wake_shared(word_futex(v));
+	else
+		keel__q_wake(v->waitq, v->qlock, 1);
+}
+
+/* ---- Lifelines ------------------------------------------------------------- */
+
+static int lifelines_setup(pthread_mutex_t *l, int pshared)
+{
+	pthread_mutexattr_t a;
+	int rc, i = 0;
+
+	if ((rc = pthread_mutexattr_init(&a)) != 0)
+		return -rc;
+	if ((rc = pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST)) == 0 &&
+	    (!pshared ||
+	     (rc = pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED)) == 0))
+		for (; i < KEEL__ONCE_LIFELINES; i++)
+			if ((rc = pthread_mutex_init(&l[i], &a)) != 0)
+				break;
+	pthread_mutexattr_destroy(&a);
+	if (rc != 0)
+		while (i-- > 0)
+			pthread_mutex_destroy(&l[i]);
+	return -rc;
+}
+
+/* 1 if the once's lifelines can be used (set up on first use). */
+static int lifelines_ready(const struct ov *v)
+{
+	uint32_t s, z = LS_NONE;
+
+	if (!v->lstate)
+		return 1;
+	s = __atomic_load_n(v->lstate, __ATOMIC_ACQUIRE);
+	if (s == LS_READY)
+		return 1;
+	if (s == LS_NONE &&
+	    __atomic_compare_exchange_n(v->lstate, &z, LS_BUSY, 0,
+					__ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+		s = lifelines_setup(v->lifeline, 0) == 0 ? LS_READY : LS_FAILED;
+		__atomic_store_n(v->lstate, s, __ATOMIC_RELEASE);
+		return s == LS_READY;
+	}
+	/* Another thread is setting them up: a few instructions. */
+	while ((s = __atomic_load_n(v->lstate, __ATOMIC_ACQUIRE)) == LS_BUSY)
+		sched_yield();
+	return s == LS_READY;
+}
+
+/* Lock lifeline i without waiting: 1 if now held by the caller. */
+static int lifeline_try(const struct ov *v, int i)
+{
+	int rc = pthread_mutex_trylock(&v->lifeline[i]);
+
+	if (rc == EOWNERDEAD) {
+		/* Its holder died holding it: it is ours, and usable again. */
+		pthread_mutex_consistent(&v->lifeline[i]);
+		return 1;
+	}
+	return rc == 0;
+}
+
+/* A lifeline for a new owner, not `avoid`: its index, or -1. */
+static int lifeline_take(const struct ov *v, int avoid)
+{
+	if (!lifelines_ready(v))
+		return -1;
+	for (int i = 0; i < KEEL__ONCE_LIFELINES; i++)
+		if (i != avoid && lifeline_try(v, i))
+			return i;
+	return -1;
+}
+
+static void lifeline_drop(const struct ov *v, int i)
+{
+	if (i >= 0)
+		pthread_mutex_unlock(&v->lifeline[i]);
+}
+
+/* ---- Claims ---------------------------------------------------------------- */
+
+static int publish(keel_claim_t *c, uint64_t done)
+{
+	struct ov *v = c->ov;
+
+	if (c->published)
+		return -EALREADY;
+	if (!word_cas(v, WORD(c->gen, 0, TAG_BUSY), done))
+		return -ESTALE;
+	c->published = 1;
+	c->value = done;
+	wake_all(v);
+	return 0;
+}
+
+int keel_claim_publish(keel_claim_t *c, void *value)
+{
+	if (!c || c->ov->shared || ((uintptr_t)value & 3))
+		return -EINVAL;
+	return publish(c, (uint64_t)(uintptr_t)value | TAG_DONE);
+}
+
+int keel_claim_publish_handle(keel_claim_t *c, uint64_t handle)
+{
+	if (!c || !c->ov->shared || handle >> 62)
+		return -EINVAL;
+	return publish(c, handle << 2 | TAG_DONE);
+}
+
+int keel_claim_is_current(const keel_claim_t *c)
+{
+	return c && !c->published &&
+	       word_load(c->ov) == WORD(c->gen, 0, TAG_BUSY);
+}
+
+uint64_t keel_claim_generation(const keel_claim_t *c)
+{
+	return c ? c->gen : 0;
+}
+
+int keel_claim_prev_owner_died(const keel_claim_t *c)
+{
+	return c ? c->prev_died : 0;
+}
+
+/* ---- keel_once ------------------------------------------------------------- */
+
+struct call {
+	keel_init_fn init;
+	void *arg;
+	keel_time_t deadline, max_wait;
+	unsigned level, flags;
+	const char *name, *site;
+	struct keel__task *t;
+	keel_mutex_t rank; /* the once as a ranked resource */
+};
+
+static int opts_read(struct call *k, const keel_once_opts *o)
+{
+	k->deadline = KEEL_ONCE_DEADLINE;
+	k->max_wait = 0;
+	k->level = 0;
+	k->flags = 0;
+	k->name = "keel_once";
+	if (o) {
+		if (o->deadline < 0 || o->max_wait < 0 ||
+		    o->level > KEEL_LEVEL_MAX || (o->flags & ~KEEL_ONCE_ANCHOR))
+			return -EINVAL;
+		if (o->deadline)
+			k->deadline = o->deadline;
+		k->max_wait = o->max_wait;
+		k->level = o->level;
+		k->flags = o->flags;
+		if (o->name)
+			k->name = o->name;
+	}
+	if (!k->max_wait)
+		k->max_wait = k->deadline > KEEL_FOREVER - KEEL_ONCE_MAX_WAIT_EXTRA
+				      ? KEEL_FOREVER
+				      : k->deadline + KEEL_ONCE_MAX_WAIT_EXTRA;
+	return k->max_wait < k->deadline ? -EINVAL : 0;
+}
+
+/* Run init as owner of claim gen, holding lifeline life. 0: published
+ * (*out set); 1: the claim went stale, look again; < 0: init's error. */
+static int own(struct ov *v, struct call *k, uint64_t gen, int prev_died,
+	       int life, uint64_t *out)
+{
+	keel_claim_t c = {v, gen, prev_died, 0, life, 0};
+	keel_time_t started;
+	int rc, shielded = 0, cancelled;
+
+	record_write(v, gen, life);
+	started = keel_now();
+	if (k->level)
+		keel__rank_enter(&k->rank, k->site);
+	if ((k->flags & KEEL_ONCE_ANCHOR) &&
+	    keel_shield_begin(started > KEEL_FOREVER - k->deadline
+				      ? KEEL_FOREVER
+				      : started + k->deadline) == 0)
+		shielded = 1;
+	rc = k->init(&c, k->arg);
+	if (shielded)
+		keel_shield_end();
+	if (k->level)
+		keel__rank_leave(&k->rank);
+	if (c.published) {
+		lifeline_drop(v, life);
+		*out = c.value;
+		return 0;
+	}
+	cancelled = rc == -ECANCELED || keel__check(k->t) < 0;
+	if (rc >= 0)
+		rc = -EPROTO; /* returned without publishing */
+	/* Free the claim, if it is still ours. */
+	if (word_cas(v, WORD(gen, 0, TAG_BUSY), WORD(gen, cancelled, TAG_FREE))) {
+		lifeline_drop(v, life);
+		wake_all(v);
+		return rc;
+	}
+	lifeline_drop(v, life);
+	return 1; /* stale: the current claim's value is the caller's */
+}
+
+/* Sleep until woken, `until`, or cancelled; -ECANCELED or 0. */
+static int wait_a_while(struct ov *v, struct call *k, uint64_t w,
+			keel_time_t until)
+{
+	int rc;
+
+	if (v->shared) {
+		keel__futex_wait_shared(word_futex(v), (uint32_t)w, until);
+		rc = keel__check(k->t);
+		return rc == -ECANCELED ? rc : 0;
+	}
+	{
+		struct keel__qnode n = {.t = k->t};
+
+		keel__qlock(v->qlock);
+		keel__q_append(v->waitq, &n);
+		keel__qunlock(v->qlock);
+		/* Queued first: a change after this load wakes the node. */
+		rc = 0;
+		if (word_load(v) == w)
+			while (!__atomic_load_n(&n.woken, __ATOMIC_ACQUIRE) &&
+			       rc == 0)
+				rc = keel__wait(k->t, until, 1, "once");
+		keel__qlock(v->qlock);
+		if (!__atomic_load_n(&n.woken, __ATOMIC_RELAXED))
+			keel__q_remove(v->waitq, &n);
+		keel__qunlock(v->qlock);
+		return rc == -ECANCELED ? rc : 0;
+	}
+}
+
+static keel_time_t min_time(keel_time_t a, keel_time_t b)
+{
+	return a < b ? a : b;
+}
+
+static keel_time_t add_time(keel_time_t t, keel_time_t d)
+{
+	return t > KEEL_FOREVER - d ? KEEL_FOREVER : t + d;
+}
+
+static int once_core(struct ov *v, keel_init_fn init, void *arg,
+		     const keel_once_opts *opts, uint64_t *out, const char *site)
+{
+	struct call k = {.init = init, .arg = arg, .site = site};
+	keel_time_t give_up, seen_at = 0;
+	uint64_t seen_gen = 0;
+	int rc;
+
+	if (!init || (rc = opts_read(&k, opts)) < 0)
+		return -EINVAL;
+	if (!(k.t = keel__self()))
+		return -ENOMEM;
+	if (k.level) {
+		keel__rank_token(&k.rank, k.level, k.name);
+		keel__rank_check(&k.rank, site);
+	}
+	keel__lock_check_blocking("keel_once()");
+	give_up = add_time(keel_now(), k.max_wait);
+	for (;;) {
+		uint64_t w = word_load(v), g = GEN(w);
+		struct record r;
+		int valid, dead = 0, hung = 0, life = -1;
+		keel_time_t now, reclaim_at;
+
+		if (TAG(w) == TAG_DONE) {
+			*out = w;
+			return 0;
+		}
+		if (TAG(w) == TAG_FREE) {
+			if (g >= GEN_MAX)
+				return -EOVERFLOW;
+			life = lifeline_take(v, -1);
+			if (!word_cas(v, w, WORD(g + 1, 0, TAG_BUSY))) {
+				lifeline_drop(v, life);
+				continue;
+			}
+			rc = own(v, &k, g + 1, (int)DIED(w), life, out);
+			if (rc <= 0)
+				return rc;
+			continue;
+		}
+		/* BUSY(g): look at its owner. */
+		valid = record_read(v, g, &r);
+		if (valid && r.pid == (int32_t)getpid() &&
+		    r.thread == (uint64_t)(uintptr_t)&me)
+			return -EDEADLK;
+		now = keel_now();
+		if (valid && !v->shared && r.pid != (int32_t)getpid()) {
+			dead = 1; /* a parent's thread: not in this process */
+		} else if (valid && r.life >= 0 && lifelines_ready(v) &&
+			   lifeline_try(v, r.life)) {
+			struct record again;
+
+			/* Its lifeline is free: dead, if still its claim. */
+			if (word_load(v) == w && record_read(v, g, &again) &&
+			    again.life == r.life) {
+				dead = 1;
+				life = r.life;
+			} else {
+				lifeline_drop(v, r.life);
+				continue;
+			}
+		}
+		if (!valid) {
+			if (seen_gen != g) {
+				seen_gen = g;
+				seen_at = now;
+			}
+			r.started = seen_at;
+		}
+		reclaim_at = add_time(r.started, k.deadline);
+		if (!dead && now >= reclaim_at)
+			hung = 1;
+		if (dead || hung) {
+			if (g >= GEN_MAX) {
+				lifeline_drop(v, life);
+				return -EOVERFLOW;
+			}
+			if (life < 0)
+				life = lifeline_take(v, valid ? r.life : -1);
+			if (!word_cas(v, w, WORD(g + 1, 0, TAG_BUSY))) {
+				lifeline_drop(v, life);
+				continue;
+			}
+			rc = own(v, &k, g + 1, 1, life, out);
+			if (rc <= 0)
+				return rc;
+			continue;
+		}
+		if (now >= give_up)
+			return -ETIMEDOUT;
+		if ((rc = wait_a_while(v, &k, w,
+				       min_time(min_time(add_time(now,
+								  load_relaxed(&keel__once_poll)),
+							 reclaim_at),
+						give_up))) < 0)
+			return rc;
+	}
+}
+
+static void ov_of(keel_once_t *o, struct ov *v)
+{
+	*v = (struct ov){&o->k_word, &o->k_gen, &o->k_started, &o->k_thread,
+			 &o->k_pid, &o->k_life,
+			 o->k_lifeline, &o->k_lstate, &o->k_waitq, &o->k_qlock, 0};
+}
+
+int keel_once_at(keel_once_t *o, keel_init_fn init, void *arg,
+		 const keel_once_opts *opts, void **value, const char *site)
+{
+	struct ov v;
+	uint64_t w;
+	int rc;
+
+	if (!o)
+		return -EINVAL;
+	w = __atomic_load_n(&o->k_word, __ATOMIC_ACQUIRE);
+	if (TAG(w) != TAG_DONE) {
+		ov_of(o, &v);
+		if ((rc = once_core(&v, init, arg, opts, &w, site)) < 0)
+			return rc;
+	}
+	if (value)
+		*value = (void *)(uintptr_t)(w & ~(uint64_t)3);
+	return 0;
+}
+
+/* ---- Across processes ------------------------------------------------------- */
+
+int keel_once_shared_init(keel_once_shared_t *o)
+{
+	int rc;
+
+	if (!o)
+		return -EINVAL;
+	memset(o, 0, sizeof *o);
+	if ((rc = lifelines_setup(o->k_lifeline, 1)) < 0)
+		return rc == -ENOSYS ? -ENOTSUP : rc;
+	__atomic_store_n(&o->k_magic, ONCE_SHARED_MAGIC, __ATOMIC_RELEASE);
+	return 0;
+}
+
+int keel_once_shared_at(keel_once_shared_t *o, keel_init_fn init, void *arg,
+			const keel_once_opts *opts, uint64_t *value,
+			const char *site)
+{
+	struct ov v;
+	uint64_t w;
+	int rc;
+
+	if (!o || __atomic_load_n(&o->k_magic, __ATOMIC_ACQUIRE) !=
+			  ONCE_SHARED_MAGIC)
+		return -EINVAL;
+	w = __atomic_load_n(&o->k_word, __ATOMIC_ACQUIRE);
+	if (TAG(w) != TAG_DONE) {
+		v = (struct ov){&o->k_word, &o->k_gen, &o->k_started, &o->k_thread,
+				&o->k_pid, &o->k_life, o->k_lifeline, NULL,
+				NULL, NULL, 1};
+		if ((rc = once_core(&v, init, arg, opts, &w, site)) < 0)
+			return rc;
+	}
+	if (value)
+		*value = w >> 2;
+	return 0;
+}

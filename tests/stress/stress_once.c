@@ -1,0 +1,272 @@
+/*
+ * stress_once.c: many threads racing on a once, and processes sharing one
+ * while their owners are killed and stopped.
+ *
+ * Threads: KEEL_THREADS (1000) threads race on a fresh once each round,
+ * KEEL_ITERS rounds (20; 400 under KEEL_STRESS=long). Rounds are plain,
+ * slow (init yields so the others queue up) or failing (the first init
+ * fails and another caller must take over). Waiters' polling is switched
+ * off, so a lost wake-up hangs the round, which the watchdog reports.
+ *
+ * Processes: KEEL_PROCS (6) processes share a keel_once_shared_t in
+ * MAP_SHARED memory; the parent SIGKILLs or SIGSTOPs (and later
+ * SIGCONTs) whichever process is running init, at random. Eventually
+ * exactly one handle is published, every process not killed gets it, and
+ * none waits forever. KEEL_ROUNDS rounds (4; 40 under KEEL_STRESS=long).
+ * KEEL_SEED fixes the randomness.
+ */
+#include <signal.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "harness.h"
+#include "internal.h"
+
+/* ---- Threads ---- */
+
+enum { PLAIN, SLOW, FAILING };
+
+static struct {
+	keel_once_t *o;
+	int kind;
+	_Atomic int inits, failures, answered, wrong;
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	int done;
+} round_;
+static int token;
+static harness_barrier start;
+static long nthreads, rounds;
+
+static int race_init(keel_claim_t *c, void *arg)
+{
+	int n = atomic_fetch_add(&round_.inits, 1);
+
+	(void)arg;
+	if (round_.kind == FAILING && n == 0)
+		return -EIO;
+	if (round_.kind == SLOW)
+		for (int i = 0; i < 50; i++)
+			sched_yield();
+	return keel_claim_publish(c, &token);
+}
+
+static void *racer(void *arg)
+{
+	(void)arg;
+	for (long r = 0; r < rounds; r++) {
+		void *v = NULL;
+		int rc;
+
+		barrier_wait(&start);
+		rc = keel_once(round_.o, race_init, NULL, NULL, &v);
+		if (rc == -EIO)
+			atomic_fetch_add(&round_.failures, 1);
+		else if (rc != 0 || v != &token)
+			atomic_fetch_add(&round_.wrong, 1);
+		pthread_mutex_lock(&round_.mu);
+		if (atomic_fetch_add(&round_.answered, 1) + 1 == nthreads)
+			round_.done = 1;
+		pthread_cond_signal(&round_.cv);
+		pthread_mutex_unlock(&round_.mu);
+		barrier_wait(&start); /* the round is checked */
+	}
+	return NULL;
+}
+
+TEST(stress_thousand_threads_one_init)
+{
+	uint64_t seed = harness_seed(), rng = seed;
+	pthread_t *th;
+	pthread_attr_t a;
+
+	nthreads = harness_param("KEEL_THREADS", 1000, 1000);
+	rounds = harness_param("KEEL_ITERS", 20, 400);
+	/* No poll: only wake-ups end a wait, so a lost one hangs. */
+	store_relaxed(&keel__once_poll, KEEL_SEC(3600));
+	th = calloc((size_t)nthreads, sizeof *th);
+	barrier_init(&start, (unsigned)nthreads + 1);
+	pthread_mutex_init(&round_.mu, NULL);
+	pthread_cond_init(&round_.cv, NULL);
+	pthread_attr_init(&a);
+	pthread_attr_setstacksize(&a, 256 * 1024);
+	for (long i = 0; i < nthreads; i++)
+		CHECK_OK(pthread_create(&th[i], &a, racer, NULL));
+	pthread_attr_destroy(&a);
+	for (long r = 0; r < rounds; r++) {
+		keel_once_t *o = calloc(1, sizeof *o);
+		struct timespec until;
+
+		round_.o = o;
+		round_.kind = (int)(rng_next(&rng) % 3);
+		atomic_store(&round_.inits, 0);
+		atomic_store(&round_.failures, 0);
+		atomic_store(&round_.answered, 0);
+		round_.done = 0;
+		barrier_wait(&start);
+		clock_gettime(CLOCK_REALTIME, &until);
+		until.tv_sec += 60;
+		pthread_mutex_lock(&round_.mu);
+		while (!round_.done)
+			if (pthread_cond_timedwait(&round_.cv, &round_.mu, &until) ==
+			    ETIMEDOUT) {
+				harness_fail(__FILE__, __LINE__,
+					     "round %ld (kind %d, seed %#llx): %d of "
+					     "%ld callers answered: a lost wake-up",
+					     r, round_.kind, (unsigned long long)seed,
+					     atomic_load(&round_.answered), nthreads);
+			}
+		pthread_mutex_unlock(&round_.mu);
+		CHECK_EQ(atomic_load(&round_.wrong), 0);
+		CHECK_EQ(atomic_load(&round_.inits),
+			 round_.kind == FAILING ? 2 : 1);
+		CHECK_EQ(atomic_load(&round_.failures),
+			 round_.kind == FAILING ? 1 : 0);
+		CHECK(keel_once_value(o) == &token);
+		barrier_wait(&start);
+		free(o); /* every caller has returned */
+	}
+	for (long i = 0; i < nthreads; i++)
+		harness_join(th[i]);
+	free(th);
+	printf("%ld rounds of %ld threads: one init each (seed %#llx)\n",
+	       rounds, nthreads, (unsigned long long)seed);
+}
+
+/* ---- Processes ---- */
+
+#define MAX_PROCS 32
+
+struct shm {
+	keel_once_shared_t once;
+	_Atomic int in_init[MAX_PROCS]; /* running init right now */
+	_Atomic int inits;
+	int rc[MAX_PROCS];
+	uint64_t got[MAX_PROCS];
+	uint64_t seed;
+};
+
+static struct shm *shm;
+static int me_index;
+
+static void nap(uint64_t *rng, long max_us)
+{
+	struct timespec ts = {0, (long)(rng_next(rng) % (uint64_t)max_us) * 1000};
+
+	nanosleep(&ts, NULL);
+}
+
+static int proc_init(keel_claim_t *c, void *arg)
+{
+	uint64_t *rng = arg;
+	int rc;
+
+	atomic_fetch_add(&shm->inits, 1);
+	atomic_store(&shm->in_init[me_index], 1);
+	nap(rng, 20000); /* the work (simulated), while the chaos goes on */
+	rc = keel_claim_publish_handle(c, (uint64_t)getpid());
+	atomic_store(&shm->in_init[me_index], 0);
+	return rc;
+}
+
+static void child(int i)
+{
+	const keel_once_opts o = {.deadline = KEEL_MS(40),
+				  .max_wait = KEEL_SEC(30)};
+	uint64_t rng = shm->seed ^ (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull;
+	uint64_t h = 0;
+
+	me_index = i;
+	shm->rc[i] = keel_once_shared(&shm->once, proc_init, &rng, &o, &h);
+	shm->got[i] = h;
+	_exit(0);
+}
+
+TEST(stress_processes_kill_and_stop_owners)
+{
+	uint64_t seed = harness_seed(), rng = seed;
+	long nprocs = harness_param("KEEL_PROCS", 6, 6);
+	long nrounds = harness_param("KEEL_ROUNDS", 4, 40);
+	long kills = 0, stops = 0;
+
+	if (nprocs > MAX_PROCS)
+		nprocs = MAX_PROCS;
+	for (long r = 0; r < nrounds; r++) {
+		pid_t pid[MAX_PROCS];
+		int killed[MAX_PROCS] = {0}, stopped[MAX_PROCS] = {0};
+		int alive = (int)nprocs, nkilled = 0;
+		uint64_t h;
+
+		shm = mmap(NULL, sizeof *shm, PROT_READ | PROT_WRITE,
+			   MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+		CHECK(shm != MAP_FAILED);
+		CHECK_OK(keel_once_shared_init(&shm->once));
+		shm->seed = rng_next(&rng);
+		for (int i = 0; i < nprocs; i++) {
+			pid[i] = fork();
+			CHECK(pid[i] >= 0);
+			if (pid[i] == 0)
+				child(i);
+		}
+		while (alive > 0) {
+			int i = (int)(rng_next(&rng) % (uint64_t)nprocs);
+			int status;
+			pid_t p;
+
+			/* Reap whoever has finished. */
+			while ((p = waitpid(-1, &status, WNOHANG)) > 0)
+				alive--;
+			/* Once it is done, let everyone finish. */
+			if (keel_once_shared_value(&shm->once, &h))
+				for (int j = 0; j < nprocs; j++)
+					if (stopped[j]) {
+						kill(pid[j], SIGCONT);
+						stopped[j] = 0;
+					}
+			nap(&rng, 5000);
+			if (stopped[i] && rng_next(&rng) % 4 == 0) {
+				kill(pid[i], SIGCONT);
+				stopped[i] = 0;
+			}
+			if (killed[i] || stopped[i] || !atomic_load(&shm->in_init[i]))
+				continue;
+			if (rng_next(&rng) % 2 == 0 && nkilled + 1 < nprocs) {
+				kill(pid[i], SIGKILL);
+				killed[i] = 1;
+				nkilled++;
+				kills++;
+			} else {
+				kill(pid[i], SIGSTOP);
+				stopped[i] = 1;
+				stops++;
+			}
+		}
+		CHECK(keel_once_shared_value(&shm->once, &h));
+		for (int i = 0; i < nprocs; i++) {
+			if (killed[i])
+				continue;
+			if (shm->rc[i] != 0 || shm->got[i] != h)
+				harness_fail(__FILE__, __LINE__,
+					     "round %ld (seed %#llx): process %d got "
+					     "rc %d, handle %llu; published %llu",
+					     r, (unsigned long long)seed, i, shm->rc[i],
+					     (unsigned long long)shm->got[i],
+					     (unsigned long long)h);
+		}
+		{
+			int owner = 0;
+
+			for (int i = 0; i < nprocs; i++)
+				owner += (uint64_t)pid[i] == h;
+			CHECK_EQ(owner, 1); /* one of them built it */
+		}
+		munmap(shm, sizeof *shm);
+	}
+	printf("%ld rounds of %ld processes, %ld owners killed, %ld stopped: "
+	       "one handle each (seed %#llx)\n",
+	       nrounds, nprocs, kills, stops, (unsigned long long)seed);
+}

@@ -1,0 +1,709 @@
+/*
+ * test_once.c: the reclaimable once: one init, owners that die four ways,
+ * a hung owner and its stale publish, the clobber window, bounded waits,
+ * recursion, failure, fork, ranks, and the shared variant in one process.
+ *
+ * Deadlines in these tests are long (a minute) where the point is that
+ * something happens before them, and short (tens of milliseconds) only
+ * where a test waits them out on purpose.
+ */
+#include <signal.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "harness.h"
+#include "internal.h"
+
+#if defined(__SANITIZE_THREAD__)
+#define UNDER_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define UNDER_TSAN 1
+#endif
+#endif
+
+static const keel_once_opts patient = {.deadline = KEEL_SEC(60)};
+
+/* What init saw, and when. */
+struct seen {
+	_Atomic int inits;
+	_Atomic int prev_died;
+	_Atomic int64_t at;
+	_Atomic uint64_t gen;
+};
+
+/* A value worth publishing: 4-aligned, recognisable. */
+static int values[8];
+#define VALUE(i) ((void *)&values[i])
+
+/* ---- The basics ---- */
+
+static _Atomic int plain_inits;
+
+static int plain_init(keel_claim_t *c, void *arg)
+{
+	atomic_fetch_add(&plain_inits, 1);
+	CHECK(keel_claim_is_current(c));
+	CHECK_EQ(keel_claim_generation(c), 1);
+	CHECK(!keel_claim_prev_owner_died(c));
+	CHECK_OK(keel_claim_publish(c, arg));
+	CHECK(!keel_claim_is_current(c));
+	CHECK_RC(keel_claim_publish(c, arg), -EALREADY);
+	return 0;
+}
+
+TEST(first_call_runs_init_and_later_calls_read_the_value)
+{
+	static keel_once_t o = KEEL_ONCE_INIT;
+	void *v = NULL;
+
+	CHECK(keel_once_value(&o) == NULL);
+	CHECK_OK(keel_once(&o, plain_init, VALUE(0), NULL, &v));
+	CHECK(v == VALUE(0));
+	CHECK(keel_once_value(&o) == VALUE(0));
+	CHECK_OK(keel_once(&o, plain_init, VALUE(1), NULL, &v));
+	CHECK(v == VALUE(0));
+	CHECK_EQ(atomic_load(&plain_inits), 1);
+}
+
+static int publish_odd(keel_claim_t *c, void *arg)
+{
+	(void)arg;
+	CHECK_RC(keel_claim_publish(c, (char *)VALUE(0) + 1), -EINVAL);
+	CHECK_RC(keel_claim_publish_handle(c, 7), -EINVAL);
+	return keel_claim_publish(c, NULL);
+}
+
+static int returns_without_publishing(keel_claim_t *c, void *arg)
+{
+	(void)c;
+	(void)arg;
+	return 0;
+}
+
+TEST(bad_arguments_are_refused)
+{
+	static keel_once_t o = KEEL_ONCE_INIT;
+	keel_once_opts bad;
+	void *v = VALUE(3);
+
+	CHECK_RC(keel_once(NULL, plain_init, NULL, NULL, &v), -EINVAL);
+	CHECK_RC(keel_once(&o, NULL, NULL, NULL, &v), -EINVAL);
+	bad = (keel_once_opts){.deadline = KEEL_SEC(2), .max_wait = KEEL_SEC(1)};
+	CHECK_RC(keel_once(&o, plain_init, NULL, &bad, &v), -EINVAL);
+	bad = (keel_once_opts){.deadline = -1};
+	CHECK_RC(keel_once(&o, plain_init, NULL, &bad, &v), -EINVAL);
+	bad = (keel_once_opts){.flags = 0x100};
+	CHECK_RC(keel_once(&o, plain_init, NULL, &bad, &v), -EINVAL);
+	bad = (keel_once_opts){.level = KEEL_LEVEL_MAX + 1};
+	CHECK_RC(keel_once(&o, plain_init, NULL, &bad, &v), -EINVAL);
+	CHECK(v == VALUE(3)); /* untouched by the refusals */
+	CHECK_RC(keel_claim_publish(NULL, NULL), -EINVAL);
+	/* An init that forgets to publish: its caller hears of it. */
+	CHECK_RC(keel_once(&o, returns_without_publishing, NULL, NULL, &v),
+		 -EPROTO);
+	/* Unaligned values are refused; NULL may be published. */
+	CHECK_OK(keel_once(&o, publish_odd, NULL, NULL, &v));
+	CHECK(v == NULL);
+}
+
+/* ---- Failure and recursion ---- */
+
+static struct seen failing;
+
+static int fails_first(keel_claim_t *c, void *arg)
+{
+	int n = atomic_fetch_add(&failing.inits, 1);
+
+	(void)arg;
+	if (n == 0)
+		return -EIO;
+	atomic_store(&failing.prev_died, keel_claim_prev_owner_died(c));
+	atomic_store(&failing.gen, keel_claim_generation(c));
+	return keel_claim_publish(c, VALUE(1));
+}
+
+TEST(failure_goes_to_its_caller_only_and_the_next_caller_retries)
+{
+	static keel_once_t o = KEEL_ONCE_INIT;
+	void *v = NULL;
+
+	CHECK_RC(keel_once(&o, fails_first, NULL, NULL, &v), -EIO);
+	CHECK(v == NULL);
+	CHECK(keel_once_value(&o) == NULL);
+	CHECK_OK(keel_once(&o, fails_first, NULL, NULL, &v));
+	CHECK(v == VALUE(1));
+	CHECK_EQ(atomic_load(&failing.inits), 2);
+	CHECK_EQ(atomic_load(&failing.prev_died), 0); /* failed, did not die */
+	CHECK_EQ(atomic_load(&failing.gen), 2);
+}
+
+static keel_once_t recursive = KEEL_ONCE_INIT;
+static _Atomic int recursion_rc = 1;
+
+static int calls_itself(keel_claim_t *c, void *arg)
+{
+	void *v;
+
+	(void)arg;
+	atomic_store(&recursion_rc, keel_once(&recursive, calls_itself, NULL,
+					      &patient, &v));
+	return keel_claim_publish(c, VALUE(2));
+}
+
+TEST(recursion_is_edeadlk_at_once)
+{
+	void *v = NULL;
+
+	CHECK_OK(keel_once(&recursive, calls_itself, NULL, &patient, &v));
+	CHECK_EQ(atomic_load(&recursion_rc), -EDEADLK);
+	CHECK(v == VALUE(2));
+}
+
+/* ---- Owner death, four ways ---- */
+
+struct death {
+	keel_once_t o;
+	harness_event owning, go;
+	int how;
+	_Atomic int64_t died_at;
+	struct seen reclaim;
+	int pipefd[2];
+	keel_scope_t *scope;
+};
+
+enum { BY_PTHREAD_EXIT, BY_PTHREAD_CANCEL, BY_RAW_EXIT, BY_TASK_CANCEL };
+
+static int dying_init(keel_claim_t *c, void *arg)
+{
+	struct death *d = arg;
+	char b;
+
+	(void)c;
+	event_set(&d->owning);
+	switch (d->how) {
+	case BY_PTHREAD_EXIT:
+		event_wait(&d->go);
+		atomic_store(&d->died_at, keel_now());
+		pthread_exit(NULL);
+	case BY_PTHREAD_CANCEL:
+		/* read() is a cancellation point; nothing is ever written. */
+		if (read(d->pipefd[0], &b, 1) < 0)
+			return -errno;
+		return -EIO;
+	case BY_RAW_EXIT:
+		event_wait(&d->go);
+		atomic_store(&d->died_at, keel_now());
+		syscall(SYS_exit, 0); /* no cleanup, no unwinding */
+		return -EIO;
+	default: /* BY_TASK_CANCEL: a keel wait, ended by cancellation */
+		return keel_sleep_until(KEEL_FOREVER);
+	}
+}
+
+static void *dying_thread(void *arg)
+{
+	struct death *d = arg;
+	void *v;
+
+	keel_once(&d->o, dying_init, d, &patient, &v);
+	return NULL;
+}
+
+static int dying_task(void *arg)
+{
+	struct death *d = arg;
+	void *v;
+
+	return keel_once(&d->o, dying_init, d, &patient, &v);
+}
+
+static int reclaiming_init(keel_claim_t *c, void *arg)
+{
+	struct death *d = arg;
+
+	atomic_store(&d->reclaim.at, keel_now());
+	atomic_fetch_add(&d->reclaim.inits, 1);
+	atomic_store(&d->reclaim.prev_died, keel_claim_prev_owner_died(c));
+	atomic_store(&d->reclaim.gen, keel_claim_generation(c));
+	return keel_claim_publish(c, VALUE(4));
+}
+
+static void *waiter_thread(void *arg)
+{
+	struct death *d = arg;
+	void *v = NULL;
+
+	CHECK_OK(keel_once(&d->o, reclaiming_init, d, &patient, &v));
+	CHECK(v == VALUE(4));
+	return NULL;
+}
+
+static void owner_dies(int how)
+{
+	struct death *d = calloc(1, sizeof *d);
+	pthread_t owner = 0, waiter;
+	int64_t latency;
+
+	d->how = how;
+	event_init(&d->owning);
+	event_init(&d->go);
+	CHECK_OK(pipe(d->pipefd));
+	if (how == BY_TASK_CANCEL) {
+		CHECK_OK(keel_scope_open(&d->scope, NULL));
+		CHECK_OK(keel_spawn(d->scope, dying_task, d, NULL, NULL));
+	} else {
+		owner = harness_thread(dying_thread, d);
+	}
+	event_wait(&d->owning);
+	waiter = harness_thread(waiter_thread, d);
+	switch (how) {
+	case BY_PTHREAD_CANCEL:
+		atomic_store(&d->died_at, keel_now());
+		CHECK_OK(pthread_cancel(owner));
+		break;
+	case BY_TASK_CANCEL:
+		atomic_store(&d->died_at, keel_now());
+		CHECK_OK(keel_scope_cancel(d->scope));
+		break;
+	default:
+		event_set(&d->go);
+	}
+	harness_join(waiter);
+	if (how != BY_TASK_CANCEL)
+		harness_join(owner); /* a raw exit clears the tid too */
+	else
+		keel_scope_close(d->scope);
+	latency = atomic_load(&d->reclaim.at) - atomic_load(&d->died_at);
+	printf("owner death (%d) noticed in %.2f ms (poll interval %.0f ms)\n",
+	       how, (double)latency / 1e6, (double)KEEL_ONCE_POLL / 1e6);
+	CHECK_EQ(atomic_load(&d->reclaim.inits), 1);
+	CHECK_EQ(atomic_load(&d->reclaim.prev_died), 1);
+	CHECK_EQ(atomic_load(&d->reclaim.gen), 2);
+	CHECK(keel_once_value(&d->o) == VALUE(4));
+	/* Within two poll intervals (plus slack for a loaded machine), and
+	 * nowhere near the 60 s deadline. */
+	CHECK_INT(latency, <, 2 * KEEL_ONCE_POLL + KEEL_MS(500));
+	close(d->pipefd[0]);
+	close(d->pipefd[1]);
+	free(d); /* every thread that used it has ended */
+}
+
+TEST(owner_pthread_exit_is_noticed_within_a_poll)
+{
+	owner_dies(BY_PTHREAD_EXIT);
+}
+
+TEST(owner_pthread_cancel_is_noticed_within_a_poll)
+{
+	owner_dies(BY_PTHREAD_CANCEL);
+}
+
+TEST(owner_raw_exit_is_noticed_within_a_poll)
+{
+#ifdef UNDER_TSAN
+	/* ThreadSanitizer's runtime cannot follow a thread that vanishes
+	 * without its exit path. */
+	exit(77);
+#endif
+	owner_dies(BY_RAW_EXIT);
+}
+
+TEST(owner_task_cancelled_frees_the_claim_at_once)
+{
+	owner_dies(BY_TASK_CANCEL);
+}
+
+/* ---- A hung owner, and the clobber window ---- */
+
+struct hang {
+	keel_once_t o;
+	harness_event a_owning, a_release, a_tried, b_owning, b_release, c_calling;
+	_Atomic int inits, teardowns, a_publish_rc;
+	_Atomic int b_prev_died;
+	void *a_got, *c_got;
+	int block_b;
+};
+
+static int init_a(keel_claim_t *c, void *arg)
+{
+	struct hang *h = arg;
+	int rc;
+
+	atomic_fetch_add(&h->inits, 1);
+	event_set(&h->a_owning);
+	event_wait(&h->a_release); /* hung, as far as anyone can tell */
+	rc = keel_claim_publish(c, VALUE(5));
+	atomic_store(&h->a_publish_rc, rc);
+	if (rc == -ESTALE)
+		atomic_fetch_add(&h->teardowns, 1); /* tear down what it built */
+	event_set(&h->a_tried);
+	return rc;
+}
+
+static int init_b(keel_claim_t *c, void *arg)
+{
+	struct hang *h = arg;
+
+	atomic_fetch_add(&h->inits, 1);
+	atomic_store(&h->b_prev_died, keel_claim_prev_owner_died(c));
+	if (h->block_b) {
+		event_set(&h->b_owning);
+		event_wait(&h->b_release);
+	}
+	return keel_claim_publish(c, VALUE(6));
+}
+
+static void *thread_a(void *arg)
+{
+	struct hang *h = arg;
+
+	CHECK_OK(keel_once(&h->o, init_a, h, &patient, &h->a_got));
+	return NULL;
+}
+
+static void *thread_b(void *arg)
+{
+	struct hang *h = arg;
+	const keel_once_opts quick = {.deadline = KEEL_MS(50),
+				      .max_wait = KEEL_SEC(60)};
+	void *v = NULL;
+
+	CHECK_OK(keel_once(&h->o, init_b, h, &quick, &v));
+	CHECK(v == VALUE(6));
+	return NULL;
+}
+
+static void *thread_c(void *arg)
+{
+	struct hang *h = arg;
+
+	event_set(&h->c_calling);
+	CHECK_OK(keel_once(&h->o, init_b, h, &patient, &h->c_got));
+	return NULL;
+}
+
+static struct hang *hang_new(void)
+{
+	struct hang *h = calloc(1, sizeof *h);
+
+	event_init(&h->a_owning);
+	event_init(&h->a_release);
+	event_init(&h->a_tried);
+	event_init(&h->b_owning);
+	event_init(&h->b_release);
+	event_init(&h->c_calling);
+	return h;
+}
+
+TEST(hung_owner_is_reclaimed_at_the_deadline_and_cannot_publish)
+{
+	struct hang *h = hang_new();
+	pthread_t a, b;
+
+	a = harness_thread(thread_a, h);
+	event_wait(&h->a_owning);
+	b = harness_thread(thread_b, h); /* reclaims after 50 ms */
+	harness_join(b);
+	CHECK(keel_once_value(&h->o) == VALUE(6));
+	CHECK_EQ(atomic_load(&h->b_prev_died), 1);
+	event_set(&h->a_release); /* the stale owner wakes up */
+	harness_join(a);
+	CHECK_EQ(atomic_load(&h->a_publish_rc), -ESTALE);
+	CHECK_EQ(atomic_load(&h->teardowns), 1);
+	CHECK(h->a_got == VALUE(6)); /* its caller got the winner's value */
+	CHECK(keel_once_value(&h->o) == VALUE(6));
+	CHECK_EQ(atomic_load(&h->inits), 2);
+	free(h);
+}
+
+TEST(clobber_window_two_inits_one_value)
+{
+	struct hang *h = hang_new();
+	pthread_t a, b, c;
+
+	h->block_b = 1;
+	a = harness_thread(thread_a, h);
+	event_wait(&h->a_owning);
+	b = harness_thread(thread_b, h);
+	event_wait(&h->b_owning); /* the reclaimer is mid-init */
+	c = harness_thread(thread_c, h);
+	event_wait(&h->c_calling);
+	event_set(&h->a_release); /* the stale owner finishes meanwhile */
+	event_wait(&h->a_tried);
+	CHECK_EQ(atomic_load(&h->a_publish_rc), -ESTALE);
+	CHECK_EQ(atomic_load(&h->teardowns), 1);
+	CHECK(keel_once_value(&h->o) == NULL); /* nothing clobbered */
+	event_set(&h->b_release);
+	harness_join(a); /* its caller waited for the winner */
+	harness_join(b);
+	harness_join(c);
+	CHECK_EQ(atomic_load(&h->inits), 2);
+	CHECK(h->a_got == VALUE(6));
+	CHECK(h->c_got == VALUE(6));
+	CHECK(keel_once_value(&h->o) == VALUE(6));
+	free(h);
+}
+
+/* ---- Bounded waits ---- */
+
+struct bounded {
+	keel_once_t o;
+	harness_event owning, release, waiting;
+	_Atomic int owners;
+	int rc;
+	int64_t waited;
+};
+
+static int hangs_until_released(keel_claim_t *c, void *arg)
+{
+	struct bounded *b = arg;
+
+	atomic_fetch_add(&b->owners, 1);
+	event_set(&b->owning);
+	event_wait(&b->release);
+	keel_claim_publish(c, VALUE(7));
+	return 0;
+}
+
+static void *bounded_owner(void *arg)
+{
+	struct bounded *b = arg;
+	const keel_once_opts o = {.deadline = KEEL_MS(1), .max_wait = KEEL_SEC(60)};
+	void *v;
+
+	keel_once(&b->o, hangs_until_released, b, &o, &v);
+	return NULL;
+}
+
+static void *bounded_waiter(void *arg)
+{
+	struct bounded *b = arg;
+	const keel_once_opts o = {.deadline = KEEL_SEC(1), .max_wait = KEEL_SEC(1)};
+	int64_t start;
+	void *v;
+
+	event_set(&b->waiting);
+	start = keel_now();
+	b->rc = keel_once(&b->o, hangs_until_released, b, &o, &v);
+	b->waited = keel_now() - start;
+	return NULL;
+}
+
+/* The waiter can never reclaim: a second owner takes over from the first
+ * right after the waiter starts, so the current claim is always younger
+ * than the waiter's own wait. It gives up at max_wait. */
+TEST(waiting_past_max_wait_is_etimedout)
+{
+	struct bounded *b = calloc(1, sizeof *b);
+	pthread_t first, second, waiter;
+
+	event_init(&b->owning);
+	event_init(&b->release);
+	event_init(&b->waiting);
+	first = harness_thread(bounded_owner, b);
+	event_wait(&b->owning);
+	waiter = harness_thread(bounded_waiter, b);
+	event_wait(&b->waiting);
+	/* Until it sleeps on the once (so its max_wait counts from before
+	 * the second claim): its node in the once's queue says so. */
+	while (!__atomic_load_n(&b->o.k_waitq, __ATOMIC_ACQUIRE))
+		sched_yield();
+	second = harness_thread(bounded_owner, b); /* reclaims at once */
+	harness_join(waiter);
+	printf("waited %.1f ms for a max_wait of 1000 ms\n",
+	       (double)b->waited / 1e6);
+	CHECK_EQ(b->rc, -ETIMEDOUT);
+	CHECK_EQ(atomic_load(&b->owners), 2);
+	CHECK_INT(b->waited, >=, KEEL_SEC(1));
+	CHECK_INT(b->waited, <, KEEL_SEC(1) + KEEL_ONCE_POLL + KEEL_MS(500));
+	event_set(&b->release);
+	harness_join(first);
+	harness_join(second);
+	free(b);
+}
+
+/* ---- Cancellation of a waiter ---- */
+
+struct cwait {
+	keel_once_t o;
+	harness_event owning, release;
+	keel_scope_t *scope;
+	_Atomic int waiter_rc;
+};
+
+static int blocks(keel_claim_t *c, void *arg)
+{
+	struct cwait *w = arg;
+
+	event_set(&w->owning);
+	event_wait(&w->release);
+	return keel_claim_publish(c, VALUE(3));
+}
+
+static void *cwait_owner(void *arg)
+{
+	struct cwait *w = arg;
+	void *v;
+
+	keel_once(&w->o, blocks, w, &patient, &v);
+	return NULL;
+}
+
+static int cwait_waiter(void *arg)
+{
+	struct cwait *w = arg;
+	void *v;
+
+	atomic_store(&w->waiter_rc, keel_once(&w->o, blocks, w, &patient, &v));
+	return 0;
+}
+
+TEST(waiting_is_a_cancellation_point)
+{
+	struct cwait *w = calloc(1, sizeof *w);
+	pthread_t owner;
+
+	event_init(&w->owning);
+	event_init(&w->release);
+	atomic_store(&w->waiter_rc, 1);
+	owner = harness_thread(cwait_owner, w);
+	event_wait(&w->owning);
+	CHECK_OK(keel_scope_open(&w->scope, NULL));
+	CHECK_OK(keel_spawn(w->scope, cwait_waiter, w, NULL, NULL));
+	CHECK_OK(keel_scope_cancel(w->scope));
+	keel_scope_close(w->scope);
+	CHECK_EQ(atomic_load(&w->waiter_rc), -ECANCELED);
+	event_set(&w->release);
+	harness_join(owner);
+	CHECK(keel_once_value(&w->o) == VALUE(3));
+	free(w);
+}
+
+/* ---- Fork while another thread owns ---- */
+
+static struct hang forked;
+
+static int child_init(keel_claim_t *c, void *arg)
+{
+	(void)arg;
+	if (!keel_claim_prev_owner_died(c))
+		return -EINVAL;
+	return keel_claim_publish(c, VALUE(6));
+}
+
+TEST(fork_while_another_thread_owns)
+{
+	struct hang *h = &forked;
+	pthread_t a;
+	pid_t pid;
+	int status;
+
+	event_init(&h->a_owning);
+	event_init(&h->a_release);
+	event_init(&h->a_tried);
+	a = harness_thread(thread_a, h);
+	event_wait(&h->a_owning);
+	pid = fork();
+	CHECK(pid >= 0);
+	if (pid == 0) {
+		void *v = NULL;
+		int rc = keel_once(&h->o, child_init, NULL, &patient, &v);
+
+		/* The owner's thread is not in this process: reclaimed at
+		 * once, by the pid in its record. */
+		_exit(rc == 0 && v == VALUE(6) ? 0 : 1);
+	}
+	CHECK_EQ(waitpid(pid, &status, 0), pid);
+	CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+	/* The parent is unaffected: its owner finishes and publishes. */
+	CHECK(keel_once_value(&h->o) == NULL);
+	event_set(&h->a_release);
+	harness_join(a);
+	CHECK_EQ(atomic_load(&h->a_publish_rc), 0);
+	CHECK(keel_once_value(&h->o) == VALUE(5));
+}
+
+/* ---- Ranks ---- */
+
+static keel_mutex_t low = KEEL_MUTEX_INIT(2, "once-test-low");
+static keel_mutex_t high = KEEL_MUTEX_INIT(9, "once-test-high");
+
+static int takes_a_lock(keel_claim_t *c, void *arg)
+{
+	keel_mutex_lock((keel_mutex_t *)arg);
+	keel_mutex_unlock((keel_mutex_t *)arg);
+	return keel_claim_publish(c, VALUE(0));
+}
+
+static int plain_publish(keel_claim_t *c, void *arg)
+{
+	(void)arg;
+	return keel_claim_publish(c, VALUE(1));
+}
+
+TEST(a_ranked_once_is_checked_like_a_lock)
+{
+	static keel_once_t o1 = KEEL_ONCE_INIT, o2 = KEEL_ONCE_INIT;
+	const keel_once_opts ranked = {.level = 5, .name = "config-once"};
+	harness_capture cap;
+	unsigned long before;
+	void *v;
+
+	keel_lockcheck_set(KEEL_LOCKCHECK_REPORT);
+	before = keel_lockcheck_reports();
+	/* Init may take a lower lock: silent. */
+	CHECK_OK(keel_once(&o1, takes_a_lock, &low, &ranked, &v));
+	CHECK_EQ(keel_lockcheck_reports(), before);
+	/* A higher lock inside init, and calling it while holding a lower
+	 * lock, are reported. */
+	capture_begin(&cap);
+	CHECK_OK(keel_once(&o2, takes_a_lock, &high, &ranked, &v));
+	capture_end(&cap);
+	CHECK_EQ(keel_lockcheck_reports(), before + 1);
+	CHECK(strstr(cap.text, "taking 'once-test-high' (level 9)") != NULL);
+	CHECK(strstr(cap.text, "while holding 'config-once' (level 5)") != NULL);
+	{
+		static keel_once_t o3 = KEEL_ONCE_INIT;
+
+		keel_mutex_lock(&low);
+		capture_begin(&cap);
+		CHECK_OK(keel_once(&o3, plain_publish, NULL, &ranked, &v));
+		capture_end(&cap);
+		keel_mutex_unlock(&low);
+		CHECK(strstr(cap.text, "taking 'config-once' (level 5)") != NULL);
+	}
+}
+
+/* ---- The shared variant, within one process ---- */
+
+static int publishes_handle(keel_claim_t *c, void *arg)
+{
+	CHECK_RC(keel_claim_publish(c, VALUE(0)), -EINVAL);
+	CHECK_RC(keel_claim_publish_handle(c, UINT64_C(1) << 62), -EINVAL);
+	return keel_claim_publish_handle(c, (uint64_t)(uintptr_t)arg);
+}
+
+TEST(shared_once_publishes_a_handle)
+{
+	keel_once_shared_t *o = mmap(NULL, sizeof *o, PROT_READ | PROT_WRITE,
+				     MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	uint64_t h = 0;
+
+	CHECK(o != MAP_FAILED);
+	CHECK_RC(keel_once_shared(o, publishes_handle, TOKEN(42), NULL, &h),
+		 -EINVAL); /* not set up */
+	CHECK_OK(keel_once_shared_init(o));
+	CHECK(!keel_once_shared_value(o, &h));
+	CHECK_OK(keel_once_shared(o, publishes_handle, TOKEN(42), NULL, &h));
+	CHECK_EQ(h, 42);
+	CHECK(keel_once_shared_value(o, &h));
+	CHECK_EQ(h, 42);
+	CHECK_OK(keel_once_shared(o, publishes_handle, TOKEN(43), NULL, &h));
+	CHECK_EQ(h, 42);
+	munmap(o, sizeof *o);
+}
