@@ -23,5 +23,7 @@ if command -v dot >/dev/null 2>&1; then
 else
 	echo "(Graphviz's dot is not installed: the graph is not rendered to SVG)"
 fi
+
+run lazy-init "a shared cache whose first builder dies mid-build"
 echo
 echo "All demonstrations passed."

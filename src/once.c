@@ -2,13 +2,20 @@
  * once.c: reclaimable once, in one process and across processes.
  *
  * STATE MACHINE (k_word)
- *   FREE(g, d)  tag 0: no owner. g is the last claim's generation (0: none
- *               yet); d is set when that claim ended without finishing (its
+ *   FREE(g, d)  no owner. g is the last claim's generation (0: none yet);
+ *               d is set when that claim ended without finishing (its
  *               owner died, was presumed hung, or was cancelled).
- *   BUSY(g)     tag 1: claim g's owner is running init.
- *   DONE(v)     tag 3: v is published; final.
- *   FREE and BUSY are g << 3 | d << 2 | tag; DONE is a pointer | 3 (in
- *   one process) or a handle << 2 | 3 (shared).
+ *   BUSY(g)     claim g's owner is running init.
+ *   DONE(v)     v is published; final.
+ *   The word read as a signed number: 0 is FREE(0) (so a zeroed once is
+ *   ready); positive is DONE, the word being the pointer itself (in one
+ *   process) or the handle + 1 (shared); negative is FREE or BUSY:
+ *   1 << 63 | g << 3 | d << 2 | tag (0 FREE, 1 BUSY), g below 2^60. So the
+ *   fast path, keel_once_value(), is a load and a sign test, which a
+ *   caller's own NULL test absorbs: the same code as a hand-written
+ *   acquire load of a published pointer. (Published pointers must read as
+ *   positive: NULL, and pointers with the top bit set, as top-byte tagging
+ *   on AArch64 can give, are refused.)
  *
  *   claim:    FREE(g, d) -> BUSY(g + 1)  CAS; the caller owns claim g + 1
  *                                         (prev_owner_died = d)
@@ -65,14 +72,17 @@
 
 #include "internal.h"
 
+#define STATE_BIT (UINT64_C(1) << 63)
 #define TAG_FREE 0u
 #define TAG_BUSY 1u
-#define TAG_DONE 3u
-#define TAG(w) ((unsigned)((w) & 3))
-#define GEN(w) ((w) >> 3)
+#define TAG_DONE 2u /* not stored: any positive word */
+#define TAG(w)                                                             \
+	((int64_t)(w) > 0 ? TAG_DONE : (unsigned)((w) & 3))
+#define GEN(w) (((w) & ~STATE_BIT) >> 3)
 #define DIED(w) ((unsigned)((w) >> 2 & 1))
-#define WORD(g, d, tag) ((uint64_t)(g) << 3 | (uint64_t)(d) << 2 | (tag))
-#define GEN_MAX ((UINT64_C(1) << 61) - 1)
+#define WORD(g, d, tag)                                                    \
+	(STATE_BIT | (uint64_t)(g) << 3 | (uint64_t)(d) << 2 | (tag))
+#define GEN_MAX ((UINT64_C(1) << 60) - 1)
 
 #define ONCE_SHARED_MAGIC 0x6b6f6e63u /* "konc" */
 
@@ -271,16 +281,18 @@ static int publish(keel_claim_t *c, uint64_t done)
 
 int keel_claim_publish(keel_claim_t *c, void *value)
 {
-	if (!c || c->ov->shared || ((uintptr_t)value & 3))
+	/* A done word is the pointer itself, so it must read as positive. */
+	if (!c || c->ov->shared || !value ||
+	    (int64_t)(uint64_t)(uintptr_t)value <= 0)
 		return -EINVAL;
-	return publish(c, (uint64_t)(uintptr_t)value | TAG_DONE);
+	return publish(c, (uint64_t)(uintptr_t)value);
 }
 
 int keel_claim_publish_handle(keel_claim_t *c, uint64_t handle)
 {
-	if (!c || !c->ov->shared || handle >> 62)
+	if (!c || !c->ov->shared || handle >= (UINT64_C(1) << 63) - 1)
 		return -EINVAL;
-	return publish(c, handle << 2 | TAG_DONE);
+	return publish(c, handle + 1);
 }
 
 int keel_claim_is_current(const keel_claim_t *c)
@@ -542,7 +554,7 @@ int keel_once_at(keel_once_t *o, keel_init_fn init, void *arg,
 			return rc;
 	}
 	if (value)
-		*value = (void *)(uintptr_t)(w & ~(uint64_t)3);
+		*value = (void *)(uintptr_t)w;
 	return 0;
 }
 
@@ -581,6 +593,6 @@ int keel_once_shared_at(keel_once_shared_t *o, keel_init_fn init, void *arg,
 			return rc;
 	}
 	if (value)
-		*value = w >> 2;
+		*value = w - 1;
 	return 0;
 }

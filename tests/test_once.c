@@ -73,9 +73,14 @@ TEST(first_call_runs_init_and_later_calls_read_the_value)
 static int publish_odd(keel_claim_t *c, void *arg)
 {
 	(void)arg;
-	CHECK_RC(keel_claim_publish(c, (char *)VALUE(0) + 1), -EINVAL);
+	CHECK_RC(keel_claim_publish(c, NULL), -EINVAL);
+	CHECK_RC(keel_claim_publish(c, (void *)(uintptr_t)(UINT64_C(1) << 63 |
+							    0x1000)),
+		 -EINVAL);
 	CHECK_RC(keel_claim_publish_handle(c, 7), -EINVAL);
-	return keel_claim_publish(c, NULL);
+	CHECK(keel_claim_is_current(c)); /* the refusals changed nothing */
+	/* Any other pointer, aligned or not. */
+	return keel_claim_publish(c, (char *)VALUE(0) + 1);
 }
 
 static int returns_without_publishing(keel_claim_t *c, void *arg)
@@ -106,9 +111,10 @@ TEST(bad_arguments_are_refused)
 	/* An init that forgets to publish: its caller hears of it. */
 	CHECK_RC(keel_once(&o, returns_without_publishing, NULL, NULL, &v),
 		 -EPROTO);
-	/* Unaligned values are refused; NULL may be published. */
+	/* NULL and top-bit pointers are refused; odd pointers are fine. */
 	CHECK_OK(keel_once(&o, publish_odd, NULL, NULL, &v));
-	CHECK(v == NULL);
+	CHECK(v == (char *)VALUE(0) + 1);
+	CHECK(keel_once_value(&o) == v);
 }
 
 /* ---- Failure and recursion ---- */
@@ -684,7 +690,7 @@ TEST(a_ranked_once_is_checked_like_a_lock)
 static int publishes_handle(keel_claim_t *c, void *arg)
 {
 	CHECK_RC(keel_claim_publish(c, VALUE(0)), -EINVAL);
-	CHECK_RC(keel_claim_publish_handle(c, UINT64_C(1) << 62), -EINVAL);
+	CHECK_RC(keel_claim_publish_handle(c, (UINT64_C(1) << 63) - 1), -EINVAL);
 	return keel_claim_publish_handle(c, (uint64_t)(uintptr_t)arg);
 }
 

@@ -13,7 +13,7 @@
  * frees the claim for the next caller; only its own caller sees the error.
  *
  * keel_once_shared_t is the same across processes, in MAP_SHARED memory,
- * publishing a 62-bit handle or offset rather than a pointer.
+ * publishing a 63-bit handle or offset rather than a pointer.
  */
 #ifndef KEEL_ONCE_H
 #define KEEL_ONCE_H
@@ -47,7 +47,7 @@ extern "C" {
  * typedef keel_once_t - a reclaimable once.
  *
  * One 64-bit word (the state and the claim's generation, or the published
- * value), the current owner's record, and the lifelines its owners hold.
+ * pointer itself), the current owner's record, and the lifelines its owners hold.
  * Initialise with KEEL_ONCE_INIT (or zero it). It must outlive every call
  * on it, stale owners' included.
  */
@@ -155,25 +155,26 @@ KEEL_API int keel_once_at(keel_once_t *o, keel_init_fn init, void *arg,
  * keel_once_value() - the published value, if the once is done.
  * @o: the once.
  *
- * One acquire load, inlined. A value read here is fully built: what init
- * wrote before publishing is visible.
+ * One acquire load and a sign test, inlined: with the caller's own NULL
+ * test, the same code as a hand-written load of a published pointer. A
+ * value read here is fully built: what init wrote before publishing is
+ * visible.
  *
  * Context: any thread; never blocks.
- * Return: the value, or NULL if not done yet (use keel_once() if NULL can
- * be a published value).
+ * Return: the value, or NULL if not done yet.
  */
 static inline void *keel_once_value(const keel_once_t *o)
 {
-	uint64_t w = __atomic_load_n(&o->k_word, __ATOMIC_ACQUIRE);
+	int64_t w = (int64_t)__atomic_load_n(&o->k_word, __ATOMIC_ACQUIRE);
 
-	return (w & 3) == 3 ? (void *)(uintptr_t)(w & ~(uint64_t)3) : (void *)0;
+	return w > 0 ? (void *)(uintptr_t)w : (void *)0;
 }
 
 /**
  * keel_claim_publish() - publish init's value, if the claim is current.
  * @claim: init's claim.
- * @value: the value; its address must be a multiple of 4 (any pointer to
- *         an object aligned to 4 or more, or NULL).
+ * @value: the value: any pointer but NULL, whose top bit is clear (every
+ *         ordinary pointer; not one tagged in its top byte).
  *
  * One compare-and-swap: it succeeds only while the claim is the current
  * one. On -ESTALE another caller holds the once now: init must tear down
@@ -181,21 +182,21 @@ static inline void *keel_once_value(const keel_once_t *o)
  *
  * Context: the init the claim was given to.
  * Return: 0; -ESTALE if the claim is no longer current; -EALREADY if this
- * claim published already; -EINVAL if @claim is NULL, is a shared once's
- * claim, or @value is not a multiple of 4.
+ * claim published already; -EINVAL if @claim is NULL or is a shared once's
+ * claim, or @value is NULL or has its top bit set.
  */
 KEEL_API int keel_claim_publish(keel_claim_t *claim, void *value);
 
 /**
  * keel_claim_publish_handle() - publish a shared once's value.
  * @claim:  init's claim, from keel_once_shared().
- * @handle: the value: an offset or handle below 2^62, never a pointer
- *          (another process's pointer means nothing here).
+ * @handle: the value: an offset or handle below 2^63 - 1, never a
+ *          pointer (another process's pointer means nothing here).
  *
  * Context: the init the claim was given to.
  * Return: 0; -ESTALE if the claim is no longer current; -EALREADY if this
  * claim published already; -EINVAL if @claim is NULL or not a shared
- * once's claim, or @handle is 2^62 or above.
+ * once's claim, or @handle is 2^63 - 1 or above.
  */
 KEEL_API int keel_claim_publish_handle(keel_claim_t *claim, uint64_t handle);
 
@@ -285,9 +286,9 @@ static inline int keel_once_shared_value(const keel_once_shared_t *o,
 {
 	uint64_t w = __atomic_load_n(&o->k_word, __ATOMIC_ACQUIRE);
 
-	if ((w & 3) != 3)
+	if ((int64_t)w <= 0)
 		return 0;
-	*value = w >> 2;
+	*value = w - 1;
 	return 1;
 }
 
