@@ -502,7 +502,10 @@ static int once_core(struct ov *v, keel_init_fn init, void *arg,
 			r.started = seen_at;
 		}
 		reclaim_at = add_time(r.started, k.deadline);
-		if (!dead && now >= reclaim_at)
+		/* Presumed hung once past its deadline, if that came before
+		 * this waiter's own max_wait: a waiter that wakes up late
+		 * does what it would have done on time. */
+		if (!dead && now >= reclaim_at && reclaim_at <= give_up)
 			hung = 1;
 		if (dead || hung) {
 			if (g >= GEN_MAX) {

@@ -713,3 +713,85 @@ TEST(shared_once_publishes_a_handle)
 	CHECK_EQ(h, 42);
 	munmap(o, sizeof *o);
 }
+
+/* ---- Anchored init ---- */
+
+struct anchor {
+	keel_once_t o;
+	keel_mutex_t gate;
+	harness_event in_init;
+	keel_scope_t *scope;
+	unsigned flags;
+	_Atomic int lock_rc, once_rc;
+};
+
+static int waits_at_the_gate(keel_claim_t *c, void *arg)
+{
+	struct anchor *a = arg;
+	int rc;
+
+	event_set(&a->in_init);
+	rc = keel_mutex_lock_until(&a->gate, KEEL_FOREVER);
+	atomic_store(&a->lock_rc, rc);
+	if (rc < 0)
+		return rc;
+	keel_mutex_unlock(&a->gate);
+	return keel_claim_publish(c, VALUE(2));
+}
+
+static int anchored_caller(void *arg)
+{
+	struct anchor *a = arg;
+	const keel_once_opts o = {.deadline = KEEL_SEC(60), .flags = a->flags};
+	void *v;
+
+	atomic_store(&a->once_rc, keel_once(&a->o, waits_at_the_gate, a, &o, &v));
+	return 0;
+}
+
+static void run_anchor(unsigned flags, int want_lock_rc)
+{
+	struct anchor *a = calloc(1, sizeof *a);
+
+	a->flags = flags;
+	CHECK_OK(keel_mutex_init(&a->gate, 0, "gate", 0));
+	event_init(&a->in_init);
+	keel_mutex_lock(&a->gate);
+	CHECK_OK(keel_scope_open(&a->scope, NULL));
+	CHECK_OK(keel_spawn(a->scope, anchored_caller, a, NULL, NULL));
+	event_wait(&a->in_init);
+	CHECK_OK(keel_scope_cancel(a->scope)); /* the caller is cancelled */
+	keel_mutex_unlock(&a->gate);
+	keel_scope_close(a->scope);
+	CHECK_EQ(atomic_load(&a->lock_rc), want_lock_rc);
+	CHECK_EQ(atomic_load(&a->once_rc), want_lock_rc);
+	CHECK(keel_once_value(&a->o) == (want_lock_rc == 0 ? VALUE(2) : NULL));
+	CHECK_OK(keel_mutex_destroy(&a->gate));
+	free(a);
+}
+
+TEST(anchored_init_runs_to_the_end_despite_its_callers_cancellation)
+{
+	run_anchor(0, -ECANCELED);             /* the control */
+	run_anchor(KEEL_ONCE_ANCHOR, 0);
+}
+
+/* ---- Generations ---- */
+
+static int never_runs(keel_claim_t *c, void *arg)
+{
+	(void)c;
+	(void)arg;
+	return -EIO;
+}
+
+TEST(generations_used_up_is_eoverflow)
+{
+	keel_once_t o = KEEL_ONCE_INIT;
+	void *v = NULL;
+
+	/* FREE with the last generation there is: no claim can follow. */
+	o.k_word = UINT64_C(1) << 63 | ((UINT64_C(1) << 60) - 1) << 3;
+	CHECK_RC(keel_once(&o, never_runs, NULL, NULL, &v), -EOVERFLOW);
+	CHECK(v == NULL);
+}
