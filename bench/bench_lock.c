@@ -12,8 +12,8 @@
  * lock_contended: ns per lock + unlock when two threads take turns at one
  *   lock with a short critical section (a few writes); the reciprocal of
  *   throughput. keel and pthread_mutex.
- * lockheavy_checker: whole-process wall time of lockheavy (four threads
- *   each taking, 40000 times, a random one of eight chains of four nested
+ * lockheavy_checker: whole-process wall time of lockheavy (two threads
+ *   each taking, 80000 times, a random one of eight chains of four nested
  *   locks, so they often meet), run as a child
  *   process: unchecked (pthread mutexes, no checker), keel (keel's
  *   checked locks), keel_off (keel with KEEL_LOCKCHECK=off),
@@ -198,7 +198,7 @@ BENCH_TARGET(lock_contended, "pthread_mutex", 1.0 / 0.9)
 
 /* ---- lockheavy_checker ------------------------------------------------------- */
 
-#define LOCKHEAVY_ROUNDS "40000"
+#define LOCKHEAVY_ROUNDS "80000"
 
 /* Wall time of one run of a command, or BENCH_DNF. */
 static double run_process(char *const argv[], int checks_off)

@@ -490,6 +490,8 @@ struct keel__held {
 
 #define HELD_WAITING 1 /* in keel_cond_wait: released while it sleeps */
 #define HELD_LEAF 2    /* a KEEL_LOCK_LEAF lock */
+#define HELD_RELOCK 4  /* taken again by its holder (k_depth counts it) */
+#define HELD_COUNTED 8 /* a NOBLOCK or NOALLOC lock (counted in the state) */
 
 struct keel__lockstate {
 	uint32_t depth; /* may exceed KEEL_LOCK_STACK: those are unrecorded */

@@ -29,18 +29,19 @@
  *
  * THE FAST PATHS
  * A checked lock costs what an unchecked one does when its checks read
- * only words already at hand. keel_mutex_lock() reads the lock's first 16
- * bytes (state, level, flags, owner: one cache line) and k_node, and the
- * thread's record: keel's own bits in k_flags say "initialised" and "in
- * the graph" in the same load as the user's flags; each held entry keeps
- * the lock's node id and leaf flag; and a small per-thread cache of the
- * graph edges this thread has already recorded (edges_known) answers
- * "is this nesting known and allowed" without the graph. Taking a lock
- * with nothing held, or nested where the levels allow and the edge is
- * known, is one CAS and a few stores; anything else (a first nesting, a
- * violation, a learned lock's new edge, contention) goes the general way,
- * which checks everything before it waits. keel_mutex_unlock() of the lock
- * on top of the record is an XCHG and two stores.
+ * only words already at hand. keel_mutex_lock() takes the lock word first
+ * (a contended cache line is then fetched once, for writing), then reads
+ * the lock's first 16 bytes (state, level, flags, owner: one cache line)
+ * and k_node, and the thread's record: keel's own bits in k_flags say
+ * "initialised" and "in the graph"; each held entry keeps the lock's node
+ * id and leaf flag; and a small per-thread cache of the graph edges this
+ * thread has already recorded (edges_known) answers "is this nesting
+ * known and allowed" without the graph. If the checks do not pass (a
+ * first nesting, a violation, a learned lock's new edge, a lock not
+ * initialised), the word is given back and the general way checks
+ * everything, reporting before it waits. keel_mutex_unlock() of the lock
+ * on top of the record trusts the record (entries are pushed only for
+ * lock words taken) and is a store and an XCHG on the lock.
  *
  * Reports are formatted into a stack buffer with snprintf and written with
  * one write(2): no allocation, no keel lock, so they work when malloc is
@@ -358,7 +359,10 @@ static inline void held_push_as(struct keel__lockstate *ls, void *lock,
 	h->min = level && level < prev ? level : prev;
 	h->node = (uint16_t)node;
 	h->mode = (uint8_t)mode;
-	h->bits = flags & KEEL_LOCK_LEAF ? HELD_LEAF : 0;
+	h->bits = (uint8_t)((flags & KEEL_LOCK_LEAF ? HELD_LEAF : 0) |
+			    (flags & (KEEL_LOCK_NOBLOCK | KEEL_LOCK_NOALLOC)
+				     ? HELD_COUNTED
+				     : 0));
 }
 
 static inline void held_push(struct keel__lockstate *ls, void *lock,
@@ -366,6 +370,13 @@ static inline void held_push(struct keel__lockstate *ls, void *lock,
 {
 	held_push_as(ls, lock, site, mode, lk_flags(lock),
 		     A_LOAD(lk_node(lock)) & ~NODE_TAKEN);
+}
+
+/* The entry just pushed is a relock: its unlock only counts down. */
+static inline void held_mark_relock(struct keel__lockstate *ls)
+{
+	if (ls->depth <= KEEL_LOCK_STACK)
+		ls->stack[ls->depth - 1].bits |= HELD_RELOCK;
 }
 
 /* The index of lock in the record, searching from the top; -1. */
@@ -734,8 +745,8 @@ static __attribute__((noinline)) void mutex_relock(keel_mutex_t *m,
 			      "deadlocks it");
 	}
 	m->k_depth++;
-	lk_flags_set(m, KEEL__LOCK_DEEP);
 	held_push(ls, m, site, LM_EXCL);
+	held_mark_relock(ls);
 }
 
 /* Take the lock word and record it, after the checks. */
@@ -768,9 +779,19 @@ static __attribute__((noinline)) void mutex_lock_slow(keel_mutex_t *m,
 	mutex_take(ls, m, site);
 }
 
-/* Taking a ready lock with d > 0 locks held: the nesting is checked
- * here, without a call, when the levels allow it and the edge is known
- * (this thread took the pair before); anything else goes the general way. */
+/* Give back a lock word taken by a fast path whose checks then failed. */
+static __attribute__((noinline)) void mutex_unwind(keel_mutex_t *m,
+						   const char *site)
+{
+	if (__atomic_exchange_n(&m->k_state, 0, __ATOMIC_RELEASE) == 2)
+		mutex_wake(m);
+	mutex_lock_slow(m, site);
+}
+
+/* The lock word is taken and d > 0 locks are held: keep it if the
+ * nesting is one this thread has taken before (the edge is known) and the
+ * levels allow it, or if checking is off; otherwise give it back and go
+ * the general way, which checks (and reports) before it waits. */
 static __attribute__((noinline)) void mutex_lock_nested(keel_mutex_t *m,
 							const char *site,
 							unsigned flags,
@@ -778,42 +799,48 @@ static __attribute__((noinline)) void mutex_lock_nested(keel_mutex_t *m,
 {
 	struct keel__lockstate *ls = &keel__locks;
 	const struct keel__held *top = &ls->stack[d - 1];
-	uint32_t z = 0, node = A_LOAD(&m->k_node) & ~NODE_TAKEN;
+	uint32_t node = A_LOAD(&m->k_node) & ~NODE_TAKEN;
 	unsigned level = m->k_level;
 
-	if (likely(d <= KEEL_LOCK_STACK && A_LOAD(&m->k_owner) != (void *)ls &&
-		   (level == 0 || level < top->min) &&
-		   !(flags & KEEL_LOCK_ROOT) && !(top->bits & HELD_LEAF) &&
-		   top->node && node && edge_cached(ls, top->node, node) &&
-		   __atomic_compare_exchange_n(&m->k_state, &z, 1, 0,
-					       __ATOMIC_ACQUIRE,
-					       __ATOMIC_RELAXED))) {
+	if (likely(d <= KEEL_LOCK_STACK &&
+		   (((level == 0 || level < top->min) &&
+		     !(flags & KEEL_LOCK_ROOT) && !(top->bits & HELD_LEAF) &&
+		     top->node && node && edge_cached(ls, top->node, node)) ||
+		    !checking()))) {
 		A_STORE(&m->k_owner, (void *)ls);
 		held_push_as(ls, m, site, LM_EXCL, flags, node);
 		return;
 	}
-	mutex_lock_slow(m, site);
+	mutex_unwind(m, site);
 }
 
 void keel_mutex_lock_at(keel_mutex_t *m, const char *site)
 {
 	struct keel__lockstate *ls = &keel__locks;
 	uint32_t d = ls->depth, z = 0;
-	unsigned flags = lk_flags(m);
+	unsigned flags;
 
-	/* The common case, a leaf function: a lock ready to use (keel's
-	 * bits in the flags say initialised and in the graph), taken with
-	 * nothing held (nothing to check, and the caller cannot be its
-	 * holder), and free. */
-	if (likely((flags & (KEEL__LOCK_READY | KEEL__LOCK_GRAPHED)) ==
-		   (KEEL__LOCK_READY | KEEL__LOCK_GRAPHED))) {
+	/* The lock word first: under contention the lock's cache line is
+	 * fetched once, for writing, instead of read and then upgraded. The
+	 * checks follow; when they do not pass (a lock not ready, a nesting
+	 * not seen before, a violation) the word is given back before the
+	 * general way checks, reports and waits, so nothing is held while a
+	 * report is made. The caller cannot hold it already: the CAS would
+	 * have failed. */
+	if (likely(__atomic_compare_exchange_n(&m->k_state, &z, 1, 0,
+					       __ATOMIC_ACQUIRE,
+					       __ATOMIC_RELAXED))) {
+		flags = lk_flags(m);
+		if (unlikely((flags & (KEEL__LOCK_READY | KEEL__LOCK_GRAPHED)) !=
+			     (KEEL__LOCK_READY | KEEL__LOCK_GRAPHED))) {
+			mutex_unwind(m, site);
+			return;
+		}
 		if (d != 0) {
 			mutex_lock_nested(m, site, flags, d);
 			return;
 		}
-		if (likely(__atomic_compare_exchange_n(&m->k_state, &z, 1, 0,
-						       __ATOMIC_ACQUIRE,
-						       __ATOMIC_RELAXED))) {
+		{
 			struct keel__held *h = &ls->stack[0];
 			unsigned level = m->k_level;
 
@@ -828,6 +855,7 @@ void keel_mutex_lock_at(keel_mutex_t *m, const char *site)
 			if (unlikely(flags & (KEEL_LOCK_NOBLOCK | KEEL_LOCK_NOALLOC))) {
 				ls->noblock += !!(flags & KEEL_LOCK_NOBLOCK);
 				ls->noalloc += !!(flags & KEEL_LOCK_NOALLOC);
+				h->bits |= HELD_COUNTED;
 			}
 			return;
 		}
@@ -846,8 +874,8 @@ int keel_mutex_trylock_at(keel_mutex_t *m, const char *site)
 		if (!(lk_flags(m) & KEEL_LOCK_RECURSIVE))
 			return -EBUSY;
 		m->k_depth++;
-		lk_flags_set(m, KEEL__LOCK_DEEP);
 		held_push(ls, m, site, LM_EXCL);
+		held_mark_relock(ls);
 		return 0;
 	}
 	if (!__atomic_compare_exchange_n(&m->k_state, &z, 1, 0,
@@ -942,8 +970,7 @@ static __attribute__((noinline)) void mutex_unlock_slow(keel_mutex_t *m,
 		report_lock(R_NOT_HELD, m, lk_name(m), site,
 			    "unlock of a lock missing from the held record");
 	if (m->k_depth) {
-		if (--m->k_depth == 0)
-			lk_flags_clear(m, KEEL__LOCK_DEEP);
+		m->k_depth--;
 		return;
 	}
 	mutex_release(m);
@@ -954,13 +981,13 @@ void keel_mutex_unlock_at(keel_mutex_t *m, const char *site)
 	struct keel__lockstate *ls = &keel__locks;
 	uint32_t d = ls->depth;
 
-	/* The common case: the lock on top of the record, held once, with
-	 * no counted flags and nothing past the record's capacity. (Held by
-	 * this thread means initialised: destroying a held lock fails.) */
-	if (likely(A_LOAD(&m->k_owner) == (void *)ls && d - 1 < KEEL_LOCK_STACK - 1 &&
-		   ls->stack[d - 1].lock == m &&
-		   !(lk_flags(m) & (KEEL_LOCK_NOBLOCK | KEEL_LOCK_NOALLOC |
-				    KEEL__LOCK_DEEP)))) {
+	/* The common case: the lock on top of the record, taken once, not
+	 * counted, nothing past the record's capacity. The record is exact
+	 * (an entry is pushed only when the lock word was taken), so it
+	 * alone says the caller holds the lock, and the lock's cache line is
+	 * first touched by the release's writes. */
+	if (likely(d - 1 < KEEL_LOCK_STACK - 1 && ls->stack[d - 1].lock == m &&
+		   !(ls->stack[d - 1].bits & (HELD_RELOCK | HELD_COUNTED)))) {
 		ls->depth = d - 1;
 		mutex_release(m);
 		return;
@@ -978,7 +1005,7 @@ int keel_mutex_destroy(keel_mutex_t *m)
 		return -EBUSY;
 	}
 	keel__graph_forget(&m->k_node);
-	lk_flags_clear(m, KEEL__LOCK_READY | KEEL__LOCK_GRAPHED | KEEL__LOCK_DEEP);
+	lk_flags_clear(m, KEEL__LOCK_READY | KEEL__LOCK_GRAPHED);
 	A_STORE_REL(&m->k_magic, 0u);
 	return 0;
 }
@@ -1031,7 +1058,7 @@ int keel_rwlock_destroy(keel_rwlock_t *l)
 		return -EBUSY;
 	}
 	keel__graph_forget(&l->k_node);
-	lk_flags_clear(l, KEEL__LOCK_READY | KEEL__LOCK_GRAPHED | KEEL__LOCK_DEEP);
+	lk_flags_clear(l, KEEL__LOCK_READY | KEEL__LOCK_GRAPHED);
 	A_STORE_REL(&l->k_magic, 0u);
 	return 0;
 }

@@ -80,7 +80,6 @@ extern "C" {
 /* keel's own bits in k_flags, above the KEEL_LOCK_* flags. */
 #define KEEL__LOCK_READY 0x8000   /* initialised (set by the initialisers) */
 #define KEEL__LOCK_GRAPHED 0x4000 /* known to the lock graph as taken */
-#define KEEL__LOCK_DEEP 0x2000    /* held more than once by its holder */
 
 /* The words every lock and unlock touches are the first 16 bytes (and
  * k_node, for nested locks); on the 64-bit targets whose malloc aligns to
