@@ -441,33 +441,24 @@ static void mark_taken(void *lock)
 
 /* Graph edges a thread knows are recorded, as node ids (from << 32 | to):
  * a lock-free, thread-local shortcut for the nested pairs a thread takes
- * over and over. Two ways per set, chosen by the lock taken alone, so the
- * slot's address does not wait for the record's top to be read. A new
+ * over and over. Two ways per set, the set chosen by the taken lock's
+ * address, so the fast path can read it before it touches the lock. A new
  * edge goes in way 0, the older one moving to way 1. keel__graph_epoch
  * moves whenever a forgotten node id is given to another lock, which
  * clears them all. */
-static inline uint64_t *edge_set(struct keel__lockstate *ls, uint32_t to)
+static inline uint64_t *edge_set(struct keel__lockstate *ls, const void *lock)
 {
 	_Static_assert(sizeof ls->edges_known / sizeof ls->edges_known[0] == 64,
 		       "edges_known is 32 sets of 2");
-	/* The top bits of the product mix every bit of the id. */
-	return &ls->edges_known[((to * 0x9E3779B1u) >> 27) * 2];
+	/* The top bits of the product mix every bit of the address. */
+	return &ls->edges_known[(((uint64_t)(uintptr_t)lock *
+				  0x9E3779B97F4A7C15ull) >> 59) * 2];
 }
 
-/* 1 if from -> to is known recorded (the fast path's question). */
-static inline int edge_cached(struct keel__lockstate *ls, uint32_t from,
-			      uint32_t to)
-{
-	uint64_t key = (uint64_t)from << 32 | to, *set = edge_set(ls, to);
-
-	return (set[0] == key || set[1] == key) &&
-	       ls->edges_epoch == load_relaxed(&keel__graph_epoch);
-}
-
-/* 1 if from -> to is known recorded; else 0, and it is known from now on:
- * the caller passes it to keel__graph_edge(), which records it. */
+/* 1 if from -> to (lock) is known recorded; else 0, and it is known from
+ * now on: the caller passes it to keel__graph_edge(), which records it. */
 static inline int edge_known(struct keel__lockstate *ls, uint32_t from,
-			     uint32_t to)
+			     uint32_t to, const void *lock)
 {
 	uint64_t key = (uint64_t)from << 32 | to, *set;
 	uint32_t epoch = load_relaxed(&keel__graph_epoch);
@@ -476,7 +467,7 @@ static inline int edge_known(struct keel__lockstate *ls, uint32_t from,
 		memset(ls->edges_known, 0, sizeof ls->edges_known);
 		ls->edges_epoch = epoch;
 	}
-	set = edge_set(ls, to);
+	set = edge_set(ls, lock);
 	if (set[0] == key || set[1] == key)
 		return 1;
 	set[1] = set[0];
@@ -534,7 +525,7 @@ static void check_acquire(struct keel__lockstate *ls, void *lock,
 	 * ever taken is a cycle in the graph. Ranked-to-ranked edges follow
 	 * the levels, so a cycle must pass through a learned lock: an edge
 	 * with a learned end is checked for one, across all locks. */
-	if (from && to && (violation || !edge_known(ls, from, to)) &&
+	if (from && to && (violation || !edge_known(ls, from, to, lock)) &&
 	    keel__graph_edge(from, to, site, top->site, !level || !top_level,
 			     violation, cycle, sizeof cycle)) {
 		struct rbuf r;
@@ -788,24 +779,53 @@ static __attribute__((noinline)) void mutex_unwind(keel_mutex_t *m,
 	mutex_lock_slow(m, site);
 }
 
-/* The lock word is taken and d > 0 locks are held: keep it if the
- * nesting is one this thread has taken before (the edge is known) and the
- * levels allow it, or if checking is off; otherwise give it back and go
- * the general way, which checks (and reports) before it waits. */
+/* Taking a lock with d > 0 held. What the checks need from the thread's
+ * record (the top entry, the known-edge set for this lock) is read first:
+ * after the lock word's CAS, which waits for every earlier store, only the
+ * lock's own words (in the line the CAS just fetched) are left to read.
+ * The lock is kept if the nesting is one this thread has taken before (the
+ * edge is known) and the levels allow it, or if checking is off;
+ * otherwise the word is given back and the general way checks (and
+ * reports) before it waits. */
 static __attribute__((noinline)) void mutex_lock_nested(keel_mutex_t *m,
 							const char *site,
-							unsigned flags,
 							uint32_t d)
 {
 	struct keel__lockstate *ls = &keel__locks;
-	const struct keel__held *top = &ls->stack[d - 1];
-	uint32_t node = A_LOAD(&m->k_node) & ~NODE_TAKEN;
-	unsigned level = m->k_level;
+	const struct keel__held *top;
+	const uint64_t *set;
+	uint64_t k0, k1, from;
+	uint32_t tmin, z = 0, node;
+	unsigned tbits, flags, level;
+	int epoch_ok;
 
-	if (likely(d <= KEEL_LOCK_STACK &&
-		   (((level == 0 || level < top->min) &&
-		     !(flags & KEEL_LOCK_ROOT) && !(top->bits & HELD_LEAF) &&
-		     top->node && node && edge_cached(ls, top->node, node)) ||
+	if (unlikely(d > KEEL_LOCK_STACK)) {
+		mutex_lock_slow(m, site);
+		return;
+	}
+	top = &ls->stack[d - 1];
+	tmin = top->min;
+	tbits = top->bits;
+	from = (uint64_t)top->node << 32;
+	set = edge_set(ls, m);
+	k0 = set[0];
+	k1 = set[1];
+	epoch_ok = ls->edges_epoch == load_relaxed(&keel__graph_epoch);
+	if (unlikely(!__atomic_compare_exchange_n(&m->k_state, &z, 1, 0,
+						  __ATOMIC_ACQUIRE,
+						  __ATOMIC_RELAXED))) {
+		mutex_lock_slow(m, site);
+		return;
+	}
+	flags = lk_flags(m);
+	level = m->k_level;
+	node = A_LOAD(&m->k_node) & ~NODE_TAKEN;
+	if (likely((flags & (KEEL__LOCK_READY | KEEL__LOCK_GRAPHED)) ==
+			   (KEEL__LOCK_READY | KEEL__LOCK_GRAPHED) &&
+		   (((level == 0 || level < tmin) &&
+		     !(flags & KEEL_LOCK_ROOT) && !(tbits & HELD_LEAF) &&
+		     from && node && ((from | node) == k0 || (from | node) == k1) &&
+		     epoch_ok) ||
 		    !checking()))) {
 		A_STORE(&m->k_owner, (void *)ls);
 		held_push_as(ls, m, site, LM_EXCL, flags, node);
@@ -820,13 +840,16 @@ void keel_mutex_lock_at(keel_mutex_t *m, const char *site)
 	uint32_t d = ls->depth, z = 0;
 	unsigned flags;
 
-	/* The lock word first: under contention the lock's cache line is
-	 * fetched once, for writing, instead of read and then upgraded. The
-	 * checks follow; when they do not pass (a lock not ready, a nesting
-	 * not seen before, a violation) the word is given back before the
-	 * general way checks, reports and waits, so nothing is held while a
-	 * report is made. The caller cannot hold it already: the CAS would
-	 * have failed. */
+	if (d != 0) {
+		mutex_lock_nested(m, site, d);
+		return;
+	}
+	/* Nothing held: nothing to check, and the caller cannot be the
+	 * holder. The lock word first: under contention the lock's cache
+	 * line is fetched once, for writing, instead of read and then
+	 * upgraded. If the lock turns out not to be ready (not initialised,
+	 * not yet in the graph) the word is given back before the general
+	 * way reports or registers it. */
 	if (likely(__atomic_compare_exchange_n(&m->k_state, &z, 1, 0,
 					       __ATOMIC_ACQUIRE,
 					       __ATOMIC_RELAXED))) {
@@ -834,10 +857,6 @@ void keel_mutex_lock_at(keel_mutex_t *m, const char *site)
 		if (unlikely((flags & (KEEL__LOCK_READY | KEEL__LOCK_GRAPHED)) !=
 			     (KEEL__LOCK_READY | KEEL__LOCK_GRAPHED))) {
 			mutex_unwind(m, site);
-			return;
-		}
-		if (d != 0) {
-			mutex_lock_nested(m, site, flags, d);
 			return;
 		}
 		{
