@@ -20,8 +20,8 @@
 
 #include "../platform.h"
 
-int keel__futex_wait(_Atomic uint32_t *addr, uint32_t expected,
-		     keel_time_t deadline)
+static int futex_wait_op(_Atomic uint32_t *addr, uint32_t expected,
+			 keel_time_t deadline, int op)
 {
 	struct timespec ts, *tsp = NULL;
 	long rc;
@@ -33,13 +33,19 @@ int keel__futex_wait(_Atomic uint32_t *addr, uint32_t expected,
 		ts.tv_nsec = (long)(deadline % 1000000000);
 		tsp = &ts;
 	}
-	rc = syscall(SYS_futex, (void *)(uintptr_t)addr,
-		     FUTEX_WAIT_BITSET | FUTEX_PRIVATE_FLAG, expected, tsp,
-		     NULL, FUTEX_BITSET_MATCH_ANY);
+	rc = syscall(SYS_futex, (void *)(uintptr_t)addr, op, expected, tsp, NULL,
+		     FUTEX_BITSET_MATCH_ANY);
 	if (rc == -1 && errno == ETIMEDOUT)
 		return -ETIMEDOUT;
 	/* EAGAIN (value changed), EINTR and wake-ups all mean "re-check". */
 	return 0;
+}
+
+int keel__futex_wait(_Atomic uint32_t *addr, uint32_t expected,
+		     keel_time_t deadline)
+{
+	return futex_wait_op(addr, expected, deadline,
+			     FUTEX_WAIT_BITSET | FUTEX_PRIVATE_FLAG);
 }
 
 void keel__futex_wake(_Atomic uint32_t *addr, int n)
@@ -51,21 +57,7 @@ void keel__futex_wake(_Atomic uint32_t *addr, int n)
 int keel__futex_wait_shared(_Atomic uint32_t *addr, uint32_t expected,
 			    keel_time_t deadline)
 {
-	struct timespec ts, *tsp = NULL;
-	long rc;
-
-	if (deadline != KEEL_FOREVER) {
-		if (deadline < 0)
-			deadline = 0;
-		ts.tv_sec = (time_t)(deadline / 1000000000);
-		ts.tv_nsec = (long)(deadline % 1000000000);
-		tsp = &ts;
-	}
-	rc = syscall(SYS_futex, (void *)(uintptr_t)addr, FUTEX_WAIT_BITSET,
-		     expected, tsp, NULL, FUTEX_BITSET_MATCH_ANY);
-	if (rc == -1 && errno == ETIMEDOUT)
-		return -ETIMEDOUT;
-	return 0;
+	return futex_wait_op(addr, expected, deadline, FUTEX_WAIT_BITSET);
 }
 
 void keel__futex_wake_shared(_Atomic uint32_t *addr)
