@@ -1398,11 +1398,8 @@ void keel__rank_check(keel_mutex_t *token, const char *site)
 
 void keel__rank_enter(keel_mutex_t *token, const char *site)
 {
-	struct keel__lockstate *ls = &keel__locks;
-
-	if (ls->depth && checking())
-		check_acquire(ls, token, site, 0);
-	held_push(ls, token, site, LM_EXCL);
+	keel__rank_check(token, site);
+	held_push(&keel__locks, token, site, LM_EXCL);
 }
 
 void keel__rank_leave(keel_mutex_t *token)

@@ -119,12 +119,10 @@ struct keel_claim {
 	uint64_t gen;
 	int prev_died;
 	int published;
-	int life; /* the lifeline it holds, -1: none */
 	uint64_t value;
 };
 
 struct record {
-	uint64_t gen;
 	int64_t started;
 	uint64_t thread;
 	int32_t pid;
@@ -153,12 +151,13 @@ static _Atomic uint32_t *word_futex(const struct ov *v)
 	return (_Atomic uint32_t *)(void *)p;
 }
 
-static void record_write(const struct ov *v, uint64_t gen, int life)
+static void record_write(const struct ov *v, uint64_t gen, int life,
+			 keel_time_t started)
 {
 	/* Release stores for the fields, acquire loads in the reader: a
 	 * reader that sees any of them sees the k_gen = 0 before them. */
 	__atomic_store_n(v->gen, 0, __ATOMIC_RELAXED);
-	__atomic_store_n(v->started, keel_now(), __ATOMIC_RELEASE);
+	__atomic_store_n(v->started, started, __ATOMIC_RELEASE);
 	__atomic_store_n(v->thread, (uint64_t)(uintptr_t)&me, __ATOMIC_RELEASE);
 	__atomic_store_n(v->pid, (int32_t)getpid(), __ATOMIC_RELEASE);
 	__atomic_store_n(v->life, life, __ATOMIC_RELEASE);
@@ -175,7 +174,6 @@ static int record_read(const struct ov *v, uint64_t gen, struct record *r)
 	r->pid = __atomic_load_n(v->pid, __ATOMIC_ACQUIRE);
 	r->life = __atomic_load_n(v->life, __ATOMIC_ACQUIRE);
 	g2 = __atomic_load_n(v->gen, __ATOMIC_RELAXED);
-	r->gen = g1;
 	return g1 == gen && g2 == gen && r->life >= -1 &&
 	       r->life < KEEL__ONCE_LIFELINES;
 }
@@ -354,12 +352,11 @@ static int opts_read(struct call *k, const keel_once_opts *o)
 static int own(struct ov *v, struct call *k, uint64_t gen, int prev_died,
 	       int life, uint64_t *out)
 {
-	keel_claim_t c = {v, gen, prev_died, 0, life, 0};
-	keel_time_t started;
+	keel_claim_t c = {v, gen, prev_died, 0, 0};
+	keel_time_t started = keel_now();
 	int rc, shielded = 0, cancelled;
 
-	record_write(v, gen, life);
-	started = keel_now();
+	record_write(v, gen, life, started);
 	if (k->level)
 		keel__rank_enter(&k->rank, k->site);
 	if ((k->flags & KEEL_ONCE_ANCHOR) &&

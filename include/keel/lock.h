@@ -90,6 +90,25 @@ extern "C" {
 #define KEEL__LOCK_ALIGN
 #endif
 
+/* Mutexes and reader-writer locks share one layout, so the checker reads
+ * either through the same fields. */
+#define KEEL__LOCK_FIELDS                                                  \
+	uint32_t k_state;                                                  \
+	uint16_t k_level;                                                  \
+	uint16_t k_flags;                                                  \
+	void *k_owner;                                                     \
+	uint32_t k_node;                                                   \
+	uint32_t k_depth;                                                  \
+	const char *k_name;                                                \
+	void *k_waitq;                                                     \
+	uint32_t k_qlock;                                                  \
+	uint32_t k_magic;                                                  \
+	uint64_t k_reserved[2];
+
+#define KEEL__LOCK_INITIALIZER(level, name, flags)                         \
+	{ 0, (level), (uint16_t)((flags) | KEEL__LOCK_READY), 0, 0, 0, (name), \
+	  0, 0, KEEL__LOCK_MAGIC, { 0, 0 } }
+
 /**
  * typedef keel_mutex_t - a ranked mutual-exclusion lock.
  *
@@ -97,22 +116,11 @@ extern "C" {
  * or keel_mutex_init(); a zeroed or destroyed one is reported when used.
  */
 typedef struct KEEL_CAPABILITY("mutex") KEEL__LOCK_ALIGN keel_mutex {
-	uint32_t k_state;
-	uint16_t k_level;
-	uint16_t k_flags;
-	void *k_owner;
-	uint32_t k_node;
-	uint32_t k_depth;
-	const char *k_name;
-	void *k_waitq;
-	uint32_t k_qlock;
-	uint32_t k_magic;
-	uint64_t k_reserved[2];
+	KEEL__LOCK_FIELDS
 } keel_mutex_t;
 
-#define KEEL_MUTEX_INIT_FLAGS(level, name, flags)                            \
-	{ 0, (level), (uint16_t)((flags) | KEEL__LOCK_READY), 0, 0, 0, (name), \
-	  0, 0, KEEL__LOCK_MAGIC, { 0, 0 } }
+#define KEEL_MUTEX_INIT_FLAGS(level, name, flags)                          \
+	KEEL__LOCK_INITIALIZER(level, name, flags)
 #define KEEL_MUTEX_INIT(level, name) KEEL_MUTEX_INIT_FLAGS(level, name, 0)
 
 /**
@@ -121,22 +129,11 @@ typedef struct KEEL_CAPABILITY("mutex") KEEL__LOCK_ALIGN keel_mutex {
  * Initialise with KEEL_RWLOCK_INIT or keel_rwlock_init().
  */
 typedef struct KEEL_CAPABILITY("rwlock") KEEL__LOCK_ALIGN keel_rwlock {
-	uint32_t k_state;
-	uint16_t k_level;
-	uint16_t k_flags;
-	void *k_owner;
-	uint32_t k_node;
-	uint32_t k_depth;
-	const char *k_name;
-	void *k_waitq;
-	uint32_t k_qlock;
-	uint32_t k_magic;
-	uint64_t k_reserved[2];
+	KEEL__LOCK_FIELDS
 } keel_rwlock_t;
 
-#define KEEL_RWLOCK_INIT_FLAGS(level, name, flags)                            \
-	{ 0, (level), (uint16_t)((flags) | KEEL__LOCK_READY), 0, 0, 0, (name), \
-	  0, 0, KEEL__LOCK_MAGIC, { 0, 0 } }
+#define KEEL_RWLOCK_INIT_FLAGS(level, name, flags)                         \
+	KEEL__LOCK_INITIALIZER(level, name, flags)
 #define KEEL_RWLOCK_INIT(level, name) KEEL_RWLOCK_INIT_FLAGS(level, name, 0)
 
 /**
