@@ -15,6 +15,7 @@
  *
  *     lockheavy [rounds per thread]
  */
+#define _POSIX_C_SOURCE 200809L
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -51,11 +52,16 @@ static void init_locks(void)
 
 static long rounds;
 static long counters[CHAINS][DEPTH];
+static pthread_barrier_t start;
 
 static void *worker(void *arg)
 {
 	uint32_t x = (uint32_t)(uintptr_t)arg * 2654435761u + 1;
 
+	/* Both threads run every round together: without the gate the first
+	 * one created may be done with a good part of its rounds before the
+	 * second starts, and how much differs from run to run. */
+	pthread_barrier_wait(&start);
 	for (long r = 0; r < rounds; r++) {
 		int c;
 
@@ -79,6 +85,7 @@ int main(int argc, char **argv)
 
 	rounds = argc > 1 ? atol(argv[1]) : 20000;
 	init_locks();
+	pthread_barrier_init(&start, NULL, THREADS);
 	for (int i = 0; i < THREADS; i++)
 		pthread_create(&th[i], NULL, worker, (void *)(uintptr_t)(i + 1));
 	for (int i = 0; i < THREADS; i++)

@@ -32,11 +32,11 @@
  * only words already at hand. keel_mutex_lock() takes the lock word first
  * (a contended cache line is then fetched once, for writing), then reads
  * the lock's first 16 bytes (state, level, flags, owner: one cache line)
- * and k_node, and the thread's record: keel's own bits in k_flags say
- * "initialised" and "in the graph"; each held entry keeps the lock's node
- * id and leaf flag; and a small per-thread cache of the graph edges this
- * thread has already recorded (edges_known) answers "is this nesting
- * known and allowed" without the graph. If the checks do not pass (a
+ * and, when nested, the next 16 (k_node and the lock's known parents) and
+ * the thread's record: keel's own bits in k_flags say "initialised" and
+ * "in the graph"; each held entry keeps the lock's node id and leaf flag;
+ * and the lock's short list of parents whose edge to it the graph has
+ * recorded answers "is this nesting known and allowed" without the graph. If the checks do not pass (a
  * first nesting, a violation, a learned lock's new edge, a lock not
  * initialised), the word is given back and the general way checks
  * everything, reporting before it waits. keel_mutex_unlock() of the lock
@@ -333,6 +333,43 @@ static void held_overflow(struct keel__lockstate *ls, void *lock,
 	}
 }
 
+/* An entry's last 8 bytes (min, node, mode LM_EXCL, bits for the leaf
+ * flag), written as one store on the fast paths. */
+static inline void held_tail(struct keel__held *h, uint32_t min, uint32_t node,
+			     unsigned flags)
+{
+	uint8_t bits = flags & KEEL_LOCK_LEAF ? HELD_LEAF : 0;
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+	uint64_t w = (uint64_t)min | (uint64_t)(uint16_t)node << 32 |
+		     (uint64_t)LM_EXCL << 48 | (uint64_t)bits << 56;
+
+	_Static_assert(offsetof(struct keel__held, node) ==
+				       offsetof(struct keel__held, min) + 4 &&
+			       offsetof(struct keel__held, mode) ==
+				       offsetof(struct keel__held, min) + 6 &&
+			       offsetof(struct keel__held, bits) ==
+				       offsetof(struct keel__held, min) + 7,
+		       "min, node, mode, bits are 8 contiguous bytes");
+	memcpy((char *)h + offsetof(struct keel__held, min), &w, sizeof w);
+#else
+	h->min = min;
+	h->node = (uint16_t)node;
+	h->mode = LM_EXCL;
+	h->bits = bits;
+#endif
+}
+
+/* The fast paths' rare case: a NOBLOCK or NOALLOC lock, counted. */
+static __attribute__((noinline)) void held_count(struct keel__lockstate *ls,
+						 struct keel__held *h,
+						 unsigned flags)
+{
+	ls->noblock += !!(flags & KEEL_LOCK_NOBLOCK);
+	ls->noalloc += !!(flags & KEEL_LOCK_NOALLOC);
+	h->bits |= HELD_COUNTED;
+}
+
 /* Record lock as taken; flags and node are the lock's, as the caller
  * read them. */
 static inline void held_push_as(struct keel__lockstate *ls, void *lock,
@@ -475,9 +512,12 @@ static inline int edge_known(struct keel__lockstate *ls, uint32_t from,
 	return 0;
 }
 
-/* The order check, before blocking; called with something held. */
-static void check_acquire(struct keel__lockstate *ls, void *lock,
-			  const char *site, int same_ok)
+/* The order check, before blocking; called with something held. Returns
+ * the node id of the lock on top when the edge from it to this lock is
+ * allowed and recorded in the graph (so the taker may remember it as a
+ * known parent of the lock), else 0. */
+static uint32_t check_acquire(struct keel__lockstate *ls, void *lock,
+			      const char *site, int same_ok)
 {
 	uint32_t d = ls->depth < KEEL_LOCK_STACK ? ls->depth : KEEL_LOCK_STACK;
 	struct keel__held *top = &ls->stack[d - 1];
@@ -525,13 +565,16 @@ static void check_acquire(struct keel__lockstate *ls, void *lock,
 	 * ever taken is a cycle in the graph. Ranked-to-ranked edges follow
 	 * the levels, so a cycle must pass through a learned lock: an edge
 	 * with a learned end is checked for one, across all locks. */
-	if (from && to && (violation || !edge_known(ls, from, to, lock)) &&
-	    keel__graph_edge(from, to, site, top->site, !level || !top_level,
+	if (!from || !to)
+		return 0;
+	if (!violation && edge_known(ls, from, to, lock))
+		return from;
+	if (keel__graph_edge(from, to, site, top->site, !level || !top_level,
 			     violation, cycle, sizeof cycle)) {
 		struct rbuf r;
 
 		if (!first_time(R_CYCLE, top->lock, lock))
-			return;
+			return 0;
 		r.n = 0;
 		rb_add(&r, "keel: lock order cycle: taking '%s' (", lk_name(lock));
 		rb_level(&r, level);
@@ -539,7 +582,9 @@ static void check_acquire(struct keel__lockstate *ls, void *lock,
 		       lk_name(top->lock), cycle);
 		rb_held(&r, ls);
 		report_end(&r);
+		return 0;
 	}
+	return violation ? 0 : from;
 }
 
 /* ---- Mutexes ----------------------------------------------------------------- */
@@ -720,6 +765,34 @@ static inline int lock_ready(void *lock)
 		      (KEEL__LOCK_READY | KEEL__LOCK_GRAPHED));
 }
 
+/* A mutex's known parents: the graph nodes of the last four locks it was
+ * taken under whose edge to it the graph has recorded, as 16-bit ids in
+ * k_parents, valid while k_epoch equals keel__graph_epoch (which moves
+ * when a forgotten node id is given to another lock). Only the mutex's
+ * holder reads or writes them, so plain accesses suffice, and the nested
+ * fast path reads them right after its CAS, from the line the CAS has just
+ * fetched: "is this nesting known" costs no load of its own that could
+ * miss or conflict. Id 0 (no node) is never a parent: empty slots are 0. */
+static inline int parent_known(uint64_t parents, uint32_t from)
+{
+	uint64_t x = parents ^ ((uint64_t)from * 0x0001000100010001ull);
+
+	/* Nonzero iff some 16-bit lane of x is zero. */
+	return ((x - 0x0001000100010001ull) & ~x & 0x8000800080008000ull) != 0;
+}
+
+static void parent_add(keel_mutex_t *m, uint32_t from)
+{
+	uint32_t epoch = load_relaxed(&keel__graph_epoch);
+
+	if (m->k_epoch != epoch) {
+		m->k_epoch = epoch;
+		m->k_parents = 0;
+	}
+	if (!parent_known(m->k_parents, from))
+		m->k_parents = m->k_parents << 16 | from;
+}
+
 /* Its holder taking a mutex again: recursive, or reported and treated as
  * recursive (waiting would deadlock the thread on itself). */
 static __attribute__((noinline)) void mutex_relock(keel_mutex_t *m,
@@ -758,6 +831,7 @@ static __attribute__((noinline)) void mutex_lock_slow(keel_mutex_t *m,
 						      const char *site)
 {
 	struct keel__lockstate *ls = &keel__locks;
+	uint32_t parent = 0;
 
 	if (unlikely(!lock_ready(m)))
 		lock_first(m, site);
@@ -766,8 +840,10 @@ static __attribute__((noinline)) void mutex_lock_slow(keel_mutex_t *m,
 		return;
 	}
 	if (ls->depth && checking())
-		check_acquire(ls, m, site, 0);
+		parent = check_acquire(ls, m, site, 0);
 	mutex_take(ls, m, site);
+	if (parent)
+		parent_add(m, parent);
 }
 
 /* Give back a lock word taken by a fast path whose checks then failed. */
@@ -780,37 +856,34 @@ static __attribute__((noinline)) void mutex_unwind(keel_mutex_t *m,
 }
 
 /* Taking a lock with d > 0 held. What the checks need from the thread's
- * record (the top entry, the known-edge set for this lock) is read first:
- * after the lock word's CAS, which waits for every earlier store, only the
- * lock's own words (in the line the CAS just fetched) are left to read.
- * The lock is kept if the nesting is one this thread has taken before (the
- * edge is known) and the levels allow it, or if checking is off;
- * otherwise the word is given back and the general way checks (and
- * reports) before it waits. */
+ * record (the top entry) and the graph epoch are read first: after the
+ * lock word's CAS, which waits for every earlier store, only the lock's
+ * own words (in the line the CAS just fetched, or the next) are left to
+ * read. The lock is kept if the levels allow the nesting (a learned
+ * lock's level 0 is below every running minimum, which is at least 1) and
+ * the lock on top is one of this lock's known parents, or if checking is
+ * off; otherwise the word is given back and the general way checks (and
+ * reports) before it waits. A known parent is one whose edge to this lock
+ * passed every check when it was recorded, and what those checks read
+ * besides the levels (the top's leaf flag, this lock's root flag) cannot
+ * change while the ids stand for the same locks: the epoch says they do. */
 static __attribute__((noinline)) void mutex_lock_nested(keel_mutex_t *m,
 							const char *site,
 							uint32_t d)
 {
 	struct keel__lockstate *ls = &keel__locks;
 	const struct keel__held *top;
-	const uint64_t *set;
-	uint64_t k0, k1, from;
-	uint32_t tmin, z = 0, node;
-	unsigned tbits, flags, level;
-	int epoch_ok;
+	uint32_t tmin, z = 0, node, from, epoch;
+	unsigned flags, level;
 
-	if (unlikely(d > KEEL_LOCK_STACK)) {
+	if (unlikely(d >= KEEL_LOCK_STACK)) {
 		mutex_lock_slow(m, site);
 		return;
 	}
 	top = &ls->stack[d - 1];
 	tmin = top->min;
-	tbits = top->bits;
-	from = (uint64_t)top->node << 32;
-	set = edge_set(ls, m);
-	k0 = set[0];
-	k1 = set[1];
-	epoch_ok = ls->edges_epoch == load_relaxed(&keel__graph_epoch);
+	from = top->node;
+	epoch = load_relaxed(&keel__graph_epoch);
 	if (unlikely(!__atomic_compare_exchange_n(&m->k_state, &z, 1, 0,
 						  __ATOMIC_ACQUIRE,
 						  __ATOMIC_RELAXED))) {
@@ -822,13 +895,18 @@ static __attribute__((noinline)) void mutex_lock_nested(keel_mutex_t *m,
 	node = A_LOAD(&m->k_node) & ~NODE_TAKEN;
 	if (likely((flags & (KEEL__LOCK_READY | KEEL__LOCK_GRAPHED)) ==
 			   (KEEL__LOCK_READY | KEEL__LOCK_GRAPHED) &&
-		   (((level == 0 || level < tmin) &&
-		     !(flags & KEEL_LOCK_ROOT) && !(tbits & HELD_LEAF) &&
-		     from && node && ((from | node) == k0 || (from | node) == k1) &&
-		     epoch_ok) ||
+		   ((level < tmin && from && m->k_epoch == epoch &&
+		     parent_known(m->k_parents, from)) ||
 		    !checking()))) {
+		struct keel__held *h = &ls->stack[d];
+
 		A_STORE(&m->k_owner, (void *)ls);
-		held_push_as(ls, m, site, LM_EXCL, flags, node);
+		ls->depth = d + 1;
+		h->lock = m;
+		h->site = site;
+		held_tail(h, level ? level : tmin, node, flags);
+		if (unlikely(flags & (KEEL_LOCK_NOBLOCK | KEEL_LOCK_NOALLOC)))
+			held_count(ls, h, flags);
 		return;
 	}
 	mutex_unwind(m, site);
@@ -866,16 +944,11 @@ void keel_mutex_lock_at(keel_mutex_t *m, const char *site)
 			A_STORE(&m->k_owner, (void *)ls);
 			h->lock = m;
 			h->site = site;
-			h->min = level ? level : LEVEL_NONE;
-			h->node = (uint16_t)(A_LOAD(&m->k_node) & ~NODE_TAKEN);
-			h->mode = LM_EXCL;
-			h->bits = flags & KEEL_LOCK_LEAF ? HELD_LEAF : 0;
+			held_tail(h, level ? level : LEVEL_NONE,
+				  A_LOAD(&m->k_node) & ~NODE_TAKEN, flags);
 			ls->depth = 1;
-			if (unlikely(flags & (KEEL_LOCK_NOBLOCK | KEEL_LOCK_NOALLOC))) {
-				ls->noblock += !!(flags & KEEL_LOCK_NOBLOCK);
-				ls->noalloc += !!(flags & KEEL_LOCK_NOALLOC);
-				h->bits |= HELD_COUNTED;
-			}
+			if (unlikely(flags & (KEEL_LOCK_NOBLOCK | KEEL_LOCK_NOALLOC)))
+				held_count(ls, h, flags);
 			return;
 		}
 	}

@@ -503,6 +503,46 @@ TEST(a_reused_node_id_is_not_taken_for_a_known_pair)
 	CHECK_OK(keel_mutex_destroy(&other));
 }
 
+/* A mutex remembers the parents it was taken under (by graph node id), so
+ * a nesting taken again skips the graph. When a parent is destroyed and
+ * its id goes to a new lock, the child's memory must not stand for the new
+ * parent: the new nesting must reach the graph, or a cycle through it
+ * would go unseen. */
+TEST(a_reused_parent_id_is_not_taken_for_a_known_parent)
+{
+	keel_mutex_t parent, child;
+	harness_capture cap;
+
+	report_mode();
+	CHECK_OK(keel_mutex_init(&child, 0, "child", 0));
+	CHECK_OK(keel_mutex_init(&parent, 0, "old-parent", 0));
+	for (int i = 0; i < 3; i++) { /* remembered after the first */
+		keel_mutex_lock(&parent);
+		keel_mutex_lock(&child);
+		keel_mutex_unlock(&child);
+		keel_mutex_unlock(&parent);
+	}
+	CHECK_OK(keel_mutex_destroy(&parent));
+	CHECK_OK(keel_mutex_init(&parent, 0, "new-parent", 0));
+	keel_mutex_lock(&parent);
+	keel_mutex_lock(&child);
+	keel_mutex_unlock(&child);
+	keel_mutex_unlock(&parent);
+	CHECK_EQ(new_reports(), 0);
+	/* new-parent -> child was recorded, so the reverse closes a cycle. */
+	capture_begin(&cap);
+	keel_mutex_lock(&child);
+	keel_mutex_lock(&parent);
+	capture_end(&cap);
+	keel_mutex_unlock(&parent);
+	keel_mutex_unlock(&child);
+	CHECK_EQ(new_reports(), 1);
+	CHECK_SAID(&cap, "lock order cycle: taking 'new-parent'");
+	CHECK_SAID(&cap, "'new-parent' -> 'child'");
+	CHECK_OK(keel_mutex_destroy(&parent));
+	CHECK_OK(keel_mutex_destroy(&child));
+}
+
 TEST(init_and_use_errors)
 {
 	keel_mutex_t m;

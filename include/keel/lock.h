@@ -81,9 +81,11 @@ extern "C" {
 #define KEEL__LOCK_READY 0x8000   /* initialised (set by the initialisers) */
 #define KEEL__LOCK_GRAPHED 0x4000 /* known to the lock graph as taken */
 
-/* The words every lock and unlock touches are the first 16 bytes (and
- * k_node, for nested locks); on the 64-bit targets whose malloc aligns to
- * 16, the type is aligned so that those 16 always share one cache line. */
+/* The words every lock and unlock touches are the first 16 bytes; a
+ * nested lock also reads the next 16 (its graph node and the parents it is
+ * known to have been taken under). On the 64-bit targets whose malloc
+ * aligns to 16, the type is aligned so that the first 16 always share one
+ * cache line (and the first 32 do three times in four). */
 #if (defined(__x86_64__) || defined(__aarch64__)) && defined(__GNUC__)
 #define KEEL__LOCK_ALIGN __attribute__((aligned(16)))
 #else
@@ -98,16 +100,18 @@ extern "C" {
 	uint16_t k_flags;                                                  \
 	void *k_owner;                                                     \
 	uint32_t k_node;                                                   \
-	uint32_t k_depth;                                                  \
+	uint32_t k_epoch;                                                  \
+	uint64_t k_parents;                                                \
 	const char *k_name;                                                \
 	void *k_waitq;                                                     \
+	uint32_t k_depth;                                                  \
 	uint32_t k_qlock;                                                  \
 	uint32_t k_magic;                                                  \
-	uint64_t k_reserved[2];
+	uint32_t k_reserved;
 
 #define KEEL__LOCK_INITIALIZER(level, name, flags)                         \
-	{ 0, (level), (uint16_t)((flags) | KEEL__LOCK_READY), 0, 0, 0, (name), \
-	  0, 0, KEEL__LOCK_MAGIC, { 0, 0 } }
+	{ 0, (level), (uint16_t)((flags) | KEEL__LOCK_READY), 0, 0, 0, 0,    \
+	  (name), 0, 0, 0, KEEL__LOCK_MAGIC, 0 }
 
 /**
  * typedef keel_mutex_t - a ranked mutual-exclusion lock.
