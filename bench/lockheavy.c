@@ -4,7 +4,8 @@
  *
  * Two threads (one per core of the machines the benchmarks run on: with
  * more threads than cores the run time is ruled by which lock holder the
- * scheduler preempts) each run N rounds. There are eight chains of four locks
+ * scheduler preempts), each pinned to its own CPU and released together by
+ * a barrier, each run N rounds. There are eight chains of four locks
  * (levels 4 down to 1 in the keel build); a round picks a chain at random,
  * takes its four locks nested, bumps a counter under each and releases
  * them. Threads meet on a chain often enough to contend, but not on every
@@ -15,8 +16,9 @@
  *
  *     lockheavy [rounds per thread]
  */
-#define _POSIX_C_SOURCE 200809L
+#define _GNU_SOURCE
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -54,10 +56,38 @@ static long rounds;
 static long counters[CHAINS][DEPTH];
 static pthread_barrier_t start;
 
+/* Put worker i on the i-th CPU the process may use, so that the two
+ * threads always run side by side: left to the scheduler, they sometimes
+ * share a CPU for a while, and a run then takes twice as long whatever
+ * the locks cost. Best effort, and Linux only. */
+static void pin(int i)
+{
+#ifdef __linux__
+	cpu_set_t allowed, one;
+	int seen = 0;
+
+	if (sched_getaffinity(0, sizeof allowed, &allowed) != 0)
+		return;
+	for (int cpu = 0; cpu < CPU_SETSIZE; cpu++) {
+		if (!CPU_ISSET(cpu, &allowed))
+			continue;
+		if (seen++ == i) {
+			CPU_ZERO(&one);
+			CPU_SET(cpu, &one);
+			pthread_setaffinity_np(pthread_self(), sizeof one, &one);
+			return;
+		}
+	}
+#else
+	(void)i;
+#endif
+}
+
 static void *worker(void *arg)
 {
 	uint32_t x = (uint32_t)(uintptr_t)arg * 2654435761u + 1;
 
+	pin((int)(uintptr_t)arg - 1);
 	/* Both threads run every round together: without the gate the first
 	 * one created may be done with a good part of its rounds before the
 	 * second starts, and how much differs from run to run. */
