@@ -1097,6 +1097,8 @@ int keel_mutex_destroy(keel_mutex_t *m)
 		return -EBUSY;
 	}
 	keel__graph_forget(&m->k_node);
+	/* Its known parents were parents of the forgotten node. */
+	m->k_parents = 0;
 	lk_flags_clear(m, KEEL__LOCK_READY | KEEL__LOCK_GRAPHED);
 	A_STORE_REL(&m->k_magic, 0u);
 	return 0;
