@@ -543,6 +543,51 @@ TEST(a_reused_parent_id_is_not_taken_for_a_known_parent)
 	CHECK_OK(keel_mutex_destroy(&child));
 }
 
+/* A mutex remembers only its last four parents: a fifth is a new edge the
+ * graph must see (so the reverse closes a cycle), and the ones it forgot
+ * are still allowed. */
+TEST(a_fifth_parent_reaches_the_graph)
+{
+	keel_mutex_t p[5], child;
+	static const char *const names[5] = {"parent-1", "parent-2", "parent-3",
+					     "parent-4", "parent-5"};
+	harness_capture cap;
+
+	report_mode();
+	CHECK_OK(keel_mutex_init(&child, 0, "child", 0));
+	for (int i = 0; i < 5; i++)
+		CHECK_OK(keel_mutex_init(&p[i], 0, names[i], 0));
+	for (int round = 0; round < 2; round++)
+		for (int i = 0; i < 4; i++) {
+			keel_mutex_lock(&p[i]);
+			keel_mutex_lock(&child);
+			keel_mutex_unlock(&child);
+			keel_mutex_unlock(&p[i]);
+		}
+	keel_mutex_lock(&p[4]);
+	keel_mutex_lock(&child);
+	keel_mutex_unlock(&child);
+	keel_mutex_unlock(&p[4]);
+	for (int i = 0; i < 5; i++) { /* parent-1 is forgotten by now */
+		keel_mutex_lock(&p[i]);
+		keel_mutex_lock(&child);
+		keel_mutex_unlock(&child);
+		keel_mutex_unlock(&p[i]);
+	}
+	CHECK_EQ(new_reports(), 0);
+	capture_begin(&cap);
+	keel_mutex_lock(&child);
+	keel_mutex_lock(&p[4]);
+	capture_end(&cap);
+	keel_mutex_unlock(&p[4]);
+	keel_mutex_unlock(&child);
+	CHECK_EQ(new_reports(), 1);
+	CHECK_SAID(&cap, "'parent-5' -> 'child'");
+	CHECK_OK(keel_mutex_destroy(&child));
+	for (int i = 0; i < 5; i++)
+		CHECK_OK(keel_mutex_destroy(&p[i]));
+}
+
 TEST(init_and_use_errors)
 {
 	keel_mutex_t m;
