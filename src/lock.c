@@ -696,18 +696,36 @@ void keel__q_wake(void **head, uint32_t *ql, int all)
 	keel__qunlock(ql);
 }
 
+/* Called by the thread that released the word and saw 2 (acquiring what
+ * the waiter that wrote the 2 published). The queue is looked at only
+ * when KEEL__LOCK_QUEUED says it may hold someone: k_waitq is out of the
+ * hot line, often in the next lock's, and reading it on every contended
+ * unlock cost a cache miss. */
 static __attribute__((noinline)) void mutex_wake(keel_mutex_t *m)
 {
 	keel__futex_wake(fword(&m->k_state), 1);
-	keel__q_wake(&m->k_waitq, &m->k_qlock, 0);
+	if (lk_flags(m) & KEEL__LOCK_QUEUED)
+		keel__q_wake(&m->k_waitq, &m->k_qlock, 0);
 }
 
-/* Release the lock word itself (no record). */
+/* Release the lock word itself (no record). Acquire too: a 2 read here
+ * may come from a queued waiter, whose KEEL__LOCK_QUEUED must be seen. */
 static inline void mutex_release(keel_mutex_t *m)
 {
 	A_STORE(&m->k_owner, NULL);
-	if (__atomic_exchange_n(&m->k_state, 0, __ATOMIC_RELEASE) == 2)
+	if (__atomic_exchange_n(&m->k_state, 0, __ATOMIC_ACQ_REL) == 2)
 		mutex_wake(m);
+}
+
+/* Under k_qlock: a queued waiter leaves the queue (if still in it); the
+ * last one out clears KEEL__LOCK_QUEUED. Only under k_qlock is the flag
+ * set or cleared, so it is set whenever the queue is not empty. */
+static void mutex_dequeue(keel_mutex_t *m, struct keel__qnode *n)
+{
+	if (!A_LOAD(&n->woken))
+		keel__q_remove(&m->k_waitq, n);
+	if (!A_LOAD(&m->k_waitq))
+		lk_flags_clear(m, KEEL__LOCK_QUEUED);
 }
 
 /* Take the lock word, cancellably; 0 or -ECANCELED/-ETIMEDOUT. */
@@ -720,20 +738,21 @@ static int mutex_wait_until(keel_mutex_t *m, struct keel__task *t,
 	for (;;) {
 		keel__qlock(&m->k_qlock);
 		keel__q_append(&m->k_waitq, &n);
+		lk_flags_set(m, KEEL__LOCK_QUEUED);
 		keel__qunlock(&m->k_qlock);
-		/* Queued before marking the lock contended: an unlocker that
-		 * sees the 2 finds us in the queue. */
-		if (__atomic_exchange_n(&m->k_state, 2, __ATOMIC_ACQUIRE) == 0) {
+		/* Queued (and flagged) before marking the lock contended, and
+		 * the 2 written with release: an unlocker that reads it sees
+		 * the flag and finds us in the queue. */
+		if (__atomic_exchange_n(&m->k_state, 2, __ATOMIC_ACQ_REL) == 0) {
 			keel__qlock(&m->k_qlock);
-			keel__q_remove(&m->k_waitq, &n);
+			mutex_dequeue(m, &n);
 			keel__qunlock(&m->k_qlock);
 			return 0;
 		}
 		while (!A_LOAD_ACQ(&n.woken) && rc == 0)
 			rc = keel__wait(t, deadline, 1, what);
 		keel__qlock(&m->k_qlock);
-		if (!A_LOAD(&n.woken))
-			keel__q_remove(&m->k_waitq, &n);
+		mutex_dequeue(m, &n);
 		keel__qunlock(&m->k_qlock);
 		if (rc < 0) {
 			/* A wake-up meant for us would be lost: pass it on. */
@@ -850,7 +869,7 @@ static __attribute__((noinline)) void mutex_lock_slow(keel_mutex_t *m,
 static __attribute__((noinline)) void mutex_unwind(keel_mutex_t *m,
 						   const char *site)
 {
-	if (__atomic_exchange_n(&m->k_state, 0, __ATOMIC_RELEASE) == 2)
+	if (__atomic_exchange_n(&m->k_state, 0, __ATOMIC_ACQ_REL) == 2)
 		mutex_wake(m);
 	mutex_lock_slow(m, site);
 }

@@ -5,6 +5,7 @@
  * Most cases run under the report policy and capture stderr to check what
  * was reported; one runs the default abort policy in a child process.
  */
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <string.h>
@@ -801,6 +802,54 @@ TEST(mutex_lock_until_times_out_and_is_cancellable)
 	/* Free again: a blocking lock works, and so does lock_until. */
 	CHECK_OK(keel_mutex_lock_until(&contended, KEEL_FOREVER));
 	keel_mutex_unlock(&contended);
+	CHECK_EQ(new_reports(), 0);
+}
+
+/* A lock_until waiter sleeps on its task's parker, queued on the lock, and
+ * the lock's KEEL__LOCK_QUEUED bit tells an unlocker to look at the queue.
+ * A waiter that gives up must not clear the bit while another is queued,
+ * and the unlock must wake the one left (not its deadline). */
+static keel_mutex_t handoff = KEEL_MUTEX_INIT(6, "handoff");
+static int handoff_rc = 1;
+
+static unsigned handoff_flags(void)
+{
+	return __atomic_load_n(&handoff.k_flags, __ATOMIC_ACQUIRE);
+}
+
+static void *handoff_patient(void *arg)
+{
+	(void)arg;
+	handoff_rc = keel_mutex_lock_until(&handoff, keel_after(KEEL_MS(20000)));
+	if (handoff_rc == 0)
+		keel_mutex_unlock(&handoff);
+	return NULL;
+}
+
+static void *handoff_impatient(void *arg)
+{
+	(void)arg;
+	return (void *)(intptr_t)keel_mutex_lock_until(
+		&handoff, keel_after(KEEL_MS(5)));
+}
+
+TEST(unlock_wakes_the_queued_lock_until_waiter_left)
+{
+	pthread_t patient;
+	void *rc;
+
+	report_mode();
+	keel_mutex_lock(&handoff);
+	patient = harness_thread(handoff_patient, NULL);
+	while (!(handoff_flags() & KEEL__LOCK_QUEUED))
+		sched_yield();
+	CHECK_OK(pthread_join(harness_thread(handoff_impatient, NULL), &rc));
+	CHECK_EQ((intptr_t)rc, -ETIMEDOUT);
+	CHECK(handoff_flags() & KEEL__LOCK_QUEUED); /* the patient one */
+	keel_mutex_unlock(&handoff);
+	harness_join(patient);
+	CHECK_EQ(handoff_rc, 0);
+	CHECK(!(handoff_flags() & KEEL__LOCK_QUEUED));
 	CHECK_EQ(new_reports(), 0);
 }
 

@@ -80,6 +80,7 @@ extern "C" {
 /* keel's own bits in k_flags, above the KEEL_LOCK_* flags. */
 #define KEEL__LOCK_READY 0x8000   /* initialised (set by the initialisers) */
 #define KEEL__LOCK_GRAPHED 0x4000 /* known to the lock graph as taken */
+#define KEEL__LOCK_QUEUED 0x2000  /* a cancellable waiter may be queued */
 
 /* The words every lock and unlock touches are the first 16 bytes; a
  * nested lock also reads the next 16 (its graph node and the parents it is
