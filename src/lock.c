@@ -24,8 +24,10 @@
  * condition variables) cannot sleep on the lock's futex word: a
  * canceller's wake-up could come just before the sleep and be lost. They
  * queue a node on the lock (k_waitq, guarded by the k_qlock spin bit) and
- * sleep on their task's parker, which cancellation wakes; they set the
- * state to 2 after queueing, so the unlocker, seeing 2, looks at the queue.
+ * sleep on their task's parker, which cancellation wakes; they set
+ * KEEL__LOCK_QUEUED in k_flags and then the state to 2 after queueing, so
+ * the unlocker, seeing 2, looks at the queue if the bit says to (the queue
+ * is out of the lock's hot cache line; the bit is in it).
  *
  * THE FAST PATHS
  * A checked lock costs what an unchecked one does when its checks read
