@@ -38,10 +38,10 @@
  * the thread's record: keel's own bits in k_flags say "initialised" and
  * "in the graph"; each held entry keeps the lock's node id and leaf flag;
  * and the lock's short list of parents whose edge to it the graph has
- * recorded answers "is this nesting known and allowed" without the graph. If the checks do not pass (a
- * first nesting, a violation, a learned lock's new edge, a lock not
- * initialised), the word is given back and the general way checks
- * everything, reporting before it waits. keel_mutex_unlock() of the lock
+ * recorded answers "is this nesting known and allowed" without the graph.
+ * If the checks do not pass (a first nesting, a violation, a learned
+ * lock's new edge, a lock not initialised), the word is given back and
+ * the general way checks everything, reporting before it waits. keel_mutex_unlock() of the lock
  * on top of the record trusts the record (entries are pushed only for
  * lock words taken) and is a store and an XCHG on the lock.
  *
@@ -370,6 +370,23 @@ static __attribute__((noinline)) void held_count(struct keel__lockstate *ls,
 	ls->noblock += !!(flags & KEEL_LOCK_NOBLOCK);
 	ls->noalloc += !!(flags & KEEL_LOCK_NOALLOC);
 	h->bits |= HELD_COUNTED;
+}
+
+/* The fast paths' record of a mutex just taken with d < KEEL_LOCK_STACK
+ * held (the caller checked): its owner, then the entry at d. */
+static inline void held_push_fast(struct keel__lockstate *ls, uint32_t d,
+				  keel_mutex_t *m, const char *site,
+				  uint32_t min, uint32_t node, unsigned flags)
+{
+	struct keel__held *h = &ls->stack[d];
+
+	A_STORE(&m->k_owner, (void *)ls);
+	ls->depth = d + 1;
+	h->lock = m;
+	h->site = site;
+	held_tail(h, min, node, flags);
+	if (unlikely(flags & (KEEL_LOCK_NOBLOCK | KEEL_LOCK_NOALLOC)))
+		held_count(ls, h, flags);
 }
 
 /* Record lock as taken; flags and node are the lock's, as the caller
@@ -710,13 +727,19 @@ static __attribute__((noinline)) void mutex_wake(keel_mutex_t *m)
 		keel__q_wake(&m->k_waitq, &m->k_qlock, 0);
 }
 
-/* Release the lock word itself (no record). Acquire too: a 2 read here
- * may come from a queued waiter, whose KEEL__LOCK_QUEUED must be seen. */
+/* Give the lock word back. Acquire too: a 2 read here may come from a
+ * queued waiter, whose KEEL__LOCK_QUEUED must be seen. */
+static inline void mutex_give(keel_mutex_t *m)
+{
+	if (__atomic_exchange_n(&m->k_state, 0, __ATOMIC_ACQ_REL) == 2)
+		mutex_wake(m);
+}
+
+/* Release the lock word itself (no record). */
 static inline void mutex_release(keel_mutex_t *m)
 {
 	A_STORE(&m->k_owner, NULL);
-	if (__atomic_exchange_n(&m->k_state, 0, __ATOMIC_ACQ_REL) == 2)
-		mutex_wake(m);
+	mutex_give(m);
 }
 
 /* Under k_qlock: a queued waiter leaves the queue (if still in it); the
@@ -871,8 +894,7 @@ static __attribute__((noinline)) void mutex_lock_slow(keel_mutex_t *m,
 static __attribute__((noinline)) void mutex_unwind(keel_mutex_t *m,
 						   const char *site)
 {
-	if (__atomic_exchange_n(&m->k_state, 0, __ATOMIC_ACQ_REL) == 2)
-		mutex_wake(m);
+	mutex_give(m);
 	mutex_lock_slow(m, site);
 }
 
@@ -922,15 +944,7 @@ static __attribute__((noinline)) void mutex_lock_nested(keel_mutex_t *m,
 		     ((uint16_t)m->k_parents == from ||
 		      parent_known(m->k_parents, from))) ||
 		    !checking()))) {
-		struct keel__held *h = &ls->stack[d];
-
-		A_STORE(&m->k_owner, (void *)ls);
-		ls->depth = d + 1;
-		h->lock = m;
-		h->site = site;
-		held_tail(h, level ? level : tmin, node, flags);
-		if (unlikely(flags & (KEEL_LOCK_NOBLOCK | KEEL_LOCK_NOALLOC)))
-			held_count(ls, h, flags);
+		held_push_fast(ls, d, m, site, level ? level : tmin, node, flags);
 		return;
 	}
 	mutex_unwind(m, site);
@@ -961,20 +975,10 @@ void keel_mutex_lock_at(keel_mutex_t *m, const char *site)
 			mutex_unwind(m, site);
 			return;
 		}
-		{
-			struct keel__held *h = &ls->stack[0];
-			unsigned level = m->k_level;
-
-			A_STORE(&m->k_owner, (void *)ls);
-			h->lock = m;
-			h->site = site;
-			held_tail(h, level ? level : LEVEL_NONE,
-				  A_LOAD(&m->k_node) & ~NODE_TAKEN, flags);
-			ls->depth = 1;
-			if (unlikely(flags & (KEEL_LOCK_NOBLOCK | KEEL_LOCK_NOALLOC)))
-				held_count(ls, h, flags);
-			return;
-		}
+		held_push_fast(ls, 0, m, site,
+			       m->k_level ? m->k_level : LEVEL_NONE,
+			       A_LOAD(&m->k_node) & ~NODE_TAKEN, flags);
+		return;
 	}
 	mutex_lock_slow(m, site);
 }
