@@ -123,11 +123,23 @@ struct keel__msg {
 } KEEL_ALIGNED(KEEL_CACHELINE);
 
 struct keel__msg *keel__msg_refill(void);
-void keel__msg_flush(int all);
+void keel__msg_free_home(struct keel__msg *m);
+/* Give every free record this thread keeps back to the pool. */
+void keel__msg_flush(void);
 /* The record at index idx, or NULL if idx was never handed out. */
 struct keel__msg *keel__msg_at(uint32_t idx);
 
 /* ---- Thread-local state ------------------------------------------------ */
+#define MSG_HOMES 4 /* home batches a thread gathers records of at once */
+
+/* Free records of one home batch (the MSG_CACHE_BATCH records carved
+ * together), gathered by the thread that freed them; see msg.c. */
+struct keel__msg_home {
+	struct keel__msg *head; /* linked by next, NULL-terminated */
+	uint32_t home;          /* idx / MSG_CACHE_BATCH */
+	uint32_t n;             /* 0: empty */
+};
+
 struct keel__tls {
 	struct keel__task *self; /* the task running on this thread */
 	struct keel__msg *cache; /* free message records, linked by next */
@@ -135,6 +147,8 @@ struct keel__tls {
 	uint8_t registered; /* the thread-exit key holds a value */
 	uint8_t exited;     /* the thread-exit hook has run once */
 	uint32_t rng;       /* yield injection */
+	uint32_t home_next; /* the slot to empty next when all are taken */
+	struct keel__msg_home homes[MSG_HOMES];
 };
 
 extern KEEL_TLS struct keel__tls keel__tls;
@@ -175,10 +189,13 @@ static inline void keel__msg_free(struct keel__msg *m)
 	if ((gen & (((uint64_t)1 << 40) - 1)) == 0)
 		gen++;
 	store_relaxed(&m->state, gen << MSG_STATE_BITS | ST_FREE);
+	if (unlikely(keel__tls.ncache >= MSG_CACHE_BATCH)) {
+		keel__msg_free_home(m);
+		return;
+	}
 	store_relaxed(&m->next, keel__tls.cache);
 	keel__tls.cache = m;
-	if (unlikely(++keel__tls.ncache >= 4 * MSG_CACHE_BATCH))
-		keel__msg_flush(0);
+	keel__tls.ncache++;
 }
 
 /* ---- Tasks -------------------------------------------------------------

@@ -251,7 +251,7 @@ static void on_thread_exit(void *value)
 			keel__task_release(t);
 		/* A task keel started is released by its joiner. */
 	}
-	keel__msg_flush(1);
+	keel__msg_flush();
 }
 
 static void make_key(void)
