@@ -661,16 +661,36 @@ static __attribute__((noinline)) void mutex_wait(keel_mutex_t *m)
 
 /* ---- Queues of cancellable waiters ------------------------------------------ */
 
+/* The queue lock: held for a few pointer moves, so a taker spins a
+ * little, then sleeps (0 free, 1 held, 2 held and someone may sleep). A
+ * pure spin lock convoys when threads outnumber CPUs: a holder preempted
+ * inside leaves every spinner to burn its whole time slice before it runs
+ * again (a thousand callers of one keel_once() stalled for minutes). */
+#define QLOCK_SPINS 64
+
 void keel__qlock(uint32_t *q)
 {
-	while (__atomic_exchange_n(q, 1, __ATOMIC_ACQUIRE))
-		while (A_LOAD(q))
-			keel__cpu_relax();
+	uint32_t z = 0;
+
+	if (__atomic_compare_exchange_n(q, &z, 1, 0, __ATOMIC_ACQUIRE,
+					__ATOMIC_RELAXED))
+		return;
+	for (int i = 0; i < QLOCK_SPINS; i++) {
+		keel__cpu_relax();
+		z = 0;
+		if (A_LOAD(q) == 0 &&
+		    __atomic_compare_exchange_n(q, &z, 1, 0, __ATOMIC_ACQUIRE,
+						__ATOMIC_RELAXED))
+			return;
+	}
+	while (__atomic_exchange_n(q, 2, __ATOMIC_ACQUIRE) != 0)
+		keel__futex_wait(fword(q), 2, KEEL_FOREVER);
 }
 
 void keel__qunlock(uint32_t *q)
 {
-	A_STORE_REL(q, 0);
+	if (__atomic_exchange_n(q, 0, __ATOMIC_RELEASE) == 2)
+		keel__futex_wake(fword(q), 1);
 }
 
 void keel__q_append(void **head, struct keel__qnode *n)

@@ -404,9 +404,16 @@ static int wait_a_while(struct ov *v, struct call *k, uint64_t w,
 		keel__qlock(v->qlock);
 		keel__q_append(v->waitq, &n);
 		keel__qunlock(v->qlock);
-		/* Queued first: a change after this load wakes the node. */
+		/* Queued first: a change after this look wakes the node. The
+		 * look is an RMW of the word, not a load: a load could be
+		 * answered before the node's link left this CPU's store
+		 * buffer, while the publisher's CAS and its look at the queue
+		 * (empty) came in between, and nobody would wake us. As an RMW
+		 * it is ordered with the publisher's CAS on the one word: if
+		 * it comes first, the CAS acquires it and the publisher sees
+		 * the node; if later, it reads the new word. */
 		rc = 0;
-		if (word_load(v) == w)
+		if (__atomic_fetch_or(v->word, 0, __ATOMIC_ACQ_REL) == w)
 			while (!__atomic_load_n(&n.woken, __ATOMIC_ACQUIRE) &&
 			       rc == 0)
 				rc = keel__wait(k->t, until, 1, "once");
