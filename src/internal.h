@@ -123,6 +123,8 @@ struct keel__msg {
 } KEEL_ALIGNED(KEEL_CACHELINE);
 
 struct keel__msg *keel__msg_refill(void);
+/* A record freed while this thread's cache is full: kept with the others
+ * of its home batch until the batch can go back whole (msg.c). */
 void keel__msg_free_home(struct keel__msg *m);
 /* Give every free record this thread keeps back to the pool. */
 void keel__msg_flush(void);
