@@ -111,6 +111,7 @@ struct ov {
 	uint32_t *lstate; /* NULL: set up by keel_once_shared_init() */
 	void **waitq;     /* NULL: shared (no parkers across processes) */
 	uint32_t *qlock;
+	uint32_t *watch;  /* NULL: shared (every waiter looks) */
 	int shared;
 };
 
@@ -319,6 +320,7 @@ struct call {
 	const char *name, *site;
 	struct keel__task *t;
 	keel_mutex_t rank; /* the once as a ranked resource */
+	int watching;      /* this caller holds the once's watch */
 };
 
 static int opts_read(struct call *k, const keel_once_opts *o)
@@ -387,6 +389,56 @@ static int own(struct ov *v, struct call *k, uint64_t gen, int prev_died,
 	return 1; /* stale: the current claim's value is the caller's */
 }
 
+/* ---- The watch -----------------------------------------------------------
+ * While an init runs, its owner may die, and nothing wakes the waiters for
+ * that: someone must look at its lifeline every KEEL_ONCE_POLL. In a once
+ * of this process one waiter at a time does, the one holding the watch
+ * (k_watch = 1); the others sleep until the claim changes, their own
+ * max_wait or the owner's deadline (a thousand waiters polling each burnt
+ * both CPUs of a two-CPU machine through a one-second init).
+ *
+ *   take:     a waiter about to sleep CASes k_watch 0 -> 1; if it wins, it
+ *             sleeps at most a poll interval.
+ *   release:  the holder, when it stops waiting for any reason (done,
+ *             failed, timed out, cancelled, or about to claim), exchanges
+ *             k_watch to 0 and wakes one queued waiter, which takes it.
+ *             Any other waiter that stops waiting and finds the watch free
+ *             wakes one too: the one woken to take it may have left.
+ *   re-look:  a waiter that lost the take queues its node, then looks at
+ *             k_watch again with an RMW and sleeps only if it is still 1.
+ *             The release is an RMW of the same word: if it comes after
+ *             the re-look, it acquires the node's queueing and its wake-up
+ *             finds a node (this one or another, which takes the watch);
+ *             if before, the re-look reads 0 and the waiter goes round to
+ *             take the watch itself.
+ * Shared onces have no queue to hand the watch through: every waiter there
+ * looks, as before.
+ */
+static int watch_take(struct ov *v, struct call *k)
+{
+	uint32_t z = 0;
+
+	if (!v->watch || k->watching)
+		return 1;
+	k->watching = __atomic_compare_exchange_n(v->watch, &z, 1, 0,
+						  __ATOMIC_ACQ_REL,
+						  __ATOMIC_RELAXED);
+	return k->watching;
+}
+
+static void watch_release(struct ov *v, struct call *k)
+{
+	if (!v->watch)
+		return;
+	if (k->watching) {
+		k->watching = 0;
+		__atomic_exchange_n(v->watch, 0, __ATOMIC_ACQ_REL);
+	} else if (__atomic_fetch_or(v->watch, 0, __ATOMIC_ACQ_REL) != 0) {
+		return; /* someone holds it */
+	}
+	keel__q_wake(v->waitq, v->qlock, 0);
+}
+
 /* Sleep until woken, `until`, or cancelled; -ECANCELED or 0. */
 static int wait_a_while(struct ov *v, struct call *k, uint64_t w,
 			keel_time_t until)
@@ -413,7 +465,9 @@ static int wait_a_while(struct ov *v, struct call *k, uint64_t w,
 		 * it comes first, the CAS acquires it and the publisher sees
 		 * the node; if later, it reads the new word. */
 		rc = 0;
-		if (__atomic_fetch_or(v->word, 0, __ATOMIC_ACQ_REL) == w)
+		if (__atomic_fetch_or(v->word, 0, __ATOMIC_ACQ_REL) == w &&
+		    (k->watching ||
+		     __atomic_fetch_or(v->watch, 0, __ATOMIC_ACQ_REL) != 0))
 			while (!__atomic_load_n(&n.woken, __ATOMIC_ACQUIRE) &&
 			       rc == 0)
 				rc = keel__wait(k->t, until, 1, "once");
@@ -435,29 +489,19 @@ static keel_time_t add_time(keel_time_t t, keel_time_t d)
 	return t > KEEL_FOREVER - d ? KEEL_FOREVER : t + d;
 }
 
-static int once_core(struct ov *v, keel_init_fn init, void *arg,
-		     const keel_once_opts *opts, uint64_t *out, const char *site)
+/* Claim, wait or return, until done, failed, timed out or cancelled. */
+static int once_loop(struct ov *v, struct call *k, keel_time_t give_up,
+		     uint64_t *out)
 {
-	struct call k = {.init = init, .arg = arg, .site = site};
-	keel_time_t give_up, seen_at = 0;
+	keel_time_t seen_at = 0;
 	uint64_t seen_gen = 0;
 	int rc;
 
-	if (!init || (rc = opts_read(&k, opts)) < 0)
-		return -EINVAL;
-	if (!(k.t = keel__self()))
-		return -ENOMEM;
-	if (k.level) {
-		keel__rank_token(&k.rank, k.level, k.name);
-		keel__rank_check(&k.rank, site);
-	}
-	keel__lock_check_blocking("keel_once()");
-	give_up = add_time(keel_now(), k.max_wait);
 	for (;;) {
 		uint64_t w = word_load(v), g = GEN(w);
 		struct record r;
 		int valid, dead = 0, hung = 0, life = -1;
-		keel_time_t now, reclaim_at;
+		keel_time_t now, reclaim_at, until;
 
 		if (TAG(w) == TAG_DONE) {
 			*out = w;
@@ -466,12 +510,13 @@ static int once_core(struct ov *v, keel_init_fn init, void *arg,
 		if (TAG(w) == TAG_FREE) {
 			if (g >= GEN_MAX)
 				return -EOVERFLOW;
+			watch_release(v, k);
 			life = lifeline_take(v, -1);
 			if (!word_cas(v, w, WORD(g + 1, 0, TAG_BUSY))) {
 				lifeline_drop(v, life);
 				continue;
 			}
-			rc = own(v, &k, g + 1, (int)DIED(w), life, out);
+			rc = own(v, k, g + 1, (int)DIED(w), life, out);
 			if (rc <= 0)
 				return rc;
 			continue;
@@ -505,7 +550,7 @@ static int once_core(struct ov *v, keel_init_fn init, void *arg,
 			}
 			r.started = seen_at;
 		}
-		reclaim_at = add_time(r.started, k.deadline);
+		reclaim_at = add_time(r.started, k->deadline);
 		/* Presumed hung once past its deadline, if that came before
 		 * this waiter's own max_wait: a waiter that wakes up late
 		 * does what it would have done on time. */
@@ -516,33 +561,58 @@ static int once_core(struct ov *v, keel_init_fn init, void *arg,
 				lifeline_drop(v, life);
 				return -EOVERFLOW;
 			}
+			watch_release(v, k);
 			if (life < 0)
 				life = lifeline_take(v, valid ? r.life : -1);
 			if (!word_cas(v, w, WORD(g + 1, 0, TAG_BUSY))) {
 				lifeline_drop(v, life);
 				continue;
 			}
-			rc = own(v, &k, g + 1, 1, life, out);
+			rc = own(v, k, g + 1, 1, life, out);
 			if (rc <= 0)
 				return rc;
 			continue;
 		}
 		if (now >= give_up)
 			return -ETIMEDOUT;
-		if ((rc = wait_a_while(v, &k, w,
-				       min_time(min_time(add_time(now,
-								  load_relaxed(&keel__once_poll)),
-							 reclaim_at),
-						give_up))) < 0)
+		/* Only the watcher (and every waiter of a shared once) wakes
+		 * to look at the owner's lifeline; the others sleep until the
+		 * claim changes, the owner's deadline or their own. */
+		until = min_time(reclaim_at, give_up);
+		if (watch_take(v, k))
+			until = min_time(until,
+					 add_time(now, load_relaxed(&keel__once_poll)));
+		if ((rc = wait_a_while(v, k, w, until)) < 0)
 			return rc;
 	}
+}
+
+static int once_core(struct ov *v, keel_init_fn init, void *arg,
+		     const keel_once_opts *opts, uint64_t *out, const char *site)
+{
+	struct call k = {.init = init, .arg = arg, .site = site};
+	int rc;
+
+	if (!init || (rc = opts_read(&k, opts)) < 0)
+		return -EINVAL;
+	if (!(k.t = keel__self()))
+		return -ENOMEM;
+	if (k.level) {
+		keel__rank_token(&k.rank, k.level, k.name);
+		keel__rank_check(&k.rank, site);
+	}
+	keel__lock_check_blocking("keel_once()");
+	rc = once_loop(v, &k, add_time(keel_now(), k.max_wait), out);
+	watch_release(v, &k);
+	return rc;
 }
 
 static void ov_of(keel_once_t *o, struct ov *v)
 {
 	*v = (struct ov){&o->k_word, &o->k_gen, &o->k_started, &o->k_thread,
 			 &o->k_pid, &o->k_life,
-			 o->k_lifeline, &o->k_lstate, &o->k_waitq, &o->k_qlock, 0};
+			 o->k_lifeline, &o->k_lstate, &o->k_waitq, &o->k_qlock,
+			 &o->k_watch, 0};
 }
 
 int keel_once_at(keel_once_t *o, keel_init_fn init, void *arg,
@@ -595,7 +665,7 @@ int keel_once_shared_at(keel_once_shared_t *o, keel_init_fn init, void *arg,
 	if (TAG(w) != TAG_DONE) {
 		v = (struct ov){&o->k_word, &o->k_gen, &o->k_started, &o->k_thread,
 				&o->k_pid, &o->k_life, o->k_lifeline, NULL,
-				NULL, NULL, 1};
+				NULL, NULL, NULL, 1};
 		if ((rc = once_core(&v, init, arg, opts, &w, site)) < 0)
 			return rc;
 	}

@@ -7,6 +7,7 @@
  * something happens before them, and short (tens of milliseconds) only
  * where a test waits them out on purpose.
  */
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <string.h>
@@ -14,6 +15,8 @@
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include <sched.h>
 
 #include "harness.h"
 #include "internal.h"
@@ -317,6 +320,71 @@ TEST(owner_raw_exit_is_noticed_within_a_poll)
 	exit(77);
 #endif
 	owner_dies(BY_RAW_EXIT);
+}
+
+/* One waiter at a time (the watch holder) looks at a running owner's
+ * lifeline; the others sleep. When the holder stops waiting (here: its
+ * task is cancelled) the watch passes to a waiter still there, which then
+ * notices the owner's death within a poll, not at the owner's 60 s
+ * deadline. (White-box: the test waits for k_watch and for two queued
+ * waiters, so the hand-over is what is exercised.) */
+static _Atomic int watching_rc = 1;
+
+static int watching_task(void *arg)
+{
+	struct death *d = arg;
+	void *v = NULL;
+
+	atomic_store(&watching_rc,
+		     keel_once(&d->o, reclaiming_init, d, &patient, &v));
+	return 0;
+}
+
+static int queued(keel_once_t *o)
+{
+	int n = 0;
+
+	keel__qlock(&o->k_qlock);
+	for (struct keel__qnode *q = o->k_waitq; q; q = q->next)
+		n++;
+	keel__qunlock(&o->k_qlock);
+	return n;
+}
+
+TEST(the_watch_passes_on_when_its_holder_leaves)
+{
+	struct death *d = calloc(1, sizeof *d);
+	keel_scope_t *s;
+	pthread_t owner, waiter;
+	int64_t latency;
+
+	d->how = BY_PTHREAD_EXIT;
+	event_init(&d->owning);
+	event_init(&d->go);
+	owner = harness_thread(dying_thread, d);
+	event_wait(&d->owning);
+	CHECK_OK(keel_scope_open(&s, NULL));
+	CHECK_OK(keel_spawn(s, watching_task, d, NULL, NULL));
+	while (!__atomic_load_n(&d->o.k_watch, __ATOMIC_ACQUIRE))
+		sched_yield();
+	waiter = harness_thread(waiter_thread, d);
+	while (queued(&d->o) < 2)
+		sched_yield();
+	CHECK_OK(keel_scope_cancel(s));
+	CHECK_RC(keel_scope_close(s), -ECANCELED);
+	CHECK_EQ(atomic_load(&watching_rc), -ECANCELED);
+	atomic_store(&d->died_at, keel_now());
+	event_set(&d->go);
+	harness_join(waiter);
+	harness_join(owner);
+	latency = atomic_load(&d->reclaim.at) - atomic_load(&d->died_at);
+	printf("owner death noticed %.2f ms after the watch passed on\n",
+	       (double)latency / 1e6);
+	CHECK_EQ(atomic_load(&d->reclaim.inits), 1);
+	CHECK(keel_once_value(&d->o) == VALUE(4));
+	CHECK_INT(latency, <, 2 * KEEL_ONCE_POLL + KEEL_MS(500));
+	CHECK_EQ(__atomic_load_n(&d->o.k_watch, __ATOMIC_ACQUIRE), 0);
+	free(d);
 }
 
 TEST(owner_task_cancelled_frees_the_claim_at_once)

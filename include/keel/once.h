@@ -63,6 +63,8 @@ typedef struct keel_once {
 	void *k_waitq;
 	uint32_t k_qlock;
 	uint32_t k_lstate;
+	uint32_t k_watch; /* 1 while a waiter looks at the owner's lifeline */
+	uint32_t k_reserved;
 	pthread_mutex_t k_lifeline[KEEL__ONCE_LIFELINES];
 } keel_once_t;
 
