@@ -13,6 +13,12 @@
  * SIGCONTs) whichever process is running init, at random. Eventually
  * exactly one handle is published, every process not killed gets it, and
  * none waits forever. KEEL_ROUNDS rounds (4; 40 under KEEL_STRESS=long).
+ *
+ * Watch: an owner blocks in its init while KEEL_WAITERS (40) waiters come,
+ * three in four of them cancelled after a few ms, so the watch on the owner
+ * passes from hand to hand; then the owner's thread ends and a waiter
+ * still there must notice within a poll or two. KEEL_WATCH_ROUNDS rounds
+ * (5; 50 under KEEL_STRESS=long).
  * KEEL_SEED fixes the randomness.
  */
 #include <signal.h>
@@ -135,6 +141,130 @@ TEST(stress_thousand_threads_one_init)
 	free(th);
 	printf("%ld rounds of %ld threads: one init each (seed %#llx)\n",
 	       rounds, nthreads, (unsigned long long)seed);
+}
+
+/* ---- The watch, handed on ---- */
+
+/* One waiter at a time looks at a running owner's lifeline. Here the
+ * waiters that hold the watch keep leaving (their max_wait is short) while
+ * the owner runs, so the watch passes from hand to hand; then the owner's
+ * thread ends in its init, and one of the waiters still there must notice
+ * within a poll or two, not at the owner's 60 s deadline. */
+static struct {
+	keel_once_t *o;
+	harness_event owning, die;
+	_Atomic int64_t died_at, reclaimed_at;
+	_Atomic int reclaims;
+} hand;
+
+static int hand_owner_init(keel_claim_t *c, void *arg)
+{
+	(void)c;
+	(void)arg;
+	event_set(&hand.owning);
+	event_wait(&hand.die);
+	atomic_store(&hand.died_at, keel_now());
+	pthread_exit(NULL);
+}
+
+static int hand_reclaim_init(keel_claim_t *c, void *arg)
+{
+	(void)arg;
+	atomic_store(&hand.reclaimed_at, keel_now());
+	atomic_fetch_add(&hand.reclaims, 1);
+	return keel_claim_publish(c, &token);
+}
+
+static void *hand_owner(void *arg)
+{
+	static const keel_once_opts patient = {.deadline = KEEL_SEC(60)};
+	void *v;
+
+	(void)arg;
+	keel_once(hand.o, hand_owner_init, NULL, &patient, &v);
+	return NULL; /* not reached: the init ends the thread */
+}
+
+struct hand_waiter {
+	pthread_t th;
+	keel_time_t leave_after; /* 0: stays */
+	int rc;
+	void *v;
+};
+
+/* A leaver waits inside a scope of its own whose deadline cancels it. */
+static void *hand_wait(void *arg)
+{
+	static const keel_once_opts patient = {.deadline = KEEL_SEC(60)};
+	struct hand_waiter *w = arg;
+	keel_scope_t *s = NULL;
+
+	if (w->leave_after) {
+		keel_scope_opts o = {.deadline = keel_after(w->leave_after)};
+
+		CHECK_OK(keel_scope_open(&s, &o));
+	}
+	w->rc = keel_once(hand.o, hand_reclaim_init, NULL, &patient, &w->v);
+	if (s)
+		keel_scope_close(s);
+	return NULL;
+}
+
+TEST(stress_the_watch_passes_through_leaving_waiters)
+{
+	uint64_t seed = harness_seed(), rng = seed;
+	long nwaiters = harness_param("KEEL_WAITERS", 40, 100);
+	long nrounds = harness_param("KEEL_WATCH_ROUNDS", 5, 50);
+	struct hand_waiter *w = calloc((size_t)nwaiters, sizeof *w);
+
+	for (long r = 0; r < nrounds; r++) {
+		pthread_t owner;
+		int64_t latency;
+
+		hand.o = calloc(1, sizeof *hand.o);
+		event_init(&hand.owning);
+		event_init(&hand.die);
+		atomic_store(&hand.reclaims, 0);
+		owner = harness_thread(hand_owner, NULL);
+		event_wait(&hand.owning);
+		/* Three in four leave after 1-40 ms (their scope's deadline
+		 * cancels their wait); the rest, and the last, stay. */
+		for (long i = 0; i < nwaiters; i++) {
+			w[i].rc = 1;
+			w[i].leave_after =
+				i + 1 < nwaiters && rng_next(&rng) % 4
+					? KEEL_MS(1 + (long)(rng_next(&rng) % 40))
+					: 0;
+			w[i].th = harness_thread(hand_wait, &w[i]);
+		}
+		for (long i = 0; i < nwaiters; i++)
+			if (w[i].leave_after) {
+				harness_join(w[i].th);
+				CHECK(w[i].rc == -ECANCELED || w[i].rc == -ETIMEDOUT);
+			}
+		event_set(&hand.die);
+		harness_join(owner);
+		for (long i = 0; i < nwaiters; i++)
+			if (!w[i].leave_after) {
+				harness_join(w[i].th);
+				CHECK_OK(w[i].rc);
+				CHECK(w[i].v == &token);
+			}
+		latency = atomic_load(&hand.reclaimed_at) -
+			  atomic_load(&hand.died_at);
+		if (atomic_load(&hand.reclaims) != 1 ||
+		    latency >= 2 * KEEL_ONCE_POLL + KEEL_MS(500))
+			harness_fail(__FILE__, __LINE__,
+				     "round %ld (seed %#llx): %d reclaims, the "
+				     "last %.1f ms after the owner died",
+				     r, (unsigned long long)seed,
+				     atomic_load(&hand.reclaims),
+				     (double)latency / 1e6);
+		free(hand.o);
+	}
+	free(w);
+	printf("%ld rounds of %ld waiters leaving and staying (seed %#llx)\n",
+	       nrounds, nwaiters, (unsigned long long)seed);
 }
 
 /* ---- Processes ---- */
