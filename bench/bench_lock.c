@@ -67,7 +67,7 @@ static void threaded(void)
 	}
 }
 
-BENCH(lock_uncontended, keel)
+static double keel_loop(keel_mutex_t *m)
 {
 	long n = bench_count(UNCONTENDED, 1000);
 	int64_t start;
@@ -76,25 +76,20 @@ BENCH(lock_uncontended, keel)
 	start = bench_now();
 
 	for (long i = 0; i < n; i++) {
-		keel_mutex_lock(&ranked);
-		keel_mutex_unlock(&ranked);
+		keel_mutex_lock(m);
+		keel_mutex_unlock(m);
 	}
 	return (double)(bench_now() - start) / (double)n;
 }
 
+BENCH(lock_uncontended, keel)
+{
+	return keel_loop(&ranked);
+}
+
 BENCH(lock_uncontended, keel_graph)
 {
-	long n = bench_count(UNCONTENDED, 1000);
-	int64_t start;
-
-	threaded();
-	start = bench_now();
-
-	for (long i = 0; i < n; i++) {
-		keel_mutex_lock(&learned);
-		keel_mutex_unlock(&learned);
-	}
-	return (double)(bench_now() - start) / (double)n;
+	return keel_loop(&learned);
 }
 
 static double pthread_loop(pthread_mutex_t *m)

@@ -618,23 +618,32 @@ static int valid_init(const void *p, unsigned level, const char *name,
 	       !((flags & KEEL_LOCK_LEAF) && (flags & KEEL_LOCK_ROOT));
 }
 
-int keel_mutex_init(keel_mutex_t *m, unsigned level, const char *name,
-		    unsigned flags)
+/* keel_mutex_init() and keel_rwlock_init(): one layout, one way. */
+static int lock_init(void *lock, unsigned level, const char *name,
+		     unsigned flags)
 {
 	struct keel__lockinfo li;
 
-	if (!valid_init(m, level, name, flags))
+	if (!valid_init(lock, level, name, flags))
 		return -EINVAL;
-	memset(m, 0, sizeof *m);
-	m->k_level = (uint16_t)level;
-	m->k_flags = (uint16_t)(flags | KEEL__LOCK_READY);
-	m->k_name = name;
-	A_STORE_REL(&m->k_magic, KEEL__LOCK_MAGIC);
+	_Static_assert(sizeof(keel_mutex_t) == sizeof(keel_rwlock_t),
+		       "one layout");
+	memset(lock, 0, sizeof(keel_mutex_t));
+	LK_FIELD(lock, k_level, uint16_t) = (uint16_t)level;
+	LK_FIELD(lock, k_flags, uint16_t) = (uint16_t)(flags | KEEL__LOCK_READY);
+	LK_FIELD(lock, k_name, const char *) = name;
+	A_STORE_REL(&LK_FIELD(lock, k_magic, uint32_t), KEEL__LOCK_MAGIC);
 	/* Known to the graph from now on: "never taken" until it is. */
-	li = (struct keel__lockinfo){m, name, &m->k_node, (uint16_t)level,
+	li = (struct keel__lockinfo){lock, name, lk_node(lock), (uint16_t)level,
 				     (uint16_t)flags};
 	keel__graph_node(&li, 0);
 	return 0;
+}
+
+int keel_mutex_init(keel_mutex_t *m, unsigned level, const char *name,
+		    unsigned flags)
+{
+	return lock_init(m, level, name, flags);
 }
 
 /* A lock whose magic is wrong: report; under the report policy use it as
@@ -1175,19 +1184,7 @@ void keel_mutex_assert_held_at(const keel_mutex_t *m, const char *site)
 int keel_rwlock_init(keel_rwlock_t *l, unsigned level, const char *name,
 		     unsigned flags)
 {
-	struct keel__lockinfo li;
-
-	if (!valid_init(l, level, name, flags))
-		return -EINVAL;
-	memset(l, 0, sizeof *l);
-	l->k_level = (uint16_t)level;
-	l->k_flags = (uint16_t)(flags | KEEL__LOCK_READY);
-	l->k_name = name;
-	A_STORE_REL(&l->k_magic, KEEL__LOCK_MAGIC);
-	li = (struct keel__lockinfo){l, name, &l->k_node, (uint16_t)level,
-				     (uint16_t)flags};
-	keel__graph_node(&li, 0);
-	return 0;
+	return lock_init(l, level, name, flags);
 }
 
 int keel_rwlock_destroy(keel_rwlock_t *l)

@@ -772,11 +772,19 @@ static uint32_t records_in_table(void)
 
 #define ROUND_MSGS 2000
 
+struct round {
+	struct counters c;
+	harness_event posted;
+};
+
+/* Serves only once all are posted: every round has ROUND_MSGS records in
+ * flight at its peak, so no later round needs more than the first. */
 static void serve_all(struct target *t)
 {
-	struct counters *c = t->ctx;
+	struct round *r = t->ctx;
 
-	while (atomic_load(&c->ran) < ROUND_MSGS)
+	event_wait(&r->posted);
+	while (atomic_load(&r->c.ran) < ROUND_MSGS)
 		CHECK(keel_serve(KEEL_FOREVER) >= 0);
 }
 
@@ -791,15 +799,18 @@ TEST(records_come_back_when_threads_exit)
 
 	keel_self();
 	for (int round = 0; round < 40; round++) {
-		struct counters c = {0, 0};
+		struct round r;
 		struct target t;
 
-		start_target(&t, serve_all, &c);
+		memset(&r, 0, sizeof r);
+		event_init(&r.posted);
+		start_target(&t, serve_all, &r);
 		for (int i = 0; i < ROUND_MSGS; i++)
-			CHECK_OK(keel_post(t.id, count_run, count_cancel, &c));
+			CHECK_OK(keel_post(t.id, count_run, count_cancel, &r.c));
+		event_set(&r.posted);
 		harness_join(t.th);
-		CHECK_EQ(atomic_load(&c.ran), ROUND_MSGS);
-		CHECK_EQ(atomic_load(&c.cancelled), 0);
+		CHECK_EQ(atomic_load(&r.c.ran), ROUND_MSGS);
+		CHECK_EQ(atomic_load(&r.c.cancelled), 0);
 		if (round == 0)
 			first = records_in_table();
 	}

@@ -51,14 +51,18 @@ extern "C" {
  * Initialise with KEEL_ONCE_INIT (or zero it). It must outlive every call
  * on it, stale owners' included.
  */
-typedef struct keel_once {
-	uint64_t k_word;
-	/* The owner's record, written after its claim, read against k_gen. */
-	uint64_t k_gen;
-	int64_t k_started;
-	uint64_t k_thread;
-	int32_t k_pid;
+/* The word, then the owner's record (written after its claim, read
+ * against k_gen): the same in both kinds of once. */
+#define KEEL__ONCE_RECORD_FIELDS                                           \
+	uint64_t k_word;                                                   \
+	uint64_t k_gen;                                                    \
+	int64_t k_started;                                                 \
+	uint64_t k_thread;                                                 \
+	int32_t k_pid;                                                     \
 	int32_t k_life;
+
+typedef struct keel_once {
+	KEEL__ONCE_RECORD_FIELDS
 	/* Waiters, and the lifelines (set up on first use). */
 	void *k_waitq;
 	uint32_t k_qlock;
@@ -77,12 +81,7 @@ typedef struct keel_once {
  * Set up with keel_once_shared_init() by one process before any uses it.
  */
 typedef struct keel_once_shared {
-	uint64_t k_word;
-	uint64_t k_gen;
-	int64_t k_started;
-	uint64_t k_thread;
-	int32_t k_pid;
-	int32_t k_life;
+	KEEL__ONCE_RECORD_FIELDS
 	uint32_t k_magic;
 	uint32_t k_reserved;
 	pthread_mutex_t k_lifeline[KEEL__ONCE_LIFELINES];
