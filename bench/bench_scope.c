@@ -178,3 +178,168 @@ BENCH(scale_10k, keel)
 		   (double)live / 1e6);
 	return (double)(bench_now() - start) / SCALE_TASKS;
 }
+
+/* ---- cancel_10k ------------------------------------------------------------ */
+/*
+ * cancel_10k: ns from cancelling a scope of 10,000 tasks, each blocked in a
+ *   keel wait (keel_sleep_until() or keel_serve(), alternately), to the
+ *   last child's body returning; then the scope is closed (joined) outside
+ *   the timing. pthread_cond_broadcast: the same number of plain threads
+ *   waiting on one condition variable for a flag; the time from the
+ *   broadcast to the last one returning. The _loaded impls run the same
+ *   with two busy-loop processes beside it on the machine (started before
+ *   the tasks, stopped after): a shared server, or CI.
+ */
+#include <signal.h>
+#include <sys/wait.h>
+
+#define CANCEL_TASKS 10000
+
+static atomic_int c10_running;
+static _Atomic int64_t c10_last_exit;
+
+static void c10_note_exit(void)
+{
+	int64_t now = bench_now(), seen = atomic_load(&c10_last_exit);
+
+	while (seen < now &&
+	       !atomic_compare_exchange_weak(&c10_last_exit, &seen, now))
+		;
+}
+
+static int c10_wait(void *arg)
+{
+	atomic_fetch_add(&c10_running, 1);
+	if ((intptr_t)arg & 1)
+		keel_serve(KEEL_FOREVER);
+	else
+		keel_sleep_until(KEEL_FOREVER);
+	c10_note_exit();
+	return 0;
+}
+
+/* Two processes that spin until killed; pids in out[2]. */
+static void busy_start(pid_t out[2])
+{
+	for (int i = 0; i < 2; i++) {
+		out[i] = fork();
+		if (out[i] < 0)
+			bench_fail("fork: busy loop");
+		if (out[i] == 0) {
+			volatile unsigned long x = 0;
+
+			for (;;)
+				x++;
+		}
+	}
+}
+
+static void busy_stop(pid_t pids[2])
+{
+	for (int i = 0; i < 2; i++) {
+		kill(pids[i], SIGKILL);
+		waitpid(pids[i], NULL, 0);
+	}
+}
+
+static double c10_keel(int loaded)
+{
+	keel_spawn_opts o = {.name = "c10", .stack_size = 64 << 10};
+	keel_scope_t *s;
+	pid_t busy[2];
+	int64_t start, took;
+	int rc;
+
+	if (loaded)
+		busy_start(busy);
+	atomic_store(&c10_running, 0);
+	atomic_store(&c10_last_exit, 0);
+	if ((rc = keel_scope_open(&s, NULL)) < 0)
+		bench_fail("keel_scope_open: %s", keel_strerror(rc));
+	for (intptr_t i = 0; i < CANCEL_TASKS; i++)
+		if ((rc = keel_spawn(s, c10_wait, (void *)i, &o, NULL)) < 0)
+			bench_fail("keel_spawn #%ld: %s", (long)i,
+				   keel_strerror(rc));
+	while (atomic_load(&c10_running) < CANCEL_TASKS)
+		sched_yield();
+	start = bench_now();
+	keel_scope_cancel(s);
+	keel_scope_close(s);
+	took = atomic_load(&c10_last_exit) - start;
+	bench_note("cancel_10k%s: the close returned %.0f ms after the cancel "
+		   "(the last child's body returned after %.0f ms)",
+		   loaded ? " loaded" : "",
+		   (double)(bench_now() - start) / 1e6, (double)took / 1e6);
+	if (loaded)
+		busy_stop(busy);
+	return (double)took;
+}
+
+BENCH(cancel_10k, keel)
+{
+	return c10_keel(0);
+}
+
+BENCH(cancel_10k, keel_loaded)
+{
+	return c10_keel(1);
+}
+
+static pthread_mutex_t c10_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t c10_cv = PTHREAD_COND_INITIALIZER;
+static int c10_flag;
+
+static void *c10_pthread(void *arg)
+{
+	(void)arg;
+	pthread_mutex_lock(&c10_mu);
+	atomic_fetch_add(&c10_running, 1);
+	while (!c10_flag)
+		pthread_cond_wait(&c10_cv, &c10_mu);
+	pthread_mutex_unlock(&c10_mu);
+	c10_note_exit();
+	return NULL;
+}
+
+static double c10_plain(int loaded)
+{
+	static pthread_t th[CANCEL_TASKS];
+	pthread_attr_t attr;
+	pid_t busy[2];
+	int64_t start;
+
+	if (loaded)
+		busy_start(busy);
+	atomic_store(&c10_running, 0);
+	atomic_store(&c10_last_exit, 0);
+	c10_flag = 0;
+	pthread_attr_init(&attr);
+	pthread_attr_setstacksize(&attr, 64 << 10);
+	for (int i = 0; i < CANCEL_TASKS; i++)
+		if (pthread_create(&th[i], &attr, c10_pthread, NULL) != 0)
+			bench_fail("pthread_create #%d", i);
+	pthread_attr_destroy(&attr);
+	while (atomic_load(&c10_running) < CANCEL_TASKS)
+		sched_yield();
+	start = bench_now();
+	pthread_mutex_lock(&c10_mu);
+	c10_flag = 1;
+	pthread_cond_broadcast(&c10_cv);
+	pthread_mutex_unlock(&c10_mu);
+	for (int i = 0; i < CANCEL_TASKS; i++)
+		pthread_join(th[i], NULL);
+	start = atomic_load(&c10_last_exit) - start;
+	if (loaded)
+		busy_stop(busy);
+	return (double)start;
+}
+
+BENCH(cancel_10k, pthread_cond_broadcast)
+{
+	return c10_plain(0);
+}
+
+BENCH(cancel_10k, pthread_cond_broadcast_loaded)
+{
+	return c10_plain(1);
+}
