@@ -155,6 +155,10 @@ struct keel__tls {
 
 extern KEEL_TLS struct keel__tls keel__tls;
 
+/* Tests: called by the thread-exit hook after the thread's task has ended
+ * (and perhaps been joined and its slot reused), before the hook returns. */
+extern void (*keel__thread_exit_hook)(void);
+
 /* Register the thread-exit hook for this thread (idempotent until the hook
  * has run; after that, registers again so that late keel use is cleaned up
  * by another round of destructors). */

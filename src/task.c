@@ -237,6 +237,8 @@ void keel__task_set_name(struct keel__task *t, const char *name)
 
 /* ---- Adoption and thread exit -------------------------------------------- */
 
+void (*keel__thread_exit_hook)(void);
+
 static void on_thread_exit(void *value)
 {
 	struct keel__task *t = keel__tls.self;
@@ -245,9 +247,16 @@ static void on_thread_exit(void *value)
 	keel__tls.registered = 0;
 	keel__tls.exited = 1;
 	if (t) {
+		/* Read before the task ends: once it has, a task keel started
+		 * may be joined and its slot given to another thread at any
+		 * moment, so nothing of the slot may be read after. */
+		int adopted = t->adopted;
+
 		keel__task_end(t, 0);
 		keel__tls.self = NULL;
-		if (t->adopted)
+		if (keel__thread_exit_hook)
+			keel__thread_exit_hook();
+		if (adopted)
 			keel__task_release(t);
 		/* A task keel started is released by its joiner. */
 	}

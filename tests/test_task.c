@@ -2,6 +2,7 @@
  * test_task.c: task handles, adoption, names, the thread cache, fork.
  */
 #include <signal.h>
+#include <stdatomic.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -351,4 +352,70 @@ TEST(fork_child_keeps_only_its_own_task)
 	}
 	event_set(&fork_hold);
 	harness_join(th);
+}
+
+/* ---- A task's thread ending by pthread_exit ---- */
+
+static harness_event exit_ended, exit_go, fresh_ready, fresh_done;
+static atomic_int exit_hook_armed;
+
+/* Runs on the exiting thread after its task has ended: holds it there
+ * while the owner joins the task and a new thread takes its slot. */
+static void hold_after_task_end(void)
+{
+	if (!atomic_exchange(&exit_hook_armed, 0))
+		return;
+	event_set(&exit_ended);
+	event_wait(&exit_go);
+}
+
+static void *adopt_and_hold(void *p)
+{
+	keel_task_t *out = p;
+
+	*out = keel_self();
+	event_set(&fresh_ready);
+	event_wait(&fresh_done);
+	return NULL;
+}
+
+TEST(task_ending_by_pthread_exit_releases_its_slot_once)
+{
+	struct keel__thread_cache_stats before;
+	keel_task_t child, fresh = KEEL_TASK_NONE, next = KEEL_TASK_NONE;
+	keel_scope_t *s;
+	char name[64];
+	pthread_t th;
+	int st = -1;
+
+	event_init(&exit_ended);
+	event_init(&exit_go);
+	event_init(&fresh_ready);
+	event_init(&fresh_done);
+	keel_self();
+	keel__thread_cache_stats(&before);
+	atomic_store(&exit_hook_armed, 1);
+	keel__thread_exit_hook = hold_after_task_end;
+	CHECK_OK(keel_scope_open(&s, NULL));
+	CHECK_OK(keel_spawn(s, exit_thread, NULL, NULL, &child));
+	/* The task has ended; its thread is still in its exit hook. Join it
+	 * (its slot is released) and adopt a thread, which takes the slot. */
+	event_wait(&exit_ended);
+	CHECK_OK(keel_join(child, &st, KEEL_FOREVER));
+	th = harness_thread(adopt_and_hold, &fresh);
+	event_wait(&fresh_ready);
+	CHECK_EQ(fresh & TASK_IDX_MASK, child & TASK_IDX_MASK);
+	/* Now let the old thread finish leaving. */
+	event_set(&exit_go);
+	keel__thread_cache_wait_exit(before.exited);
+	/* The new thread's task is alive and keeps its slot: its handle
+	 * works, and the next task gets another slot. */
+	CHECK_INT(keel_task_name(fresh, name, sizeof name), >, 0);
+	harness_join(harness_thread(adopt_and_report, &next));
+	CHECK(next != KEEL_TASK_NONE);
+	CHECK(next != fresh);
+	CHECK_INT(keel_task_name(fresh, name, sizeof name), >, 0);
+	event_set(&fresh_done);
+	harness_join(th);
+	CHECK_OK(keel_scope_close(s));
 }
