@@ -255,7 +255,9 @@ int keel_scope_open(keel_scope_t **out, const keel_scope_opts *opts)
 	sc->nerrors = 0;
 	store_relaxed(&sc->frame.cancelled, 0);
 	sc->frame.kind = FRAME_SCOPE;
-	sc->frame.deadline = opts->deadline > 0 ? opts->deadline : KEEL_FOREVER;
+	/* 0 is "none" (zeroed options); any other time, negative ones
+	 * included, is a deadline, perhaps one that has passed already. */
+	sc->frame.deadline = opts->deadline != 0 ? opts->deadline : KEEL_FOREVER;
 	sc->frame.parent = t->cur;
 	sc->frame.owner = t;
 	t->cur = &sc->frame;

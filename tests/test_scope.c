@@ -1141,3 +1141,24 @@ TEST(dump_shows_the_tree)
 	log_init(&lg);
 	CHECK_OK(keel_scope_close(s));
 }
+
+/* ---- Deadlines in the past ---- */
+
+TEST(negative_deadline_is_already_past)
+{
+	/* 0 means "none"; any other time before now has passed already,
+	 * negative ones included (keel_after() of a negative duration). */
+	keel_time_t past[] = {-1, INT64_MIN, keel_after(-KEEL_SEC(1)), 1};
+
+	for (unsigned i = 0; i < sizeof past / sizeof past[0]; i++) {
+		keel_scope_t *s;
+
+		CHECK_OK(keel_scope_open(&s, &(keel_scope_opts){
+						     .deadline = past[i]}));
+		CHECK_RC(keel_checkpoint(), -ECANCELED);
+		CHECK_RC(keel_sleep_until(KEEL_FOREVER), -ECANCELED);
+		CHECK_EQ(keel_cancel_cause(), KEEL_CANCEL_DEADLINE);
+		CHECK_RC(keel_scope_close(s), -ETIMEDOUT);
+	}
+	CHECK_OK(keel_checkpoint());
+}

@@ -63,7 +63,9 @@ typedef void (*keel_exit_fn)(keel_task_t child, int status, void *arg);
  * struct keel_scope_opts - how a scope behaves; zero means the default.
  * @name:             for keel_dump(); copied. Default "scope".
  * @deadline:         absolute time after which the scope is cancelled
- *                    (cause KEEL_CANCEL_DEADLINE); 0: none.
+ *                    (cause KEEL_CANCEL_DEADLINE); 0: none. Any other
+ *                    time before now, negative ones included, has passed
+ *                    already: the scope opens cancelled.
  * @cleanup_deadline: how long each cleanup may block, a duration; 0: 5 s.
  * @policy:           KEEL_FAIL_FAST (default) or KEEL_SUPERVISE.
  * @on_exit:          called on each child's thread as it ends, after its
