@@ -72,6 +72,7 @@ struct keel__scope {
 	int first_error;
 	int first_cleanup_error;
 	uint32_t nerrors;
+	uint32_t setting_up; /* keel_resource() setups running (owner only) */
 	struct keel__scope *free_next;
 	struct keel__scope *all_prev, *all_next; /* open scopes, for dump */
 };
@@ -253,6 +254,7 @@ int keel_scope_open(keel_scope_t **out, const keel_scope_opts *opts)
 	store_relaxed(&sc->nfg, 0);
 	sc->first_error = sc->first_cleanup_error = 0;
 	sc->nerrors = 0;
+	sc->setting_up = 0;
 	store_relaxed(&sc->frame.cancelled, 0);
 	sc->frame.kind = FRAME_SCOPE;
 	/* 0 is "none" (zeroed options); any other time, negative ones
@@ -452,6 +454,8 @@ int keel_resource(keel_scope_t *s, keel_setup_fn setup,
 	pthread_mutex_lock(&keel__scope_lock);
 	if ((rc = owned_open(s, t, &sc)) == 0)
 		rc = slot = push_entry(sc, (struct entry){.kind = E_RESERVED});
+	if (rc >= 0)
+		sc->setting_up++; /* the scope cannot close under the setup */
 	pthread_mutex_unlock(&keel__scope_lock);
 	if (rc < 0 || slot < 0)
 		return rc < 0 ? rc : -ENOMEM;
@@ -462,6 +466,7 @@ int keel_resource(keel_scope_t *s, keel_setup_fn setup,
 	 * lock is for the entries array, which other tasks' spawns may
 	 * have moved. */
 	pthread_mutex_lock(&keel__scope_lock);
+	sc->setting_up--;
 	if (rc == 0)
 		sc->entries[slot] = (struct entry){.kind = E_RESOURCE,
 						   .fn = teardown, .arg = res};
@@ -669,11 +674,16 @@ int keel_scope_close(keel_scope_t *s)
 	sc = scope_get(s, &stale);
 	if (!sc || sc->frame.owner != t ||
 	    (load_relaxed(&sc->gen_state) & 0xff) != SC_OPEN ||
-	    t->cur != &sc->frame) {
+	    t->cur != &sc->frame || sc->setting_up) {
 		int rc = !sc ? -EINVAL
 			 : sc->frame.owner != t ? -EPERM
 						: -EBUSY;
 
+		if (sc && rc == -EBUSY && sc->setting_up)
+			keel__report("keel_scope_close: scope '%s' closed from "
+				     "inside the setup of one of its resources; "
+				     "refused (-EBUSY)",
+				     sc->name);
 		pthread_mutex_unlock(&keel__scope_lock);
 		return rc;
 	}

@@ -1162,3 +1162,50 @@ TEST(negative_deadline_is_already_past)
 	}
 	CHECK_OK(keel_checkpoint());
 }
+
+/* ---- Misuse inside setups and cleanups ---- */
+
+struct closer {
+	keel_scope_t *s;
+	int rc;
+};
+
+static int setup_closes_its_scope(void *arg, void **out)
+{
+	struct closer *c = arg;
+
+	c->rc = keel_scope_close(c->s);
+	note("setup");
+	*out = c;
+	return 0;
+}
+
+static int teardown_logged(void *arg)
+{
+	(void)arg;
+	note("teardown");
+	return 0;
+}
+
+TEST(resource_setup_that_closes_its_scope_is_refused)
+{
+	harness_capture cap;
+	struct closer c;
+	void *res = NULL;
+
+	log_init(&lg);
+	CHECK_OK(keel_scope_open(&c.s, &(keel_scope_opts){.name = "held"}));
+	CHECK_OK(keel_defer(c.s, log_cleanup, TOKEN("first")));
+	capture_begin(&cap);
+	CHECK_OK(keel_resource(c.s, setup_closes_its_scope, teardown_logged,
+			       &c, &res));
+	capture_end(&cap);
+	/* The close from inside the setup was refused and named; the scope
+	 * is whole, and its resource is torn down in its turn. */
+	CHECK_RC(c.rc, -EBUSY);
+	CHECK(res == &c);
+	CHECK(strstr(cap.text, "scope 'held'") != NULL);
+	CHECK_OK(keel_defer(c.s, log_cleanup, TOKEN("last")));
+	CHECK_OK(keel_scope_close(c.s));
+	CHECK_LOG(&lg, "setup last teardown first");
+}

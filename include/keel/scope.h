@@ -218,7 +218,8 @@ KEEL_API int keel_scope_cancel(keel_scope_t *s);
  * -ETIMEDOUT if the scope's deadline cancelled it, or
  * -ECANCELED if it was cancelled otherwise before the close; -EINVAL if @s
  * is not a scope; -EPERM if the caller does not own @s; -EBUSY if a scope
- * opened inside @s is still open (nothing is closed).
+ * opened inside @s is still open, or if called from inside the setup of a
+ * keel_resource() of @s (nothing is closed; the latter is also reported).
  */
 KEEL_API int keel_scope_close(keel_scope_t *s);
 
