@@ -350,7 +350,8 @@ int keel_fd_wait(int fd, short events, keel_time_t deadline)
 /* ---- Shields ---------------------------------------------------------------- */
 
 /* Push a shield frame; caller holds nothing. */
-int keel__shield_push(struct keel__task *t, keel_time_t deadline)
+int keel__shield_push(struct keel__task *t, keel_time_t deadline,
+		      int internal)
 {
 	struct keel__frame *f;
 
@@ -360,6 +361,7 @@ int keel__shield_push(struct keel__task *t, keel_time_t deadline)
 	f = &t->shields[t->nshields++];
 	store_relaxed(&f->cancelled, 0);
 	f->kind = FRAME_SHIELD;
+	f->internal = internal ? 1 : 0;
 	f->deadline = deadline;
 	f->parent = t->cur;
 	f->owner = t;
@@ -398,14 +400,16 @@ int keel_shield_begin(keel_time_t deadline)
 		return -EINVAL;
 	if (!t)
 		return -ENOMEM;
-	return keel__shield_push(t, deadline);
+	return keel__shield_push(t, deadline, 0);
 }
 
 int keel_shield_end(void)
 {
 	struct keel__task *t = keel__self();
 
-	if (!t || t->cur->kind != FRAME_SHIELD)
+	/* Not keel's own shield around a running cleanup: the cleanup
+	 * did not begin it. */
+	if (!t || t->cur->kind != FRAME_SHIELD || t->cur->internal)
 		return -EPERM;
 	keel__shield_pop(t);
 	return 0;

@@ -231,6 +231,7 @@ enum keel__frame_kind {
 struct keel__frame {
 	_Atomic uint32_t cancelled; /* keel_cause_t, 0 if not */
 	uint8_t kind;
+	uint8_t internal;            /* a shield keel began (a cleanup's) */
 	keel_time_t deadline;        /* KEEL_FOREVER if none */
 	struct keel__frame *parent;  /* the enclosing frame; NULL at a root */
 	struct keel__task *owner;    /* the task whose chain holds it */
@@ -432,8 +433,11 @@ extern pthread_mutex_t keel__scope_lock;
 int keel__frame_cancel(struct keel__frame *f, uint32_t cause);
 
 /* Shields (cancel.c): push one with a deadline (-ENOMEM when too deep);
- * pop the innermost, returning the cause it was cancelled with, or 0. */
-int keel__shield_push(struct keel__task *t, keel_time_t deadline);
+ * pop the innermost, returning the cause it was cancelled with, or 0. An
+ * internal shield (keel's own, around a cleanup) cannot be ended by
+ * keel_shield_end(). */
+int keel__shield_push(struct keel__task *t, keel_time_t deadline,
+		      int internal);
 uint32_t keel__shield_pop(struct keel__task *t);
 
 /* Under the scope lock: wake t and everything nested above frame f on its

@@ -593,10 +593,41 @@ static void join_child(struct keel__scope *sc, struct keel__task *t,
 	pthread_mutex_unlock(&keel__scope_lock);
 }
 
+static int close_scope(struct keel__scope *sc, struct keel__task *t);
+
+/*
+ * Misuse repaired: end or close, innermost first, every shield and scope
+ * that t left open above `stop` on its chain (a cleanup, a body or a whole
+ * task that returned without ending what it began), each with a report
+ * "<who> <verb> ... open". Closing a scope this way runs its teardown in
+ * order, as keel_scope_close() would.
+ */
+static void unwind_to(struct keel__task *t, struct keel__frame *stop,
+		      const char *who, const char *verb)
+{
+	while (t->cur != stop) {
+		struct keel__frame *f = t->cur;
+
+		KEEL_ASSERT(f != &t->base);
+		if (f->kind == FRAME_SHIELD) {
+			keel__report("%s %s a shield open; ending it", who, verb);
+			keel__shield_pop(t);
+			continue;
+		}
+		keel__report("%s %s scope '%s' open; closing it", who, verb,
+			     ((struct keel__scope *)f)->name);
+		pthread_mutex_lock(&keel__scope_lock);
+		close_scope((struct keel__scope *)f, t);
+	}
+}
+
 static void run_cleanup(struct keel__scope *sc, struct keel__task *t,
 			struct entry *e, uint32_t pos)
 {
-	int shielded = keel__shield_push(t, keel_after(sc->cleanup_ns)) == 0;
+	int shielded =
+		keel__shield_push(t, keel_after(sc->cleanup_ns), 1) == 0;
+	struct keel__frame *mine = t->cur;
+	char who[KEEL_TASK_NAME_MAX + 40];
 	int rc;
 
 	if (!shielded)
@@ -604,6 +635,11 @@ static void run_cleanup(struct keel__scope *sc, struct keel__task *t,
 			     "many nested shields",
 			     sc->name, pos);
 	rc = e->fn(e->arg);
+	if (t->cur != mine) {
+		snprintf(who, sizeof who, "scope '%s': cleanup #%u", sc->name,
+			 pos);
+		unwind_to(t, mine, who, "left");
+	}
 	if (shielded && keel__shield_pop(t)) {
 		keel__report("scope '%s': cleanup #%u was cut off at its "
 			     "deadline (%lld ms)",
@@ -692,23 +728,14 @@ int keel_scope_close(keel_scope_t *s)
 
 void keel__scope_task_end(struct keel__task *t)
 {
-	char name[KEEL_TASK_NAME_MAX + 1];
+	char name[KEEL_TASK_NAME_MAX + 1], who[KEEL_TASK_NAME_MAX + 16];
 
 	/* A scope or shield left open: report it, then close it, so that
 	 * nothing the task started outlives it. */
-	while (t->cur != &t->base) {
-		struct keel__frame *f = t->cur;
-
+	if (t->cur != &t->base) {
 		keel__task_copy_name(t, name);
-		if (f->kind == FRAME_SHIELD) {
-			keel__report("task '%s' ended inside a shield", name);
-			keel__shield_pop(t);
-			continue;
-		}
-		keel__report("task '%s' ended with scope '%s' open; closing it",
-			     name, ((struct keel__scope *)f)->name);
-		pthread_mutex_lock(&keel__scope_lock);
-		close_scope((struct keel__scope *)f, t);
+		snprintf(who, sizeof who, "task '%s'", name);
+		unwind_to(t, &t->base, who, "ended with");
 	}
 	pthread_mutex_lock(&keel__scope_lock);
 	if (t->wake_rfd >= 0) {
@@ -740,6 +767,12 @@ int keel_scope_run(keel_body_fn body, void *arg, const keel_scope_opts *opts)
 	pthread_mutex_unlock(&keel__scope_lock);
 	if (!sc)
 		return -EINVAL; /* the body closed its own scope */
+	if (t->cur != &sc->frame) {
+		char who[KEEL_TASK_NAME_MAX + 32];
+
+		snprintf(who, sizeof who, "scope '%s': the body", sc->name);
+		unwind_to(t, &sc->frame, who, "left");
+	}
 	/* The foreground children may finish, until the scope's deadline or
 	 * a cancellation; then close cancels whatever still runs. */
 	keel_scope_join(s, KEEL_FOREVER);

@@ -1209,3 +1209,140 @@ TEST(resource_setup_that_closes_its_scope_is_refused)
 	CHECK_OK(keel_scope_close(c.s));
 	CHECK_LOG(&lg, "setup last teardown first");
 }
+
+static int cleanup_leaves_shield_open(void *arg)
+{
+	(void)arg;
+	CHECK_OK(keel_shield_begin(keel_after(KEEL_SEC(60))));
+	note("leaky-cleanup");
+	return 0;
+}
+
+static int cleanup_leaves_scope_open(void *arg)
+{
+	keel_scope_t *inner;
+
+	(void)arg;
+	CHECK_OK(keel_scope_open(&inner, &(keel_scope_opts){.name = "inner"}));
+	CHECK_OK(keel_defer(inner, log_cleanup, TOKEN("inner-cleanup")));
+	note("leaky-cleanup");
+	return 0;
+}
+
+/* The calling task's chain is back to its base: nothing left open. */
+static void check_nothing_open(void)
+{
+	struct keel__task *t = keel__self();
+
+	CHECK(t->cur == &t->base);
+	CHECK_EQ(t->nshields, 0);
+}
+
+static int cleanup_ends_keels_shield(void *arg)
+{
+	(void)arg;
+	/* The shield a cleanup runs in is keel's: the cleanup cannot end
+	 * it. */
+	CHECK_RC(keel_shield_end(), -EPERM);
+	return 0;
+}
+
+TEST(cleanup_leaving_a_shield_open_is_named_and_ended)
+{
+	harness_capture cap;
+	keel_scope_t *s;
+
+	log_init(&lg);
+	capture_begin(&cap);
+	/* More scopes than there are shield slots: a leaked shield per close
+	 * would leave later cleanups unshielded or refused. */
+	for (int i = 0; i < KEEL_MAX_SHIELDS + 2; i++) {
+		CHECK_OK(keel_scope_open(&s, &(keel_scope_opts){.name = "leaky"}));
+		CHECK_OK(keel_defer(s, log_cleanup, TOKEN("first")));
+		CHECK_OK(keel_defer(s, cleanup_ends_keels_shield, NULL));
+		CHECK_OK(keel_defer(s, cleanup_leaves_shield_open, NULL));
+		CHECK_OK(keel_scope_close(s));
+		check_nothing_open();
+	}
+	capture_end(&cap);
+	CHECK(strstr(cap.text, "scope 'leaky': cleanup #2 left a shield open; "
+			       "ending it") != NULL);
+	CHECK(strstr(cap.text, "unshielded") == NULL);
+	{
+		char want[1024] = "";
+
+		for (int i = 0; i < KEEL_MAX_SHIELDS + 2; i++)
+			strcat(want, i ? " leaky-cleanup first" : "leaky-cleanup first");
+		CHECK_LOG(&lg, want);
+	}
+}
+
+TEST(cleanup_leaving_a_scope_open_is_named_and_closed)
+{
+	harness_capture cap;
+	keel_scope_t *s;
+
+	log_init(&lg);
+	capture_begin(&cap);
+	CHECK_OK(keel_scope_open(&s, &(keel_scope_opts){.name = "outer"}));
+	CHECK_OK(keel_defer(s, log_cleanup, TOKEN("first")));
+	CHECK_OK(keel_defer(s, cleanup_leaves_scope_open, NULL));
+	CHECK_OK(keel_scope_close(s));
+	capture_end(&cap);
+	check_nothing_open();
+	/* The scope the cleanup left open closes as soon as the cleanup
+	 * returns, before the cleanups registered earlier run. */
+	CHECK_LOG(&lg, "leaky-cleanup inner-cleanup first");
+	CHECK(strstr(cap.text, "scope 'outer': cleanup #1 left scope 'inner' "
+			       "open; closing it") != NULL);
+}
+
+static int body_leaves_shield_open(keel_scope_t *s, void *arg)
+{
+	(void)arg;
+	CHECK_OK(keel_defer(s, log_cleanup, TOKEN("cleanup")));
+	CHECK_OK(keel_shield_begin(keel_after(KEEL_SEC(60))));
+	note("body");
+	return 0;
+}
+
+static int body_leaves_scope_open(keel_scope_t *s, void *arg)
+{
+	keel_scope_t *inner;
+
+	(void)arg;
+	CHECK_OK(keel_defer(s, log_cleanup, TOKEN("cleanup")));
+	CHECK_OK(keel_scope_open(&inner, &(keel_scope_opts){.name = "inner"}));
+	CHECK_OK(keel_defer(inner, log_cleanup, TOKEN("inner-cleanup")));
+	note("body");
+	return 0;
+}
+
+TEST(scope_run_body_leaving_a_shield_or_scope_open_is_named_and_closed)
+{
+	harness_capture cap;
+
+	log_init(&lg);
+	capture_begin(&cap);
+	for (int i = 0; i < KEEL_MAX_SHIELDS + 2; i++) {
+		CHECK_OK(keel_scope_run(body_leaves_shield_open, NULL,
+					&(keel_scope_opts){.name = "run"}));
+		check_nothing_open();
+	}
+	CHECK_OK(keel_scope_run(body_leaves_scope_open, NULL,
+				&(keel_scope_opts){.name = "run"}));
+	check_nothing_open();
+	capture_end(&cap);
+	CHECK(strstr(cap.text, "scope 'run': the body left a shield open; "
+			       "ending it") != NULL);
+	CHECK(strstr(cap.text, "scope 'run': the body left scope 'inner' "
+			       "open; closing it") != NULL);
+	{
+		char want[1024] = "";
+
+		for (int i = 0; i < KEEL_MAX_SHIELDS + 2; i++)
+			strcat(want, "body cleanup ");
+		strcat(want, "body inner-cleanup cleanup");
+		CHECK_LOG(&lg, want);
+	}
+}

@@ -334,7 +334,8 @@ KEEL_API int keel_shield_begin(keel_time_t deadline);
  * Context: the task that began the shield, inside no scope it opened after
  * the shield began; never blocks.
  * Return: 0; -EPERM if the calling task has no shield to end (or a scope
- * opened inside the shield is still open).
+ * opened inside the shield is still open, or the innermost shield is the
+ * one keel runs a cleanup in).
  */
 KEEL_API int keel_shield_end(void);
 
