@@ -460,6 +460,9 @@ void keel__cancel_reset(struct keel__task *t);
 void keel__scope_task_end(struct keel__task *t);
 /* A spawned task has ended with status: tell its scope. */
 void keel__scope_child_ended(struct keel__task *t, int status);
+/* In a forked child, under the scope lock: t's thread did not come along
+ * and t had not ended; its scope stops waiting for it. */
+void keel__scope_vanished(struct keel__task *t);
 
 /* Spin budget bounds for waits, in nanoseconds. */
 #define SPIN_MIN_NS 500

@@ -396,6 +396,23 @@ void keel__scope_child_ended(struct keel__task *t, int status)
 	pthread_mutex_unlock(&keel__scope_lock);
 }
 
+void keel__scope_vanished(struct keel__task *t)
+{
+	struct keel__scope *sc = t->home;
+
+	if (!sc)
+		return;
+	if (t->sib_prev)
+		t->sib_prev->sib_next = t->sib_next;
+	else
+		sc->children = t->sib_next;
+	if (t->sib_next)
+		t->sib_next->sib_prev = t->sib_prev;
+	t->sib_prev = t->sib_next = NULL;
+	if (!t->background)
+		store_relaxed(&sc->nfg, load_relaxed(&sc->nfg) - 1);
+}
+
 /* ---- Cleanups and resources ------------------------------------------------------ */
 
 /* Under the lock: the scope a handle names if the caller may add to it. */

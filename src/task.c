@@ -476,8 +476,9 @@ int keel__task_join(keel_task_t id, int *status)
 
 /* ---- fork() ----------------------------------------------------------------
  * The child has only the forking thread. Every other task's thread is gone,
- * so the child marks those tasks ENDED (sends to them give -ESRCH, joins
- * return) and forgets cached threads. keel's locks are taken before fork
+ * so the child marks those tasks ENDED with status -ECANCELED (sends to
+ * them give -ESRCH; joins, scope joins and closes return: their scopes no
+ * longer count them) and forgets cached threads. keel's locks are taken before fork
  * and released in both processes, so none is held by a thread that no
  * longer exists. Records queued to the vanished tasks are left unrun: their
  * threads can no longer run either outcome. A message another thread was
@@ -486,6 +487,9 @@ int keel__task_join(keel_task_t id, int *status)
  */
 static void fork_prepare(void)
 {
+	/* The scope lock first: under it, spawning takes the thread cache's
+	 * and the registry's locks. */
+	pthread_mutex_lock(&keel__scope_lock);
 	keel__lockgraph_fork(0);
 	keel__thread_cache_fork(0);
 	keel__msg_fork(0);
@@ -498,6 +502,7 @@ static void fork_parent(void)
 	keel__msg_fork(1);
 	keel__thread_cache_fork(1);
 	keel__lockgraph_fork(1);
+	pthread_mutex_unlock(&keel__scope_lock);
 }
 
 static void fork_child(void)
@@ -508,11 +513,19 @@ static void fork_child(void)
 		struct keel__task *t = keel__task_slot(i);
 
 		pthread_mutex_init(&t->ctx_lock, NULL);
+		pthread_mutex_init(&t->cb_lock, NULL);
+		pthread_cond_init(&t->cb_cv, NULL);
 		/* Senders caught mid-send by the fork do not exist here: their
 		 * counts must not make a close wait forever. */
 		fetch_and_acq_rel(&t->mword, ~MB_COUNT_MASK);
 		if (!t->in_use || t == self)
 			continue;
+		/* Vanished: its status is that of a task cut off (not an
+		 * error), and its scope no longer waits for it. */
+		if (!load_relaxed(&t->ended)) {
+			t->status = -ECANCELED;
+			keel__scope_vanished(t);
+		}
 		t->closed = 1;
 		fetch_or_acq_rel(&t->mword, MB_CLOSED | MB_ENDED);
 		store_release(&t->ended, 1);
@@ -521,6 +534,7 @@ static void fork_child(void)
 	keel__msg_fork(2);
 	keel__thread_cache_fork(2);
 	keel__lockgraph_fork(2);
+	pthread_mutex_unlock(&keel__scope_lock);
 }
 
 __attribute__((constructor)) static void register_fork_handlers(void)

@@ -419,3 +419,157 @@ TEST(task_ending_by_pthread_exit_releases_its_slot_once)
 	harness_join(th);
 	CHECK_OK(keel_scope_close(s));
 }
+
+/* ---- fork() while scopes are in use ---- */
+
+static int return_zero(void *arg)
+{
+	(void)arg;
+	return 0;
+}
+
+struct churn {
+	atomic_int stop;
+	atomic_long rounds;
+};
+
+/* Spawns and joins in scopes of its own, as fast as it can: at any moment
+ * it may be inside keel's scope bookkeeping. */
+static void *churn_scopes(void *p)
+{
+	struct churn *c = p;
+
+	while (!atomic_load(&c->stop)) {
+		keel_scope_t *s;
+		keel_task_t t;
+
+		CHECK_OK(keel_scope_open(&s, NULL));
+		CHECK_OK(keel_spawn(s, return_zero, NULL, NULL, &t));
+		CHECK_OK(keel_join(t, NULL, KEEL_FOREVER));
+		CHECK_OK(keel_spawn(s, return_zero, NULL, NULL, NULL));
+		CHECK_OK(keel_scope_close(s));
+		atomic_fetch_add(&c->rounds, 1);
+	}
+	return NULL;
+}
+
+/* In a forked child: use scopes; a hang is ended by the alarm. */
+static void child_uses_scopes(void)
+{
+	keel_scope_t *s;
+	keel_task_t t;
+	int st = -1;
+
+	alarm(10);
+	if (keel_scope_open(&s, NULL) != 0 ||
+	    keel_spawn(s, return_arg, (void *)(intptr_t)7, NULL, &t) != 0 ||
+	    keel_join(t, &st, KEEL_FOREVER) != 0 || st != 7 ||
+	    keel_scope_close(s) != 0)
+		_exit(20);
+	_exit(0);
+}
+
+TEST(fork_while_other_threads_use_scopes)
+{
+	struct churn c = {0};
+	pthread_t th[2];
+	int forks = (int)harness_param("KEEL_ITERS", 30, 300);
+
+	keel_self();
+	for (int i = 0; i < 2; i++)
+		th[i] = harness_thread(churn_scopes, &c);
+	for (int i = 0; i < forks; i++) {
+		long before = atomic_load(&c.rounds);
+		pid_t pid;
+		int status;
+
+		/* Fork while the others are busy in scopes. */
+		while (atomic_load(&c.rounds) < before + 2)
+			sched_yield();
+		pid = fork();
+		CHECK(pid >= 0);
+		if (pid == 0)
+			child_uses_scopes();
+		CHECK_EQ(waitpid(pid, &status, 0), pid);
+		if (WIFSIGNALED(status))
+			harness_fail(__FILE__, __LINE__,
+				     "fork #%d: the child was killed by signal "
+				     "%d (SIGALRM: it hung)",
+				     i, WTERMSIG(status));
+		CHECK(WIFEXITED(status));
+		CHECK_EQ(WEXITSTATUS(status), 0);
+	}
+	atomic_store(&c.stop, 1);
+	for (int i = 0; i < 2; i++)
+		harness_join(th[i]);
+	/* The forks did land among scope operations. */
+	CHECK_INT(atomic_load(&c.rounds), >=, 2 * forks);
+}
+
+static harness_event vanish_running, vanish_release;
+
+static int wait_forever(void *arg)
+{
+	(void)arg;
+	return keel_sleep_until(KEEL_FOREVER);
+}
+
+static int block_until_released(void *arg)
+{
+	(void)arg;
+	event_set(&vanish_running);
+	event_wait(&vanish_release);
+	return 5;
+}
+
+struct fork_body {
+	pid_t pid;
+	keel_task_t fg, bg;
+};
+
+static int body_forks(keel_scope_t *s, void *p)
+{
+	struct fork_body *fb = p;
+	int st = 0;
+
+	CHECK_OK(keel_spawn(s, block_until_released, NULL, NULL, &fb->fg));
+	event_wait(&vanish_running);
+	CHECK_OK(keel_spawn(s, wait_forever, NULL,
+			    &(keel_spawn_opts){.background = 1}, &fb->bg));
+	fb->pid = fork();
+	if (fb->pid != 0) {
+		event_set(&vanish_release);
+		return 0;
+	}
+	/* The child: the children's threads did not come along. Waiting
+	 * for the scope's foreground children returns at once, a join of
+	 * a vanished child returns its status (cancelled), and returning
+	 * from the body closes the scope. */
+	alarm(10);
+	if (keel_scope_join(s, KEEL_FOREVER) != 0)
+		_exit(21);
+	if (keel_join(fb->fg, &st, KEEL_FOREVER) != 0 || st != -ECANCELED)
+		_exit(22);
+	return 0;
+}
+
+TEST(fork_child_scope_joins_return)
+{
+	struct fork_body fb = {0};
+	int rc, status;
+
+	event_init(&vanish_running);
+	event_init(&vanish_release);
+	rc = keel_scope_run(body_forks, &fb, NULL);
+	if (fb.pid == 0)
+		_exit(rc == 0 ? 0 : 23);
+	CHECK_OK(rc);
+	CHECK_EQ(waitpid(fb.pid, &status, 0), fb.pid);
+	if (WIFSIGNALED(status))
+		harness_fail(__FILE__, __LINE__,
+			     "the child was killed by signal %d (SIGALRM: "
+			     "it hung)",
+			     WTERMSIG(status));
+	CHECK(WIFEXITED(status));
+	CHECK_EQ(WEXITSTATUS(status), 0);
+}
