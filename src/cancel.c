@@ -18,14 +18,42 @@
  * every chain through it (a scope cannot close while a child runs in it),
  * so the walk never meets freed memory.
  *
- * Cancelling takes the scope lock, marks the frame (first cause wins:
- * sticky), then wakes every task whose chain passes through it: the
- * frame's owner, every child of every scope above the frame on the owner's
- * chain, and recursively the children of those. Waking is an unpark, plus
- * a write to the task's wake fd if it waits in keel_fd_wait(). The lock
- * makes the traversal see a consistent tree: every change to a chain
- * (open, close, shield begin and end) and to a scope's children happens
- * under it too.
+ * Cancelling marks the frame (a CAS: the first cause wins, sticky), then
+ * spreads: it wakes every task whose chain passes through the frame. That
+ * is the frame's owner, every child of every scope the owner opened above
+ * the frame (and of the frame, if it is a scope), and recursively what
+ * runs inside those. Waking is an unpark, plus a write to the task's wake
+ * fd if it waits in keel_fd_wait(); then, if the task is now cancelled,
+ * its keel_on_cancel() callbacks run, on the cancelling thread.
+ *
+ * LOCKS. There is no lock over the whole tree. Each task's chain_lock
+ * guards its chain as others see it; each scope's lock (scope.c) guards
+ * its entries. The spread holds one of them at a time: under a task's
+ * chain_lock it wakes the task and copies up to SPREAD_BATCH of the scopes
+ * above the stop frame; under a scope's lock it copies up to SPREAD_BATCH
+ * of its live children; then it lets go and recurses. So a cancellation
+ * of 10,000 children holds no lock that an exiting child or the closing
+ * owner needs for longer than a batch, and children end without taking
+ * any lock of their scope's (scope.c). The rules, which also let fork()
+ * take every lock (task.c):
+ *   - a scope lock may be held while taking a task's chain_lock (setting
+ *     up a child) or the registry's, thread cache's or pool's lock;
+ *   - nothing but the same task's cb_lock (a leaf) is taken while a
+ *     chain_lock is held;
+ *   - two scope locks are held at once only under the scope table's lock
+ *     (keel_dump(), fork()).
+ *
+ * Why nothing is missed although the tree changes while the spread walks
+ * it: a task that checked its chain before the mark and then parked is in
+ * the subtree and stays there while parked, and the spread reaches it
+ * through locks that order it after each change on its way. A task that
+ * joins the subtree later does so under a lock the spread also takes (a
+ * spawn under its scope's lock checks the chain; a scope opened under its
+ * owner's chain_lock is seen by the spread or opened after the spread has
+ * passed, hence after the mark), so it sees the mark itself. A copied
+ * pointer may go stale once the lock is let go (the child ends and its
+ * slot is reused; the scope closes): the wake is then spurious, which
+ * every wait absorbs, and a reused scope is recognised by its generation.
  *
  * Deadlines are frames' too. Each task caches the earliest deadline on its
  * chain (up to and including the nearest shield) and the frame it belongs
@@ -33,9 +61,13 @@
  * passed cancels that frame with cause KEEL_CANCEL_DEADLINE. No timer
  * thread is needed: every task inside the frame waits with that deadline.
  *
- * keel_on_cancel() callbacks run under the scope lock, on the cancelling
- * thread, while the traversal reaches their task (or at once if it is
- * cancelled already, or when keel_shield_end() uncovers a cancellation).
+ * keel_on_cancel() callbacks run on the cancelling thread, holding no keel
+ * lock, when the spread reaches their task and finds it cancelled (or at
+ * once if it is cancelled already, or when keel_shield_end() uncovers a
+ * cancellation). They belong to one incarnation of the task's slot: the
+ * spread notes cb_epoch under the chain lock and runs none if it moved.
+ * When the task ends, registrations still armed are dropped and running
+ * ones waited for, so no callback runs after its task has ended.
  * A registration's state, under the task's cb_lock:
  *   FREE -> ARMED (keel_on_cancel) -> RUNNING (a canceller took it)
  *        -> DONE -> FREE (removed after it ran)
@@ -52,10 +84,9 @@
 
 #include "internal.h"
 
-pthread_mutex_t keel__scope_lock = PTHREAD_MUTEX_INITIALIZER;
-
 enum { CB_FREE, CB_ARMED, CB_RUNNING, CB_DONE, CB_RUNNING_REMOVED };
 
+/* Under t's chain_lock (the slot is being set up for a new task). */
 void keel__cancel_reset(struct keel__task *t)
 {
 	store_relaxed(&t->base.cancelled, 0);
@@ -67,13 +98,16 @@ void keel__cancel_reset(struct keel__task *t)
 	t->eff_deadline = KEEL_FOREVER;
 	t->eff_frame = NULL;
 	t->home = NULL;
-	t->sib_prev = t->sib_next = NULL;
 	t->background = 0;
 	t->nshields = 0;
 	store_relaxed(&t->blocked_in, NULL);
+	store_relaxed(&t->ending_in, NULL);
 	t->started_at = keel__clock_now();
+	pthread_mutex_lock(&t->cb_lock);
+	fetch_add_relaxed(&t->cb_epoch, 1);
 	for (int i = 0; i < KEEL_MAX_ON_CANCEL; i++)
 		t->cbs[i].state = CB_FREE;
+	pthread_mutex_unlock(&t->cb_lock);
 }
 
 void keel__chain_changed(struct keel__task *t)
@@ -95,10 +129,13 @@ void keel__chain_changed(struct keel__task *t)
 
 /* ---- Cancelling ---------------------------------------------------------- */
 
-static void run_callbacks(struct keel__task *t)
+/* Run t's armed callbacks, if t is still the incarnation `epoch`. */
+static void run_callbacks(struct keel__task *t, uint32_t epoch)
 {
 	pthread_mutex_lock(&t->cb_lock);
 	for (int i = 0; i < KEEL_MAX_ON_CANCEL; i++) {
+		if (load_relaxed(&t->cb_epoch) != epoch)
+			break;
 		struct keel__on_cancel *cb = &t->cbs[i];
 
 		if (cb->state != CB_ARMED)
@@ -115,40 +152,72 @@ static void run_callbacks(struct keel__task *t)
 	pthread_mutex_unlock(&t->cb_lock);
 }
 
-/* Under the scope lock. Wakes t if it waits; runs its callbacks if it is
- * now cancelled (a shield may hide the cancellation from it). */
-static void wake_task(struct keel__task *t)
+void keel__spread_task(struct keel__task *t, struct keel__frame *stop)
 {
-	keel__unpark(t);
-	if (t->wake_wfd >= 0)
-		keel__notify_signal(t->wake_wfd);
-	/* t's chain is stable under the lock, so this walk is safe off t's
-	 * thread too. */
-	if (keel__cancelled(t))
-		run_callbacks(t);
-}
+	struct keel__frame *found[SPREAD_BATCH];
+	uint64_t gen[SPREAD_BATCH];
+	unsigned skip = 0, n;
 
-/* Wake t and everything nested in the part of t's chain above `f`. */
-void keel__wake_below(struct keel__task *t, struct keel__frame *f)
-{
-	wake_task(t);
-	for (struct keel__frame *g = t->cur; g && g != f; g = g->parent)
-		if (g->kind == FRAME_SCOPE)
-			keel__scope_wake_children((struct keel__scope *)g);
+	for (int first = 1;; first = 0) {
+		uint32_t cancelled = 0, epoch = 0;
+		unsigned seen = 0;
+		int on_chain = 0;
+
+		n = 0;
+		pthread_mutex_lock(&t->chain_lock);
+		if (first) {
+			keel__unpark(t);
+			if (t->wake_wfd >= 0)
+				keel__notify_signal(t->wake_wfd);
+			/* t's chain is stable under its lock, so this walk is
+			 * safe off t's thread too. */
+			cancelled = keel__cancelled(t);
+			epoch = load_relaxed(&t->cb_epoch);
+		}
+		/* The scopes t opened above `stop`, innermost first; none if
+		 * `stop` has left the chain (it was closed or ended, and all
+		 * that was inside it with it). */
+		for (struct keel__frame *g = t->cur; g; g = g->parent) {
+			if (g == stop) {
+				on_chain = 1;
+				break;
+			}
+			if (g == &t->base)
+				break;
+			if (g->kind != FRAME_SCOPE || seen++ < skip)
+				continue;
+			if (n < SPREAD_BATCH) {
+				found[n] = g;
+				gen[n] = keel__scope_gen(g);
+			}
+			n++;
+		}
+		pthread_mutex_unlock(&t->chain_lock);
+		if (cancelled)
+			run_callbacks(t, epoch);
+		if (!on_chain)
+			return;
+		for (unsigned i = 0; i < n && i < SPREAD_BATCH; i++)
+			keel__spread_scope(found[i], gen[i]);
+		if (n <= SPREAD_BATCH)
+			return;
+		skip += SPREAD_BATCH;
+	}
 }
 
 int keel__frame_cancel(struct keel__frame *f, uint32_t cause)
 {
 	uint32_t none = 0;
+	uint64_t gen = f->kind == FRAME_SCOPE ? keel__scope_gen(f) : 0;
 
 	if (!atomic_compare_exchange_strong_explicit(
 		    &f->cancelled, &none, cause, memory_order_acq_rel,
 		    memory_order_acquire))
 		return 0;
 	KEEL_YIELD();
-	keel__wake_below(f->owner, f);
+	keel__spread_task(f->owner, f);
 	if (f->kind == FRAME_SCOPE)
-		keel__scope_wake_children((struct keel__scope *)f);
+		keel__spread_scope(f, gen);
 	return 1;
 }
 
@@ -156,11 +225,9 @@ void keel__expire(struct keel__task *t)
 {
 	struct keel__frame *f = t->eff_frame;
 
-	if (!f)
-		return;
-	pthread_mutex_lock(&keel__scope_lock);
-	keel__frame_cancel(f, KEEL_CANCEL_DEADLINE);
-	pthread_mutex_unlock(&keel__scope_lock);
+	/* A frame on t's own chain: alive while t runs. */
+	if (f)
+		keel__frame_cancel(f, KEEL_CANCEL_DEADLINE);
 }
 
 int keel__wait(struct keel__task *t, keel_time_t deadline, int cancellable,
@@ -225,17 +292,26 @@ int keel__wait_for(struct keel__task *t, int (*cond)(void *), void *arg,
 int keel__task_cancel(keel_task_t id, uint32_t cause)
 {
 	struct keel__task *t = keel__task_slot(id);
-	int rc = -ESRCH;
+	uint32_t none = 0;
+	int live, won = 0;
 
 	if (!t || id == KEEL_TASK_NONE || cause == 0)
 		return -ESRCH;
-	pthread_mutex_lock(&keel__scope_lock);
-	if (keel__task_is(t, id)) {
-		keel__frame_cancel(&t->base, cause);
-		rc = 0;
-	}
-	pthread_mutex_unlock(&keel__scope_lock);
-	return rc;
+	/* Checked and marked under the chain lock, which a new incarnation's
+	 * set-up also takes: a stale handle cannot mark the slot's next
+	 * task. */
+	pthread_mutex_lock(&t->chain_lock);
+	live = keel__task_is(t, id);
+	if (live)
+		won = atomic_compare_exchange_strong_explicit(
+			&t->base.cancelled, &none, cause, memory_order_acq_rel,
+			memory_order_acquire);
+	pthread_mutex_unlock(&t->chain_lock);
+	if (!live)
+		return -ESRCH;
+	if (won)
+		keel__spread_task(t, &t->base);
+	return 0;
 }
 
 /* ---- The public cancellation points --------------------------------------- */
@@ -272,8 +348,9 @@ int keel_sleep_until(keel_time_t deadline)
 	return rc == -ETIMEDOUT ? 0 : rc;
 }
 
-/* The task's wake fd, created on first use under the scope lock, so that a
- * canceller (also under it) either sees it or is seen by our check. */
+/* The task's wake fd, created on first use under its chain lock, so that
+ * a canceller (which wakes it under that lock) either sees it or is seen
+ * by our check. */
 static int wake_fd(struct keel__task *t)
 {
 	int rc = 0, r, w;
@@ -282,10 +359,10 @@ static int wake_fd(struct keel__task *t)
 		return 0;
 	if ((rc = keel__notify_open(&r, &w)) < 0)
 		return rc;
-	pthread_mutex_lock(&keel__scope_lock);
+	pthread_mutex_lock(&t->chain_lock);
 	t->wake_rfd = r;
 	t->wake_wfd = w;
-	pthread_mutex_unlock(&keel__scope_lock);
+	pthread_mutex_unlock(&t->chain_lock);
 	return 0;
 }
 
@@ -357,7 +434,7 @@ int keel__shield_push(struct keel__task *t, keel_time_t deadline,
 
 	if (t->nshields == KEEL_MAX_SHIELDS)
 		return -ENOMEM;
-	pthread_mutex_lock(&keel__scope_lock);
+	pthread_mutex_lock(&t->chain_lock);
 	f = &t->shields[t->nshields++];
 	store_relaxed(&f->cancelled, 0);
 	f->kind = FRAME_SHIELD;
@@ -366,8 +443,8 @@ int keel__shield_push(struct keel__task *t, keel_time_t deadline,
 	f->parent = t->cur;
 	f->owner = t;
 	t->cur = f;
+	pthread_mutex_unlock(&t->chain_lock);
 	keel__chain_changed(t);
-	pthread_mutex_unlock(&keel__scope_lock);
 	return 0;
 }
 
@@ -380,15 +457,15 @@ uint32_t keel__shield_pop(struct keel__task *t)
 
 	KEEL_ASSERT(f->kind == FRAME_SHIELD && t->nshields > 0 &&
 		    f == &t->shields[t->nshields - 1]);
-	pthread_mutex_lock(&keel__scope_lock);
+	pthread_mutex_lock(&t->chain_lock);
 	cause = load_relaxed(&f->cancelled);
 	t->cur = f->parent;
 	t->nshields--;
+	pthread_mutex_unlock(&t->chain_lock);
 	keel__chain_changed(t);
 	/* A cancellation the shield hid takes effect now. */
 	if (keel__cancelled(t))
-		run_callbacks(t);
-	pthread_mutex_unlock(&keel__scope_lock);
+		run_callbacks(t, load_relaxed(&t->cb_epoch));
 	return cause;
 }
 
@@ -417,6 +494,38 @@ int keel_shield_end(void)
 
 /* ---- keel_on_cancel -------------------------------------------------------- */
 
+void keel__on_cancel_fork_child(struct keel__task *t)
+{
+	pthread_mutex_init(&t->cb_lock, NULL);
+	pthread_cond_init(&t->cb_cv, NULL);
+	/* A callback running at the fork ran on a thread that did not come
+	 * along: here it has finished. */
+	for (int i = 0; i < KEEL_MAX_ON_CANCEL; i++) {
+		if (t->cbs[i].state == CB_RUNNING)
+			t->cbs[i].state = CB_DONE;
+		else if (t->cbs[i].state == CB_RUNNING_REMOVED)
+			t->cbs[i].state = CB_FREE;
+	}
+}
+
+void keel__on_cancel_end(struct keel__task *t)
+{
+	pthread_mutex_lock(&t->cb_lock);
+	for (int i = 0; i < KEEL_MAX_ON_CANCEL; i++) {
+		struct keel__on_cancel *cb = &t->cbs[i];
+
+		/* One running on this very thread (the task ends from inside
+		 * its own callback) frees itself when it returns. */
+		while ((cb->state == CB_RUNNING ||
+			cb->state == CB_RUNNING_REMOVED) &&
+		       !pthread_equal(cb->runner, pthread_self()))
+			pthread_cond_wait(&t->cb_cv, &t->cb_lock);
+		if (cb->state == CB_ARMED || cb->state == CB_DONE)
+			cb->state = CB_FREE;
+	}
+	pthread_mutex_unlock(&t->cb_lock);
+}
+
 /* Token: registration generation << 32 | task index << 4 | slot. */
 #define CB_SLOT_BITS 4
 
@@ -430,9 +539,9 @@ int keel_on_cancel(keel_work_fn fn, void *arg, keel_cancel_token_t *token)
 		return -EINVAL;
 	if (!t)
 		return -ENOMEM;
-	/* The scope lock orders this against a traversal: either it sees
-	 * the registration ARMED, or we see the cancellation below. */
-	pthread_mutex_lock(&keel__scope_lock);
+	/* cb_lock orders this against a spread, which marks the frame
+	 * before it runs callbacks under cb_lock: either it sees the
+	 * registration ARMED, or we see the cancellation below. */
 	pthread_mutex_lock(&t->cb_lock);
 	/* A DONE registration is not reused until its owner removes it, so
 	 * that the remove still finds it. */
@@ -444,7 +553,6 @@ int keel_on_cancel(keel_work_fn fn, void *arg, keel_cancel_token_t *token)
 	}
 	if (!cb) {
 		pthread_mutex_unlock(&t->cb_lock);
-		pthread_mutex_unlock(&keel__scope_lock);
 		return -ENOMEM;
 	}
 	cb->fn = fn;
@@ -454,9 +562,8 @@ int keel_on_cancel(keel_work_fn fn, void *arg, keel_cancel_token_t *token)
 	*token = (uint64_t)cb->gen << 32 | (uint64_t)t->idx << CB_SLOT_BITS |
 		 (uint64_t)i;
 	pthread_mutex_unlock(&t->cb_lock);
-	if (keel__cancelled(t))
-		run_callbacks(t); /* cancelled already: at once, here */
-	pthread_mutex_unlock(&keel__scope_lock);
+	if (keel__cancelled(t)) /* cancelled already: at once, here */
+		run_callbacks(t, load_relaxed(&t->cb_epoch));
 	return 0;
 }
 

@@ -251,6 +251,16 @@ struct keel__on_cancel {
 
 struct keel__scope;
 
+/* The `ended` word of a task:
+ *   TASK_RUNNING -> TASK_ENDED  its status is final (keel_join may take it)
+ *   TASK_ENDED   -> TASK_LEFT   it has told its scope (scope.c) and touches
+ *                               neither the scope nor its slot again: the
+ *                               slot may be released.
+ * A task without a scope goes from RUNNING to LEFT in one step. */
+#define TASK_RUNNING 0u
+#define TASK_ENDED 1u
+#define TASK_LEFT 2u
+
 /* Park word states; see task.c. */
 #define PARK_EMPTY 0u
 #define PARK_TOKEN 1u
@@ -273,7 +283,7 @@ struct keel__task {
 	/* Wake-up line: read by wakers, written rarely. */
 	_Atomic uint32_t park;
 	_Atomic int notify_wfd; /* -1 until keel_mailbox_fd() */
-	_Atomic uint32_t ended; /* futex word: 1 once the task has ended */
+	_Atomic uint32_t ended; /* futex word: TASK_RUNNING, _ENDED, _LEFT */
 	char pad2[KEEL_CACHELINE - 12];
 
 	/* Owner only. */
@@ -293,30 +303,41 @@ struct keel__task {
 	pthread_mutex_t ctx_lock;
 	struct keel__msg *inflight;
 
-	/* Scopes and cancellation. `cur` and the frames are written by the
-	 * owner under the scope lock and read by cancellers under it; the
-	 * owner reads its own chain without the lock. */
+	/* Scopes and cancellation. The chain (`cur`, the frames this task
+	 * pushed, `home`, the wake fds) is written under chain_lock, by the
+	 * owner or, before the task runs, by whoever sets it up; others read
+	 * it under chain_lock; the owner reads its own without it. Nothing
+	 * else is taken while chain_lock is held (see cancel.c). */
+	pthread_mutex_t chain_lock;
 	struct keel__frame base;
 	struct keel__frame *cur;
 	keel_time_t eff_deadline;        /* min deadline along the chain */
 	struct keel__frame *eff_frame;   /* the frame it comes from */
 	struct keel__scope *home;        /* spawned into; NULL if adopted */
-	struct keel__task *sib_prev, *sib_next; /* home's live children */
 	uint32_t entry;                  /* its entry in home's stack */
 	uint8_t background;
 	uint8_t nshields;
 	struct keel__frame shields[KEEL_MAX_SHIELDS];
 	_Atomic(const char *) blocked_in; /* for keel_dump(); NULL: running */
+	/* Once the body has returned: the step of its ending it is in, for
+	 * the close's report of a child slow to end; NULL before. */
+	_Atomic(const char *) ending_in;
 	keel_fn spawn_fn;                /* keel_spawn()'s body and arg */
 	void *spawn_arg;
 	keel_time_t started_at;
 	int wake_rfd, wake_wfd;          /* keel_fd_wait(); -1 until used */
 
-	/* keel_on_cancel() registrations, under cb_lock. */
+	/* keel_on_cancel() registrations, under cb_lock. cb_epoch moves
+	 * with each incarnation, so that a canceller that saw an old one
+	 * cancelled runs none of a new one's callbacks. */
 	pthread_mutex_t cb_lock;
 	pthread_cond_t cb_cv;
+	_Atomic uint32_t cb_epoch;
 	struct keel__on_cancel cbs[KEEL_MAX_ON_CANCEL];
 
+	/* The handle while the slot is in use, 0 while it is free: a
+	 * lock-free check of a handle. Written under the registry lock. */
+	_Atomic uint64_t live;
 	/* Registry fields, under the registry lock. */
 	uint32_t idx;
 	uint8_t adopted; /* a foreign thread: released when its thread exits */
@@ -379,7 +400,7 @@ static inline uint32_t keel__chain_cancelled(struct keel__frame *f)
 }
 
 /* The cause the task is cancelled with, or 0. Lock-free on the owner's
- * thread; others call it under the scope lock. */
+ * thread; others call it under the task's chain lock. */
 static inline uint32_t keel__cancelled(struct keel__task *t)
 {
 	return keel__chain_cancelled(t->cur);
@@ -423,14 +444,27 @@ void keel__chain_changed(struct keel__task *t);
  * cancels nothing. 0, or -ESRCH. */
 int keel__task_cancel(keel_task_t id, uint32_t cause);
 
-/* The scope lock: guards scope structure, every task's chain as seen by
- * others, and cancellation's traversal. Taken before the registry lock. */
-extern pthread_mutex_t keel__scope_lock;
-
-/* Under the scope lock: cancel frame f with cause (sticky: the first cause
- * stays) and wake every task whose chain passes through it. Runs their
- * keel_on_cancel() callbacks. Returns 1 if this call cancelled it. */
+/* Cancel frame f with cause (sticky: the first cause stays) and wake every
+ * task whose chain passes through it, running their keel_on_cancel()
+ * callbacks. The caller holds no keel lock and knows f is alive (on its
+ * own chain, or a scope or task it keeps from closing or being released).
+ * Returns 1 if this call cancelled it. */
 int keel__frame_cancel(struct keel__frame *f, uint32_t cause);
+
+/* Scopes or children the spread copies per lock hold: small, because the
+ * spread recurses on the cancelling thread's stack. */
+#define SPREAD_BATCH 8
+
+/* Wake the task in slot t, and everything nested in the part of its chain
+ * above `stop` (exclusive), if `stop` is still on its chain (cancel.c).
+ * Caller holds no keel lock. Safe on a slot since reused: the wakes are
+ * then spurious. */
+void keel__spread_task(struct keel__task *t, struct keel__frame *stop);
+/* Wake every live child of the scope whose frame is f, and what runs
+ * inside them, if the scope is still the incarnation `gen` (scope.c). */
+void keel__spread_scope(struct keel__frame *f, uint64_t gen);
+/* The incarnation of the scope whose frame is f (scope.c). */
+uint64_t keel__scope_gen(struct keel__frame *f);
 
 /* Shields (cancel.c): push one with a deadline (-ENOMEM when too deep);
  * pop the innermost, returning the cause it was cancelled with, or 0. An
@@ -440,29 +474,32 @@ int keel__shield_push(struct keel__task *t, keel_time_t deadline,
 		      int internal);
 uint32_t keel__shield_pop(struct keel__task *t);
 
-/* Under the scope lock: wake t and everything nested above frame f on its
- * chain; wake the subtrees of a scope's live children (scope.c). */
-void keel__wake_below(struct keel__task *t, struct keel__frame *f);
-void keel__scope_wake_children(struct keel__scope *s);
-
 /* Registry helpers (task.c). keel__task_is: does the slot hold the task
- * named id (takes the registry lock)? */
+ * named id (lock-free)? */
 int keel__task_is(struct keel__task *t, keel_task_t id);
 void keel__task_copy_name(struct keel__task *t, char *buf);
 void keel__task_set_name(struct keel__task *t, const char *name);
 /* Throw away a task that never ran: close it and release its slot. */
 void keel__task_discard(struct keel__task *t);
 
-/* Reset the scope fields of a fresh incarnation (task.c's alloc). */
+/* Reset the scope fields of a fresh incarnation (task.c's alloc), under
+ * its chain lock. */
 void keel__cancel_reset(struct keel__task *t);
+/* The task is ending: drop its armed keel_on_cancel() registrations and
+ * wait for running ones, so that none runs after it has ended. */
+void keel__on_cancel_end(struct keel__task *t);
+/* fork() child: t's on_cancel lock made anew; a callback that was running
+ * (on a thread that did not come along) counts as done. */
+void keel__on_cancel_fork_child(struct keel__task *t);
 /* A task is ending: close what it left open (reported), close its wake
  * fd. Called on its own thread by keel__task_end(). */
 void keel__scope_task_end(struct keel__task *t);
 /* A spawned task has ended with status: tell its scope. */
 void keel__scope_child_ended(struct keel__task *t, int status);
-/* In a forked child, under the scope lock: t's thread did not come along
- * and t had not ended; its scope stops waiting for it. */
-void keel__scope_vanished(struct keel__task *t);
+/* fork(): 0 prepare (takes the scope table's lock and every scope's), 1
+ * parent, 2 child (after the tasks whose threads did not come along are
+ * marked LEFT: recounts the scopes' foreground children). */
+void keel__scope_fork(int phase);
 
 /* Spin budget bounds for waits, in nanoseconds. */
 #define SPIN_MIN_NS 500

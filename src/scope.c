@@ -21,21 +21,34 @@
  * pointer is an (index, generation) handle: a scope that was closed (and
  * its slot perhaps reused) is recognised, never dereferenced.
  *
- * Everything structural happens under the scope lock (cancel.c): opening,
- * closing, pushing entries, children joining and leaving, and so every
- * cancellation traversal sees a consistent tree. The lock is taken before
- * the registry lock.
+ * LOCKS (the rules are in cancel.c). Each scope has its own lock, over its
+ * entries and its state changes; the handle's generation is checked under
+ * it. The table's lock is taken only to take a slot or give one back (and
+ * by keel_dump() and fork()). No lock is shared by the tasks of different
+ * scopes, and a child ends without taking any lock of its scope's: what it
+ * tells the scope goes through atomics (the foreground count, the first
+ * error) and its `ended` word.
  *
  * A child's life:
- *   keel_spawn (under the lock): slot allocated, chain rooted in the scope,
- *   entry pushed, linked on the scope's live children -> runs fn on a
- *   cached thread -> keel__task_end on that thread: mailbox closed and
- *   drained, open scopes closed, then keel__scope_child_ended: on_exit
- *   hook, then under the lock: unlinked, error recorded (fail-fast cancels
- *   the scope), `ended` released, owner unparked -> the owner joins it
- *   (keel_join or close): takes its status, releases its slot.
- * A child's status is read only after `ended`, so a finished child's
- * status is never lost to a cancellation that comes later.
+ *   keel_spawn (under the scope's lock): slot allocated, chain rooted in
+ *   the scope, entry pushed, foreground count up -> runs fn on a cached
+ *   thread -> keel__task_end on that thread: mailbox closed and drained,
+ *   open scopes closed, then keel__scope_child_ended: on_exit hook,
+ *   `ended` = ENDED (status final), foreground count down, failure
+ *   recorded (fail-fast cancels the scope), `ended` = LEFT, owner unparked
+ *   -> the owner joins it (keel_join or close): waits for LEFT, takes its
+ *   status, marks the entry done and releases the slot.
+ * A child's status is read only after ENDED, and ENDED comes before its
+ * failure cancels anything, so a finished child's status is never lost to
+ * a cancellation that comes later. Nothing of the scope is touched after
+ * LEFT, and only the owner reaps, so the scope outlives every child's
+ * last touch.
+ *
+ * Fields: set at open and read-only until the close: name, cleanup_ns,
+ * policy, on_exit, owner (frame.owner), frame.parent, frame.deadline.
+ * Under the scope's lock: entries and their done marks, setting_up, state
+ * changes. Atomic: nfg, first_error, nerrors, frame.cancelled, gen_state.
+ * Owner only: first_cleanup_error.
  */
 #include <signal.h>
 #include <stdlib.h>
@@ -58,6 +71,7 @@ struct entry {
 struct keel__scope {
 	struct keel__frame frame; /* first: a FRAME_SCOPE frame is its scope */
 	_Atomic uint64_t gen_state; /* generation << 8 | enum scope_state */
+	pthread_mutex_t lock;
 	uint32_t idx;
 	char name[KEEL_TASK_NAME_MAX + 1];
 	keel_time_t cleanup_ns;
@@ -67,14 +81,12 @@ struct keel__scope {
 	keel_time_t opened_at;
 	struct entry *entries;
 	uint32_t nentries, cap;
-	struct keel__task *children; /* live children, via sib_prev/next */
 	_Atomic uint32_t nfg;        /* foreground children not yet ended */
-	int first_error;
+	_Atomic int first_error;
+	_Atomic uint32_t nerrors;
 	int first_cleanup_error;
-	uint32_t nerrors;
-	uint32_t setting_up; /* keel_resource() setups running (owner only) */
+	uint32_t setting_up; /* keel_resource() setups running */
 	struct keel__scope *free_next;
-	struct keel__scope *all_prev, *all_next; /* open scopes, for dump */
 };
 
 #define SC_CHUNK_SHIFT 6
@@ -85,13 +97,24 @@ struct keel__scope {
 #define SC_GEN_MASK ((((uint64_t)1) << SC_GEN_BITS) - 1)
 #define DEFAULT_CLEANUP_NS KEEL_SEC(5)
 
-/* All under keel__scope_lock. */
-static struct keel__scope *sc_chunks[SC_MAX_CHUNKS];
-static uint32_t sc_count;
+/* The table: chunks and the count are published with release stores, so
+ * that a handle is decoded without the lock; the free list is under it. */
+static pthread_mutex_t table_lock = PTHREAD_MUTEX_INITIALIZER;
+static _Atomic(struct keel__scope *) sc_chunks[SC_MAX_CHUNKS];
+static _Atomic uint32_t sc_count;
 static struct keel__scope *sc_free;
-static struct keel__scope *sc_all;
 
 /* ---- Handles ---------------------------------------------------------------- */
+
+static uint32_t scope_state(struct keel__scope *sc)
+{
+	return (uint32_t)(load_acquire(&sc->gen_state) & 0xff);
+}
+
+uint64_t keel__scope_gen(struct keel__frame *f)
+{
+	return load_acquire(&((struct keel__scope *)f)->gen_state) >> 8;
+}
 
 static keel_scope_t *encode(struct keel__scope *sc)
 {
@@ -101,89 +124,132 @@ static keel_scope_t *encode(struct keel__scope *sc)
 					   sc->idx);
 }
 
-/* Under the lock. The open or closing scope a handle names; *stale is set
- * when the handle names a slot that exists but not this use of it. */
-static struct keel__scope *scope_get(keel_scope_t *h, int *stale)
+static struct keel__scope *slot_at(uint32_t idx)
 {
-	uintptr_t v = (uintptr_t)h;
-	uint32_t idx = (uint32_t)(v & ((1u << SC_IDX_BITS) - 1));
-	struct keel__scope *sc;
-	uint64_t w;
+	struct keel__scope *c;
 
-	*stale = 0;
-	if (!h || idx >= sc_count)
+	if (idx >= load_acquire(&sc_count))
 		return NULL;
-	sc = &sc_chunks[idx >> SC_CHUNK_SHIFT][idx & (SC_CHUNK - 1)];
-	w = load_relaxed(&sc->gen_state);
-	if (((w >> 8) & SC_GEN_MASK) != (uint64_t)(v >> SC_IDX_BITS) ||
-	    (w & 0xff) == SC_FREE) {
-		*stale = 1;
+	c = load_acquire(&sc_chunks[idx >> SC_CHUNK_SHIFT]);
+	return &c[idx & (SC_CHUNK - 1)];
+}
+
+/* The slot a handle names, or NULL if it never named one (-EINVAL). The
+ * caller locks the slot and checks it with scope_is(). */
+static struct keel__scope *scope_slot(keel_scope_t *h)
+{
+	return h ? slot_at((uint32_t)((uintptr_t)h &
+				      ((1u << SC_IDX_BITS) - 1)))
+		 : NULL;
+}
+
+/* Under sc's lock: does the handle name this open or closing use of it? */
+static int scope_is(struct keel__scope *sc, keel_scope_t *h)
+{
+	uint64_t w = load_relaxed(&sc->gen_state);
+
+	return ((w >> 8) & SC_GEN_MASK) ==
+		       (uint64_t)((uintptr_t)h >> SC_IDX_BITS) &&
+	       (w & 0xff) != SC_FREE;
+}
+
+/* Lock the scope a handle names. NULL, with *rc set, if it names none:
+ * -EINVAL if it never did, `stale_rc` if that scope has closed. */
+static struct keel__scope *scope_lock(keel_scope_t *h, int stale_rc, int *rc)
+{
+	struct keel__scope *sc = scope_slot(h);
+
+	if (!sc) {
+		*rc = -EINVAL;
 		return NULL;
 	}
+	pthread_mutex_lock(&sc->lock);
+	if (!scope_is(sc, h)) {
+		pthread_mutex_unlock(&sc->lock);
+		*rc = stale_rc;
+		return NULL;
+	}
+	*rc = 0;
 	return sc;
 }
 
 static struct keel__scope *scope_alloc(void)
 {
-	struct keel__scope *sc = sc_free;
+	struct keel__scope *sc;
+	uint32_t n;
 
-	if (sc) {
+	pthread_mutex_lock(&table_lock);
+	if ((sc = sc_free) != NULL) {
 		sc_free = sc->free_next;
+		pthread_mutex_unlock(&table_lock);
 		return sc;
 	}
-	if (sc_count >> SC_CHUNK_SHIFT >= SC_MAX_CHUNKS)
+	n = load_relaxed(&sc_count);
+	if (n >> SC_CHUNK_SHIFT >= SC_MAX_CHUNKS) {
+		pthread_mutex_unlock(&table_lock);
 		return NULL;
-	if (!sc_chunks[sc_count >> SC_CHUNK_SHIFT]) {
+	}
+	if (!load_relaxed(&sc_chunks[n >> SC_CHUNK_SHIFT])) {
 		struct keel__scope *c = calloc(SC_CHUNK, sizeof *c);
 
-		if (!c)
+		if (!c) {
+			pthread_mutex_unlock(&table_lock);
 			return NULL;
+		}
 		for (uint32_t i = 0; i < SC_CHUNK; i++) {
-			c[i].idx = sc_count + i;
+			c[i].idx = n + i;
+			pthread_mutex_init(&c[i].lock, NULL);
 			/* Generation 1: a handle is never NULL. */
 			atomic_init(&c[i].gen_state, (uint64_t)1 << 8 | SC_FREE);
 		}
-		sc_chunks[sc_count >> SC_CHUNK_SHIFT] = c;
+		store_release(&sc_chunks[n >> SC_CHUNK_SHIFT], c);
 	}
-	sc = &sc_chunks[sc_count >> SC_CHUNK_SHIFT][sc_count & (SC_CHUNK - 1)];
-	sc_count++;
+	sc = &load_relaxed(&sc_chunks[n >> SC_CHUNK_SHIFT])[n & (SC_CHUNK - 1)];
+	store_release(&sc_count, n + 1);
+	pthread_mutex_unlock(&table_lock);
 	return sc;
 }
 
+/* Under sc's lock. */
 static void scope_set_state(struct keel__scope *sc, enum scope_state st)
 {
 	uint64_t w = load_relaxed(&sc->gen_state);
 
-	store_relaxed(&sc->gen_state, (w & ~(uint64_t)0xff) | st);
+	store_release(&sc->gen_state, (w & ~(uint64_t)0xff) | st);
 }
 
+/* The owner is done with it: a new generation (every handle to it is
+ * stale from here), then back to the table. */
 static void scope_free(struct keel__scope *sc)
 {
-	uint64_t gen = (load_relaxed(&sc->gen_state) >> 8) + 1;
+	uint64_t gen;
+	struct entry *entries;
 
+	pthread_mutex_lock(&sc->lock);
+	gen = (load_relaxed(&sc->gen_state) >> 8) + 1;
 	if ((gen & SC_GEN_MASK) == 0)
 		gen++;
-	store_relaxed(&sc->gen_state, gen << 8 | SC_FREE);
-	free(sc->entries);
+	store_release(&sc->gen_state, gen << 8 | SC_FREE);
+	entries = sc->entries;
 	sc->entries = NULL;
 	sc->nentries = sc->cap = 0;
-	if (sc->all_prev)
-		sc->all_prev->all_next = sc->all_next;
-	else
-		sc_all = sc->all_next;
-	if (sc->all_next)
-		sc->all_next->all_prev = sc->all_prev;
+	pthread_mutex_unlock(&sc->lock);
+	free(entries);
+	pthread_mutex_lock(&table_lock);
 	sc->free_next = sc_free;
 	sc_free = sc;
+	pthread_mutex_unlock(&table_lock);
 }
 
-/* Under the lock: is the scope's frame, or one it sits in (up to the
- * nearest shield), cancelled? */
+/* Is the scope's frame, or one it sits in (up to the nearest shield),
+ * cancelled? Under sc's lock with sc open, or on the owner's thread: the
+ * frames below sc on its owner's chain cannot pop while sc is open. */
 static uint32_t scope_cancelled(struct keel__scope *sc)
 {
 	return keel__chain_cancelled(&sc->frame);
 }
 
+/* Under sc's lock. */
 static int push_entry(struct keel__scope *sc, struct entry e)
 {
 	if (sc->nentries == sc->cap) {
@@ -205,15 +271,18 @@ static int genuine(int status)
 	return status < 0 && status != -ECANCELED;
 }
 
-/* Under the lock. A failure while the scope closes is recorded but cancels
- * nothing more: the close is already taking everything down, in order. */
+/* No keel lock held; sc is alive (the caller is its owner or an unreaped
+ * child). A failure while the scope closes is recorded but cancels nothing
+ * more: the close is already taking everything down, in order. */
 static void record_failure(struct keel__scope *sc, int status)
 {
-	if (!sc->first_error)
-		sc->first_error = status;
-	sc->nerrors++;
-	if (sc->policy == KEEL_FAIL_FAST &&
-	    (load_relaxed(&sc->gen_state) & 0xff) == SC_OPEN)
+	int none = 0;
+
+	atomic_compare_exchange_strong_explicit(&sc->first_error, &none,
+						status, memory_order_acq_rel,
+						memory_order_relaxed);
+	fetch_add_relaxed(&sc->nerrors, 1);
+	if (sc->policy == KEEL_FAIL_FAST && scope_state(sc) == SC_OPEN)
 		keel__frame_cancel(&sc->frame, KEEL_CANCEL_SIBLING);
 }
 
@@ -236,12 +305,9 @@ int keel_scope_open(keel_scope_t **out, const keel_scope_opts *opts)
 		return -ENOMEM;
 	if (keel__check(t) < 0)
 		return -ECANCELED;
-	pthread_mutex_lock(&keel__scope_lock);
-	if (!(sc = scope_alloc())) {
-		pthread_mutex_unlock(&keel__scope_lock);
+	if (!(sc = scope_alloc()))
 		return -ENOMEM;
-	}
-	scope_set_state(sc, SC_OPEN);
+	pthread_mutex_lock(&sc->lock);
 	snprintf(sc->name, sizeof sc->name, "%s",
 		 opts->name ? opts->name : "scope");
 	sc->cleanup_ns = opts->cleanup_deadline ? opts->cleanup_deadline
@@ -250,36 +316,66 @@ int keel_scope_open(keel_scope_t **out, const keel_scope_opts *opts)
 	sc->on_exit = opts->on_exit;
 	sc->on_exit_arg = opts->on_exit_arg;
 	sc->opened_at = keel__clock_now();
-	sc->children = NULL;
 	store_relaxed(&sc->nfg, 0);
-	sc->first_error = sc->first_cleanup_error = 0;
-	sc->nerrors = 0;
+	store_relaxed(&sc->first_error, 0);
+	store_relaxed(&sc->nerrors, 0);
+	sc->first_cleanup_error = 0;
 	sc->setting_up = 0;
 	store_relaxed(&sc->frame.cancelled, 0);
 	sc->frame.kind = FRAME_SCOPE;
+	sc->frame.internal = 0;
 	/* 0 is "none" (zeroed options); any other time, negative ones
 	 * included, is a deadline, perhaps one that has passed already. */
 	sc->frame.deadline = opts->deadline != 0 ? opts->deadline : KEEL_FOREVER;
 	sc->frame.parent = t->cur;
 	sc->frame.owner = t;
-	t->cur = &sc->frame;
-	keel__chain_changed(t);
-	sc->all_prev = NULL;
-	sc->all_next = sc_all;
-	if (sc_all)
-		sc_all->all_prev = sc;
-	sc_all = sc;
+	scope_set_state(sc, SC_OPEN);
 	*out = encode(sc);
-	pthread_mutex_unlock(&keel__scope_lock);
+	pthread_mutex_unlock(&sc->lock);
+	/* Onto the chain under the chain lock: a spread that walks the
+	 * chain either sees the scope, or comes after this and so finds any
+	 * cancellation already marked by the time a child is spawned. */
+	pthread_mutex_lock(&t->chain_lock);
+	t->cur = &sc->frame;
+	pthread_mutex_unlock(&t->chain_lock);
+	keel__chain_changed(t);
 	return 0;
 }
 
 /* ---- Children ------------------------------------------------------------------ */
 
-void keel__scope_wake_children(struct keel__scope *sc)
+void keel__spread_scope(struct keel__frame *f, uint64_t gen)
 {
-	for (struct keel__task *c = sc->children; c; c = c->sib_next)
-		keel__wake_below(c, &c->base);
+	struct keel__scope *sc = (struct keel__scope *)f;
+	struct keel__task *batch[SPREAD_BATCH];
+	uint32_t from = 0;
+
+	for (;;) {
+		unsigned n = 0;
+		int more;
+
+		pthread_mutex_lock(&sc->lock);
+		if ((load_relaxed(&sc->gen_state) >> 8) != gen ||
+		    scope_state(sc) == SC_FREE) {
+			/* Closed since: every child it had has ended. */
+			pthread_mutex_unlock(&sc->lock);
+			return;
+		}
+		for (; from < sc->nentries && n < SPREAD_BATCH; from++) {
+			struct entry *e = &sc->entries[from];
+
+			if (e->kind == E_CHILD && !e->done &&
+			    load_relaxed(&e->task->ended) == TASK_RUNNING)
+				batch[n++] = e->task;
+		}
+		more = from < sc->nentries;
+		pthread_mutex_unlock(&sc->lock);
+		KEEL_YIELD();
+		for (unsigned i = 0; i < n; i++)
+			keel__spread_task(batch[i], &batch[i]->base);
+		if (!more)
+			return;
+	}
 }
 
 static void run_child(void *p)
@@ -303,34 +399,34 @@ int keel_spawn(keel_scope_t *s, keel_fn fn, void *arg,
 	static const keel_spawn_opts defaults;
 	struct keel__scope *sc;
 	struct keel__task *c;
-	int stale, idx, rc;
+	int idx, rc;
 
 	if (!fn)
 		return -EINVAL;
 	if (!opts)
 		opts = &defaults;
-	pthread_mutex_lock(&keel__scope_lock);
-	if (!(sc = scope_get(s, &stale))) {
-		pthread_mutex_unlock(&keel__scope_lock);
-		return stale ? -ECANCELED : -EINVAL;
-	}
-	if ((load_relaxed(&sc->gen_state) & 0xff) != SC_OPEN ||
-	    scope_cancelled(sc)) {
-		pthread_mutex_unlock(&keel__scope_lock);
+	if (!(sc = scope_lock(s, -ECANCELED, &rc)))
+		return rc;
+	/* Under the lock, so that a spread of a cancellation either finds
+	 * the child among the entries or has marked its frame before this
+	 * look. */
+	if (scope_state(sc) != SC_OPEN || scope_cancelled(sc)) {
+		pthread_mutex_unlock(&sc->lock);
 		return -ECANCELED;
 	}
 	if (!(c = keel__task_alloc())) {
-		pthread_mutex_unlock(&keel__scope_lock);
+		pthread_mutex_unlock(&sc->lock);
 		return -ENOMEM;
 	}
 	idx = push_entry(sc, (struct entry){.kind = E_CHILD, .task = c});
 	if (idx < 0) {
-		pthread_mutex_unlock(&keel__scope_lock);
+		pthread_mutex_unlock(&sc->lock);
 		keel__task_discard(c);
 		return -ENOMEM;
 	}
 	if (opts->name)
 		keel__task_set_name(c, opts->name);
+	pthread_mutex_lock(&c->chain_lock);
 	c->home = sc;
 	c->entry = (uint32_t)idx;
 	c->background = opts->background ? 1 : 0;
@@ -338,13 +434,9 @@ int keel_spawn(keel_scope_t *s, keel_fn fn, void *arg,
 	keel__chain_changed(c);
 	c->spawn_fn = fn;
 	c->spawn_arg = arg;
-	c->sib_prev = NULL;
-	c->sib_next = sc->children;
-	if (sc->children)
-		sc->children->sib_prev = c;
-	sc->children = c;
+	pthread_mutex_unlock(&c->chain_lock);
 	if (!c->background)
-		store_relaxed(&sc->nfg, load_relaxed(&sc->nfg) + 1);
+		fetch_add_relaxed(&sc->nfg, 1);
 	if (out)
 		*out = c->id;
 	/* Started under the lock, so that a close (which needs the lock)
@@ -352,84 +444,66 @@ int keel_spawn(keel_scope_t *s, keel_fn fn, void *arg,
 	rc = keel__thread_start(run_child, c, opts->stack_size);
 	if (rc < 0) {
 		sc->entries[idx].kind = E_NONE;
-		sc->children = c->sib_next;
-		if (c->sib_next)
-			c->sib_next->sib_prev = NULL;
 		if (!c->background)
-			store_relaxed(&sc->nfg, load_relaxed(&sc->nfg) - 1);
-		pthread_mutex_unlock(&keel__scope_lock);
+			fetch_sub_release(&sc->nfg, 1);
+		pthread_mutex_unlock(&sc->lock);
 		keel__task_discard(c);
 		return rc;
 	}
-	pthread_mutex_unlock(&keel__scope_lock);
+	pthread_mutex_unlock(&sc->lock);
 	return 0;
 }
 
 void keel__scope_child_ended(struct keel__task *t, int status)
 {
 	struct keel__scope *sc = t->home;
+	struct keel__task *owner = sc->frame.owner;
 
-	/* Before `ended`: until then the owner cannot close the scope, so
-	 * the hook's argument is alive. */
-	if (sc->on_exit)
+	/* Before ENDED: until then the owner cannot close the scope, so the
+	 * hook's argument is alive. */
+	if (sc->on_exit) {
+		store_relaxed(&t->ending_in, "its scope's on_exit hook");
 		sc->on_exit(t->id, status, sc->on_exit_arg);
+	}
+	store_relaxed(&t->ending_in, "telling its scope");
 	/* The thread goes back to the cache: it no longer carries the task's
 	 * name by the time anyone can see the task ended. */
 	keel__thread_set_os_name("keel-idle");
-	pthread_mutex_lock(&keel__scope_lock);
-	if (t->sib_prev)
-		t->sib_prev->sib_next = t->sib_next;
-	else
-		sc->children = t->sib_next;
-	if (t->sib_next)
-		t->sib_next->sib_prev = t->sib_prev;
-	if (!t->background)
-		store_release(&sc->nfg, load_relaxed(&sc->nfg) - 1);
-	/* Ended before its failure cancels anything: an owner that wakes on
+	/* ENDED before its failure cancels anything: an owner that wakes on
 	 * that cancellation while joining this very child finds it ended and
-	 * gets its status. Pairs with the acquire loads in join_child() and
-	 * keel_join(). */
-	store_release(&t->ended, 1);
+	 * gets its status. Pairs with the acquire loads in keel_join() and
+	 * join_child(). */
+	store_release(&t->ended, TASK_ENDED);
+	KEEL_YIELD();
+	if (!t->background)
+		fetch_sub_release(&sc->nfg, 1);
 	if (genuine(status))
 		record_failure(sc, status);
-	keel__unpark(sc->frame.owner);
-	pthread_mutex_unlock(&keel__scope_lock);
-}
-
-void keel__scope_vanished(struct keel__task *t)
-{
-	struct keel__scope *sc = t->home;
-
-	if (!sc)
-		return;
-	if (t->sib_prev)
-		t->sib_prev->sib_next = t->sib_next;
-	else
-		sc->children = t->sib_next;
-	if (t->sib_next)
-		t->sib_next->sib_prev = t->sib_prev;
-	t->sib_prev = t->sib_next = NULL;
-	if (!t->background)
-		store_relaxed(&sc->nfg, load_relaxed(&sc->nfg) - 1);
+	KEEL_YIELD();
+	/* The last touch of the scope and of this slot: from here the owner
+	 * may reap the task and close the scope. */
+	store_release(&t->ended, TASK_LEFT);
+	keel__unpark(owner);
 }
 
 /* ---- Cleanups and resources ------------------------------------------------------ */
 
-/* Under the lock: the scope a handle names if the caller may add to it. */
-static int owned_open(keel_scope_t *s, struct keel__task *t,
-		      struct keel__scope **out)
+/* The scope a handle names, locked, if the caller may add to it. */
+static struct keel__scope *owned_open(keel_scope_t *s, struct keel__task *t,
+				      int *rc)
 {
-	int stale;
-	struct keel__scope *sc = scope_get(s, &stale);
+	struct keel__scope *sc = scope_lock(s, -ECANCELED, rc);
 
 	if (!sc)
-		return stale ? -ECANCELED : -EINVAL;
+		return NULL;
 	if (sc->frame.owner != t)
-		return -EPERM;
-	if ((load_relaxed(&sc->gen_state) & 0xff) != SC_OPEN)
-		return -ECANCELED;
-	*out = sc;
-	return 0;
+		*rc = -EPERM;
+	else if (scope_state(sc) != SC_OPEN)
+		*rc = -ECANCELED;
+	else
+		return sc;
+	pthread_mutex_unlock(&sc->lock);
+	return NULL;
 }
 
 int keel_defer(keel_scope_t *s, keel_cleanup_fn fn, void *arg)
@@ -442,14 +516,12 @@ int keel_defer(keel_scope_t *s, keel_cleanup_fn fn, void *arg)
 		return -EINVAL;
 	if (!t)
 		return -ENOMEM;
-	pthread_mutex_lock(&keel__scope_lock);
-	if ((rc = owned_open(s, t, &sc)) == 0) {
-		rc = push_entry(sc, (struct entry){.kind = E_CLEANUP, .fn = fn,
-						    .arg = arg});
-		rc = rc < 0 ? rc : 0;
-	}
-	pthread_mutex_unlock(&keel__scope_lock);
-	return rc;
+	if (!(sc = owned_open(s, t, &rc)))
+		return rc;
+	rc = push_entry(sc, (struct entry){.kind = E_CLEANUP, .fn = fn,
+					    .arg = arg});
+	pthread_mutex_unlock(&sc->lock);
+	return rc < 0 ? rc : 0;
 }
 
 int keel_resource(keel_scope_t *s, keel_setup_fn setup,
@@ -458,7 +530,7 @@ int keel_resource(keel_scope_t *s, keel_setup_fn setup,
 	struct keel__task *t = keel__self();
 	struct keel__scope *sc;
 	void *res = NULL;
-	int rc, slot = -1;
+	int rc, slot;
 
 	if (!setup || !teardown)
 		return -EINVAL;
@@ -468,28 +540,28 @@ int keel_resource(keel_scope_t *s, keel_setup_fn setup,
 		return -ECANCELED;
 	/* Reserve the entry first: once setup has succeeded, arming its
 	 * teardown can neither fail nor be interrupted. */
-	pthread_mutex_lock(&keel__scope_lock);
-	if ((rc = owned_open(s, t, &sc)) == 0)
-		rc = slot = push_entry(sc, (struct entry){.kind = E_RESERVED});
-	if (rc >= 0)
+	if (!(sc = owned_open(s, t, &rc)))
+		return rc;
+	slot = push_entry(sc, (struct entry){.kind = E_RESERVED});
+	if (slot >= 0)
 		sc->setting_up++; /* the scope cannot close under the setup */
-	pthread_mutex_unlock(&keel__scope_lock);
-	if (rc < 0 || slot < 0)
-		return rc < 0 ? rc : -ENOMEM;
+	pthread_mutex_unlock(&sc->lock);
+	if (slot < 0)
+		return slot;
 	KEEL_YIELD();
 	rc = setup(arg, &res);
 	/* Nothing between a successful setup and this store can cancel or
 	 * fail: it is not a cancellation point and allocates nothing. The
 	 * lock is for the entries array, which other tasks' spawns may
 	 * have moved. */
-	pthread_mutex_lock(&keel__scope_lock);
+	pthread_mutex_lock(&sc->lock);
 	sc->setting_up--;
 	if (rc == 0)
 		sc->entries[slot] = (struct entry){.kind = E_RESOURCE,
 						   .fn = teardown, .arg = res};
 	else
 		sc->entries[slot].kind = E_NONE;
-	pthread_mutex_unlock(&keel__scope_lock);
+	pthread_mutex_unlock(&sc->lock);
 	if (rc == 0 && out)
 		*out = res;
 	return rc;
@@ -500,7 +572,12 @@ int keel_resource(keel_scope_t *s, keel_setup_fn setup,
 static int has_ended(void *p)
 {
 	/* Pairs with the release in keel__scope_child_ended(). */
-	return load_acquire(&((struct keel__task *)p)->ended) != 0;
+	return load_acquire(&((struct keel__task *)p)->ended) != TASK_RUNNING;
+}
+
+static int has_left(void *p)
+{
+	return load_acquire(&((struct keel__task *)p)->ended) == TASK_LEFT;
 }
 
 static int no_foreground(void *p)
@@ -512,24 +589,40 @@ int keel_scope_join(keel_scope_t *s, keel_time_t deadline)
 {
 	struct keel__task *t = keel__self();
 	struct keel__scope *sc;
-	int stale, rc;
+	int rc;
 
 	if (!t)
 		return -ENOMEM;
-	pthread_mutex_lock(&keel__scope_lock);
-	sc = scope_get(s, &stale);
-	rc = !sc ? -EINVAL : sc->frame.owner != t ? -EPERM : 0;
-	pthread_mutex_unlock(&keel__scope_lock);
+	if (!(sc = scope_lock(s, -EINVAL, &rc)))
+		return rc;
+	rc = sc->frame.owner != t ? -EPERM : 0;
+	pthread_mutex_unlock(&sc->lock);
 	if (rc < 0)
 		return rc;
+	/* Ours, so it stays open while we wait. */
 	keel__lock_check_blocking("keel_scope_join()");
 	return keel__wait_for(t, no_foreground, sc, deadline, 1, "scope_join");
+}
+
+/* The owner reaps a child that has LEFT: marks its entry done and releases
+ * its slot. By index, under the lock: a spawn from another task may move
+ * the entries while the scope is open. */
+static void reap(struct keel__scope *sc, uint32_t entry)
+{
+	struct keel__task *c;
+
+	pthread_mutex_lock(&sc->lock);
+	c = sc->entries[entry].task;
+	sc->entries[entry].done = 1;
+	pthread_mutex_unlock(&sc->lock);
+	keel__task_release(c);
 }
 
 int keel_join(keel_task_t id, int *status, keel_time_t deadline)
 {
 	struct keel__task *t = keel__self(), *c = keel__task_slot(id);
 	struct keel__scope *sc;
+	uint32_t entry;
 	int rc = 0;
 
 	if (!t)
@@ -537,25 +630,31 @@ int keel_join(keel_task_t id, int *status, keel_time_t deadline)
 	if (!c || id == KEEL_TASK_NONE)
 		return -ESRCH;
 	keel__lock_check_blocking("keel_join()");
-	pthread_mutex_lock(&keel__scope_lock);
-	if (!keel__task_is(c, id) || !(sc = c->home) ||
-	    sc->entries[c->entry].done)
-		rc = -ESRCH;
-	else if (sc->frame.owner != t)
+	pthread_mutex_lock(&c->chain_lock);
+	sc = keel__task_is(c, id) ? c->home : NULL;
+	entry = c->entry;
+	pthread_mutex_unlock(&c->chain_lock);
+	if (!sc)
+		return -ESRCH;
+	/* The child's scope is alive until the child is reaped. Only its
+	 * owner reaps; if that is us, nobody else can while we look. */
+	pthread_mutex_lock(&sc->lock);
+	if (sc->frame.owner != t)
 		rc = -EPERM;
-	pthread_mutex_unlock(&keel__scope_lock);
+	if (!keel__task_is(c, id) || entry >= sc->nentries ||
+	    sc->entries[entry].task != c || sc->entries[entry].done)
+		rc = -ESRCH;
+	pthread_mutex_unlock(&sc->lock);
 	if (rc < 0)
 		return rc;
-	/* Only the owner (this task) joins or closes, so the child and its
-	 * entry stay put while we wait. */
 	if ((rc = keel__wait_for(t, has_ended, c, deadline, 1, "join")) < 0)
 		return rc;
-	pthread_mutex_lock(&keel__scope_lock);
+	/* Ended: its status is final. It is about to leave its scope; wait
+	 * for that, not cancellably (it is a matter of instructions). */
+	keel__wait_for(t, has_left, c, KEEL_FOREVER, 0, "join");
 	if (status)
 		*status = c->status;
-	sc->entries[c->entry].done = 1;
-	keel__task_release(c);
-	pthread_mutex_unlock(&keel__scope_lock);
+	reap(sc, entry);
 	return 0;
 }
 
@@ -564,14 +663,29 @@ int keel_join(keel_task_t id, int *status, keel_time_t deadline)
 static int scope_cancel_cause(keel_scope_t *s, uint32_t cause)
 {
 	struct keel__scope *sc;
-	int stale;
+	struct keel__task *owner;
+	uint32_t none = 0;
+	uint64_t gen;
+	int rc, won;
 
-	pthread_mutex_lock(&keel__scope_lock);
-	sc = scope_get(s, &stale);
-	if (sc)
-		keel__frame_cancel(&sc->frame, cause);
-	pthread_mutex_unlock(&keel__scope_lock);
-	return sc ? 0 : -EINVAL;
+	if (!(sc = scope_lock(s, -EINVAL, &rc)))
+		return rc;
+	/* Marked under the lock, where the handle was checked: a handle to a
+	 * closed scope cannot mark the slot's next use. If the scope closes
+	 * once we let go, the spread finds it gone (off its owner's chain, a
+	 * new generation) and wakes nothing it should not. */
+	won = atomic_compare_exchange_strong_explicit(
+		&sc->frame.cancelled, &none, cause, memory_order_acq_rel,
+		memory_order_acquire);
+	gen = load_relaxed(&sc->gen_state) >> 8;
+	owner = sc->frame.owner;
+	pthread_mutex_unlock(&sc->lock);
+	if (won) {
+		KEEL_YIELD();
+		keel__spread_task(owner, &sc->frame);
+		keel__spread_scope(&sc->frame, gen);
+	}
+	return 0;
 }
 
 int keel_scope_cancel(keel_scope_t *s)
@@ -579,35 +693,52 @@ int keel_scope_cancel(keel_scope_t *s)
 	return scope_cancel_cause(s, KEEL_CANCEL_EXPLICIT);
 }
 
-static void join_child(struct keel__scope *sc, struct keel__task *t,
-		       struct entry *e)
+/* The close's report of a child that has not ended cleanup_ns after its
+ * turn came: still running its body (and where), or past it and still
+ * ending (and in which step). */
+static void report_slow_child(struct keel__scope *sc, struct keel__task *c)
 {
-	struct keel__task *c = e->task;
-	keel_time_t report_at = keel_after(sc->cleanup_ns);
 	char name[KEEL_TASK_NAME_MAX + 1];
+	const char *ending = load_relaxed(&c->ending_in);
+	const char *blocked = load_relaxed(&c->blocked_in);
+	long long ms = (long long)(sc->cleanup_ns / 1000000);
+
+	keel__task_copy_name(c, name);
+	if (ending)
+		keel__report("scope '%s': child '%s' returned from its body "
+			     "but has not ended %lld ms after it was cancelled "
+			     "(in: %s%s%s); waiting",
+			     sc->name, name, ms, ending,
+			     blocked ? ", blocked in " : "",
+			     blocked ? blocked : "");
+	else
+		keel__report("scope '%s': child '%s' still running %lld ms "
+			     "after it was cancelled (%s%s); waiting",
+			     sc->name, name, ms,
+			     blocked ? "blocked in " : "running",
+			     blocked ? blocked : "");
+}
+
+static void join_child(struct keel__scope *sc, struct keel__task *t,
+		       uint32_t entry)
+{
+	struct keel__task *c = sc->entries[entry].task;
+	keel_time_t report_at = keel_after(sc->cleanup_ns);
 
 	/* Its turn: cancel it (and what runs inside it), and only it. A
-	 * child of a scope cancelled as a whole keeps that cause. */
-	pthread_mutex_lock(&keel__scope_lock);
-	if (!load_relaxed(&c->ended) && !scope_cancelled(sc))
+	 * child of a scope cancelled as a whole keeps that cause. Not reaped
+	 * yet, so its base frame is alive. */
+	if (!has_ended(c) && !scope_cancelled(sc))
 		keel__frame_cancel(&c->base, KEEL_CANCEL_CLOSE);
-	pthread_mutex_unlock(&keel__scope_lock);
 	/* Not cancellable: close must not return while the child runs. */
-	while (keel__wait_for(t, has_ended, c, report_at, 0, "close: join") <
+	while (keel__wait_for(t, has_left, c, report_at, 0, "close: join") <
 	       0) {
 		if (report_at != KEEL_FOREVER) {
-			keel__task_copy_name(c, name);
-			keel__report("scope '%s': child '%s' still running %lld "
-				     "ms after it was cancelled; waiting",
-				     sc->name, name,
-				     (long long)(sc->cleanup_ns / 1000000));
+			report_slow_child(sc, c);
 			report_at = KEEL_FOREVER;
 		}
 	}
-	pthread_mutex_lock(&keel__scope_lock);
-	e->done = 1;
-	keel__task_release(c);
-	pthread_mutex_unlock(&keel__scope_lock);
+	reap(sc, entry);
 }
 
 static int close_scope(struct keel__scope *sc, struct keel__task *t);
@@ -624,6 +755,7 @@ static void unwind_to(struct keel__task *t, struct keel__frame *stop,
 {
 	while (t->cur != stop) {
 		struct keel__frame *f = t->cur;
+		struct keel__scope *sc = (struct keel__scope *)f;
 
 		KEEL_ASSERT(f != &t->base);
 		if (f->kind == FRAME_SHIELD) {
@@ -632,9 +764,11 @@ static void unwind_to(struct keel__task *t, struct keel__frame *stop,
 			continue;
 		}
 		keel__report("%s %s scope '%s' open; closing it", who, verb,
-			     ((struct keel__scope *)f)->name);
-		pthread_mutex_lock(&keel__scope_lock);
-		close_scope((struct keel__scope *)f, t);
+			     sc->name);
+		pthread_mutex_lock(&sc->lock);
+		scope_set_state(sc, SC_CLOSING);
+		pthread_mutex_unlock(&sc->lock);
+		close_scope(sc, t);
 	}
 }
 
@@ -665,52 +799,55 @@ static void run_cleanup(struct keel__scope *sc, struct keel__task *t,
 	}
 	if (genuine(rc) && !sc->first_cleanup_error)
 		sc->first_cleanup_error = rc;
+	pthread_mutex_lock(&sc->lock);
 	e->done = 1;
+	pthread_mutex_unlock(&sc->lock);
 }
 
+/* The owner closes sc, which it has marked CLOSING (so nothing is pushed
+ * any more and the entries array stays where it is). */
 static int close_scope(struct keel__scope *sc, struct keel__task *t)
 {
 	uint32_t own, outer;
-	int rc;
+	int rc, first;
 
-	/* Under the lock (taken by the caller, released here). What had
-	 * cancelled the scope before the close decides its result. */
-	scope_set_state(sc, SC_CLOSING);
-	own = load_relaxed(&sc->frame.cancelled);
+	/* What had cancelled the scope before the close decides its
+	 * result. */
+	own = load_acquire(&sc->frame.cancelled);
 	if (!own && sc->frame.deadline != KEEL_FOREVER &&
 	    keel__clock_now() >= sc->frame.deadline) {
 		keel__frame_cancel(&sc->frame, KEEL_CANCEL_DEADLINE);
 		own = KEEL_CANCEL_DEADLINE;
 	}
 	outer = keel__chain_cancelled(sc->frame.parent);
-	pthread_mutex_unlock(&keel__scope_lock);
 
 	/* Unwind from the top, one entry at a time: each child is cancelled
 	 * only when its turn comes, so what was created earlier keeps running
 	 * while what came later is torn down (unless the scope was cancelled
-	 * as a whole before). Nothing can push now (the scope is CLOSING), so
-	 * the entries array stays where it is. */
+	 * as a whole before). */
 	for (uint32_t i = sc->nentries; i-- > 0;) {
 		struct entry *e = &sc->entries[i];
 
 		if (e->done)
 			continue;
 		if (e->kind == E_CHILD)
-			join_child(sc, t, e);
+			join_child(sc, t, i);
 		else if (e->kind == E_CLEANUP || e->kind == E_RESOURCE)
 			run_cleanup(sc, t, e, i);
 	}
 
-	rc = sc->first_error		    ? sc->first_error
+	/* Every child has LEFT: their errors are all in. */
+	first = load_acquire(&sc->first_error);
+	rc = first			    ? first
 	     : sc->first_cleanup_error	    ? sc->first_cleanup_error
 	     : own == KEEL_CANCEL_DEADLINE ? -ETIMEDOUT
 	     : (own || outer)		    ? -ECANCELED
 					    : 0;
-	pthread_mutex_lock(&keel__scope_lock);
+	pthread_mutex_lock(&t->chain_lock);
 	t->cur = sc->frame.parent;
+	pthread_mutex_unlock(&t->chain_lock);
 	keel__chain_changed(t);
 	scope_free(sc);
-	pthread_mutex_unlock(&keel__scope_lock);
 	return rc;
 }
 
@@ -718,29 +855,27 @@ int keel_scope_close(keel_scope_t *s)
 {
 	struct keel__task *t = keel__self();
 	struct keel__scope *sc;
-	int stale;
+	int rc;
 
 	if (!t)
 		return -EPERM;
 	keel__lock_check_blocking("keel_scope_close()");
-	pthread_mutex_lock(&keel__scope_lock);
-	sc = scope_get(s, &stale);
-	if (!sc || sc->frame.owner != t ||
-	    (load_relaxed(&sc->gen_state) & 0xff) != SC_OPEN ||
-	    t->cur != &sc->frame || sc->setting_up) {
-		int rc = !sc ? -EINVAL
-			 : sc->frame.owner != t ? -EPERM
-						: -EBUSY;
-
-		if (sc && rc == -EBUSY && sc->setting_up)
-			keel__report("keel_scope_close: scope '%s' closed from "
-				     "inside the setup of one of its resources; "
-				     "refused (-EBUSY)",
-				     sc->name);
-		pthread_mutex_unlock(&keel__scope_lock);
+	if (!(sc = scope_lock(s, -EINVAL, &rc)))
 		return rc;
-	}
-	return close_scope(sc, t); /* releases the lock */
+	if (sc->frame.owner != t)
+		rc = -EPERM;
+	else if (scope_state(sc) != SC_OPEN || t->cur != &sc->frame ||
+		 sc->setting_up)
+		rc = -EBUSY;
+	if (rc == -EBUSY && sc->setting_up)
+		keel__report("keel_scope_close: scope '%s' closed from inside "
+			     "the setup of one of its resources; refused "
+			     "(-EBUSY)",
+			     sc->name);
+	if (rc == 0)
+		scope_set_state(sc, SC_CLOSING);
+	pthread_mutex_unlock(&sc->lock);
+	return rc < 0 ? rc : close_scope(sc, t);
 }
 
 void keel__scope_task_end(struct keel__task *t)
@@ -750,16 +885,64 @@ void keel__scope_task_end(struct keel__task *t)
 	/* A scope or shield left open: report it, then close it, so that
 	 * nothing the task started outlives it. */
 	if (t->cur != &t->base) {
+		store_relaxed(&t->ending_in, "closing what it left open");
 		keel__task_copy_name(t, name);
 		snprintf(who, sizeof who, "task '%s'", name);
 		unwind_to(t, &t->base, who, "ended with");
 	}
-	pthread_mutex_lock(&keel__scope_lock);
+	keel__on_cancel_end(t);
+	pthread_mutex_lock(&t->chain_lock);
 	if (t->wake_rfd >= 0) {
 		keel__notify_close(t->wake_rfd, t->wake_wfd);
 		t->wake_rfd = t->wake_wfd = -1;
 	}
-	pthread_mutex_unlock(&keel__scope_lock);
+	pthread_mutex_unlock(&t->chain_lock);
+}
+
+/* ---- fork() ---------------------------------------------------------------------------- */
+
+void keel__scope_fork(int phase)
+{
+	uint32_t n = load_relaxed(&sc_count);
+
+	if (phase == 0) {
+		/* The table's lock first: nobody else holds two scope locks
+		 * without it, so taking them all in index order cannot meet
+		 * another thread holding one and waiting for a second. */
+		pthread_mutex_lock(&table_lock);
+		n = load_relaxed(&sc_count);
+		for (uint32_t i = 0; i < n; i++)
+			pthread_mutex_lock(&slot_at(i)->lock);
+		return;
+	}
+	if (phase == 1) {
+		for (uint32_t i = n; i-- > 0;)
+			pthread_mutex_unlock(&slot_at(i)->lock);
+		pthread_mutex_unlock(&table_lock);
+		return;
+	}
+	/* The child: only the forking thread's task can still end. Every
+	 * other task has been marked LEFT (task.c), so a scope's foreground
+	 * count is that of its children that are still running: at most
+	 * the forking task itself. */
+	for (uint32_t i = 0; i < n; i++) {
+		struct keel__scope *sc = slot_at(i);
+		uint32_t fg = 0;
+
+		pthread_mutex_init(&sc->lock, NULL);
+		if (scope_state(sc) == SC_FREE)
+			continue;
+		for (uint32_t k = 0; k < sc->nentries; k++) {
+			struct entry *e = &sc->entries[k];
+
+			if (e->kind == E_CHILD && !e->done &&
+			    !e->task->background &&
+			    load_relaxed(&e->task->ended) == TASK_RUNNING)
+				fg++;
+		}
+		store_release(&sc->nfg, fg);
+	}
+	pthread_mutex_init(&table_lock, NULL);
 }
 
 /* ---- keel_scope_run and keel_main ------------------------------------------------------- */
@@ -769,7 +952,7 @@ int keel_scope_run(keel_body_fn body, void *arg, const keel_scope_opts *opts)
 	struct keel__task *t;
 	struct keel__scope *sc;
 	keel_scope_t *s;
-	int rc, st, stale;
+	int rc, st;
 
 	if (!body)
 		return -EINVAL;
@@ -777,13 +960,12 @@ int keel_scope_run(keel_body_fn body, void *arg, const keel_scope_opts *opts)
 		return rc;
 	t = keel__self();
 	st = body(s, arg);
-	pthread_mutex_lock(&keel__scope_lock);
-	sc = scope_get(s, &stale);
-	if (sc && genuine(st))
+	if (!(sc = scope_lock(s, -EINVAL, &rc)))
+		return rc; /* the body closed its own scope */
+	pthread_mutex_unlock(&sc->lock);
+	/* Ours: it stays open until we close it. */
+	if (genuine(st))
 		record_failure(sc, st);
-	pthread_mutex_unlock(&keel__scope_lock);
-	if (!sc)
-		return -EINVAL; /* the body closed its own scope */
 	if (t->cur != &sc->frame) {
 		char who[KEEL_TASK_NAME_MAX + 32];
 
@@ -793,7 +975,6 @@ int keel_scope_run(keel_body_fn body, void *arg, const keel_scope_opts *opts)
 	/* The foreground children may finish, until the scope's deadline or
 	 * a cancellation; then close cancels whatever still runs. */
 	keel_scope_join(s, KEEL_FOREVER);
-	(void)t;
 	return keel_scope_close(s);
 }
 
@@ -896,6 +1077,11 @@ int keel_main(keel_body_fn body, void *arg)
 }
 
 /* ---- Dumping the tree ---------------------------------------------------------------- */
+/*
+ * Under the table's lock (so that scope locks may nest, and no slot is
+ * taken or given back meanwhile), each scope under its lock and each task's
+ * chain under its chain lock, taken in the order of the rules in cancel.c.
+ */
 
 static const char *cause_name(uint32_t c)
 {
@@ -909,15 +1095,23 @@ static const char *cause_name(uint32_t c)
 	}
 }
 
-/* The scope opened by the same owner directly inside sc, if any. */
+/* The scope opened by owner directly inside the frame `outer` of its chain,
+ * if any (none if `outer` has left the chain). */
 static struct keel__scope *inner_scope(struct keel__task *owner,
 				       struct keel__frame *outer)
 {
 	struct keel__scope *found = NULL;
 
-	for (struct keel__frame *g = owner->cur; g && g != outer; g = g->parent)
+	pthread_mutex_lock(&owner->chain_lock);
+	for (struct keel__frame *g = owner->cur; g != outer; g = g->parent) {
+		if (g == &owner->base) {
+			found = NULL;
+			break;
+		}
 		if (g->kind == FRAME_SCOPE)
 			found = (struct keel__scope *)g;
+	}
+	pthread_mutex_unlock(&owner->chain_lock);
 	return found;
 }
 
@@ -930,19 +1124,27 @@ static void dump_task(FILE *f, struct keel__task *c, int d, keel_time_t now,
 	char name[KEEL_TASK_NAME_MAX + 1];
 	struct keel__scope *inner;
 	const char *state;
+	keel_time_t started;
+	uint32_t cancelled;
 	char buf[64];
 
 	keel__task_copy_name(c, name);
-	if (load_acquire(&c->ended)) {
+	pthread_mutex_lock(&c->chain_lock);
+	cancelled = keel__cancelled(c);
+	started = c->started_at;
+	pthread_mutex_unlock(&c->chain_lock);
+	if (load_acquire(&c->ended) != TASK_RUNNING) {
 		snprintf(buf, sizeof buf, "ended, status %d", c->status);
 		state = buf;
 	} else {
 		const char *b = load_relaxed(&c->blocked_in);
+		const char *e = load_relaxed(&c->ending_in);
 
-		state = keel__cancelled(c) ? (b ? "cancelled, still waiting"
-						: "cancelled")
-		      : b		  ? b
-					  : "running";
+		state = e	  ? e
+		      : cancelled ? (b ? "cancelled, still waiting"
+				       : "cancelled")
+		      : b	  ? b
+				  : "running";
 	}
 	if (dot) {
 		fprintf(f, "  t%u [shape=ellipse label=\"%s\\n%s\"];\n", c->idx,
@@ -951,9 +1153,9 @@ static void dump_task(FILE *f, struct keel__task *c, int d, keel_time_t now,
 	} else {
 		fprintf(f, "%*stask '%s' #%u%s: %s, age %lld ms\n", 2 * d, "",
 			name, c->idx, c->background ? " (background)" : "",
-			state, (long long)((now - c->started_at) / 1000000));
+			state, (long long)((now - started) / 1000000));
 	}
-	if (!load_acquire(&c->ended) &&
+	if (load_acquire(&c->ended) == TASK_RUNNING &&
 	    (inner = inner_scope(c, &c->base)) != NULL) {
 		if (dot)
 			fprintf(f, "  t%u -> s%u;\n", c->idx, inner->idx);
@@ -966,8 +1168,14 @@ static void dump_scope(FILE *f, struct keel__scope *sc, int d, keel_time_t now,
 {
 	char owner[KEEL_TASK_NAME_MAX + 1], dl[48] = "";
 	struct keel__scope *inner;
-	uint32_t c = load_relaxed(&sc->frame.cancelled);
+	uint32_t c;
 
+	pthread_mutex_lock(&sc->lock);
+	if (scope_state(sc) == SC_FREE) {
+		pthread_mutex_unlock(&sc->lock);
+		return; /* closed meanwhile */
+	}
+	c = load_relaxed(&sc->frame.cancelled);
 	keel__task_copy_name(sc->frame.owner, owner);
 	if (sc->frame.deadline != KEEL_FOREVER)
 		snprintf(dl, sizeof dl, ", deadline in %lld ms",
@@ -1000,33 +1208,54 @@ static void dump_scope(FILE *f, struct keel__scope *sc, int d, keel_time_t now,
 						       : "resource (setting up)",
 				i);
 	}
+	pthread_mutex_unlock(&sc->lock);
 }
 
-/* A scope at the top of a tree: no scope encloses it. */
+/* A scope at the top of a tree: still on its owner's chain, with no scope
+ * below it there, and an owner that no scope spawned. */
 static int is_root(struct keel__scope *sc)
 {
-	for (struct keel__frame *f = sc->frame.parent; f; f = f->parent)
-		if (f->kind == FRAME_SCOPE)
-			return 0;
-	return 1;
+	struct keel__task *owner = sc->frame.owner;
+	int on = 0, root;
+
+	pthread_mutex_lock(&owner->chain_lock);
+	root = owner->home == NULL;
+	for (struct keel__frame *g = owner->cur; g && g != &owner->base;
+	     g = g->parent) {
+		if (g == &sc->frame)
+			on = 1;
+		else if (on && g->kind == FRAME_SCOPE)
+			root = 0;
+	}
+	pthread_mutex_unlock(&owner->chain_lock);
+	return on && root;
 }
 
 static int dump(FILE *f, int dot)
 {
 	keel_time_t now = keel__clock_now();
+	uint32_t n;
 
 	if (!f)
 		return -EINVAL;
-	pthread_mutex_lock(&keel__scope_lock);
+	pthread_mutex_lock(&table_lock);
+	n = load_relaxed(&sc_count);
 	if (dot)
 		fprintf(f, "digraph keel {\n  rankdir=LR;\n");
-	for (struct keel__scope *sc = sc_all; sc; sc = sc->all_next)
-		if (is_root(sc) && inner_scope(sc->frame.owner,
-					       sc->frame.parent) == sc)
+	/* Newest first, as the tree has always been listed. */
+	for (uint32_t i = n; i-- > 0;) {
+		struct keel__scope *sc = slot_at(i);
+		int root;
+
+		pthread_mutex_lock(&sc->lock);
+		root = scope_state(sc) != SC_FREE && is_root(sc);
+		pthread_mutex_unlock(&sc->lock);
+		if (root)
 			dump_scope(f, sc, 0, now, dot);
+	}
 	if (dot)
 		fprintf(f, "}\n");
-	pthread_mutex_unlock(&keel__scope_lock);
+	pthread_mutex_unlock(&table_lock);
 	fflush(f);
 	return 0;
 }

@@ -88,8 +88,10 @@ static struct keel__task *new_chunk(uint32_t first)
 		t->notify_rfd = -1;
 		t->wake_rfd = t->wake_wfd = -1;
 		pthread_mutex_init(&t->ctx_lock, NULL);
+		pthread_mutex_init(&t->chain_lock, NULL);
 		pthread_mutex_init(&t->cb_lock, NULL);
 		pthread_cond_init(&t->cb_cv, NULL);
+		t->cur = &t->base;
 	}
 	store_release(&task_chunks[first >> TASK_CHUNK_SHIFT], c);
 	return c;
@@ -131,6 +133,12 @@ struct keel__task *keel__task_alloc(void)
 	t->status = 0;
 	snprintf(t->name, sizeof t->name, "task-%u", t->idx);
 	pthread_mutex_unlock(&registry_lock);
+	/* Set up under the chain lock, which a stale canceller also takes:
+	 * it sees the old incarnation or this one, never a mix. */
+	pthread_mutex_lock(&t->chain_lock);
+	store_release(&t->live, t->id);
+	keel__cancel_reset(t);
+	pthread_mutex_unlock(&t->chain_lock);
 
 	t->running = NULL;
 	t->outstanding = NULL;
@@ -140,8 +148,7 @@ struct keel__task *keel__task_alloc(void)
 	t->closed = 0;
 	t->fd_mode = 0;
 	store_relaxed(&t->park, PARK_EMPTY);
-	store_relaxed(&t->ended, 0);
-	keel__cancel_reset(t);
+	store_relaxed(&t->ended, TASK_RUNNING);
 	keel__mbox_reset(t);
 
 	/* Open the mailbox under the new generation. A sender holding a
@@ -166,6 +173,7 @@ void keel__task_release(struct keel__task *t)
 	pthread_mutex_lock(&registry_lock);
 	KEEL_ASSERT(t->in_use);
 	t->in_use = 0;
+	store_release(&t->live, 0);
 	t->free_next = free_slots;
 	free_slots = t;
 	pthread_mutex_unlock(&registry_lock);
@@ -187,7 +195,9 @@ void keel__task_end(struct keel__task *t, int status)
 	}
 	/* Work in flight is cancelled first: replies this task owes itself
 	 * must be settled before its close waits for them. Then the mailbox,
-	 * before anything else of the task; then what it left open. */
+	 * before anything else of the task; then what it left open. The
+	 * steps are named for the report of a child slow to end. */
+	store_relaxed(&t->ending_in, "closing its mailbox");
 	keel__proxy_end(t);
 	keel__mbox_shutdown(t);
 	keel__mbox_close_fd(t);
@@ -199,7 +209,7 @@ void keel__task_end(struct keel__task *t, int status)
 		return;
 	}
 	/* Pairs with the acquire in keel__task_join(). */
-	store_release(&t->ended, 1);
+	store_release(&t->ended, TASK_LEFT);
 	keel__futex_wake(&t->ended, INT32_MAX);
 }
 
@@ -207,18 +217,13 @@ void keel__task_discard(struct keel__task *t)
 {
 	t->closed = 1;
 	fetch_or_acq_rel(&t->mword, MB_CLOSED | MB_ENDED);
-	store_release(&t->ended, 1);
+	store_release(&t->ended, TASK_LEFT);
 	keel__task_release(t);
 }
 
 int keel__task_is(struct keel__task *t, keel_task_t id)
 {
-	int is;
-
-	pthread_mutex_lock(&registry_lock);
-	is = t->in_use && t->id == id;
-	pthread_mutex_unlock(&registry_lock);
-	return is;
+	return id != KEEL_TASK_NONE && load_acquire(&t->live) == id;
 }
 
 void keel__task_copy_name(struct keel__task *t, char *buf)
@@ -466,8 +471,8 @@ int keel__task_join(keel_task_t id, int *status)
 	t->joined = 1;
 	pthread_mutex_unlock(&registry_lock);
 	/* Pairs with the release in keel__task_end(). */
-	while (load_acquire(&t->ended) == 0)
-		keel__futex_wait(&t->ended, 0, KEEL_FOREVER);
+	for (uint32_t e; (e = load_acquire(&t->ended)) != TASK_LEFT;)
+		keel__futex_wait(&t->ended, e, KEEL_FOREVER);
 	if (status)
 		*status = t->status;
 	keel__task_release(t);
@@ -476,33 +481,45 @@ int keel__task_join(keel_task_t id, int *status)
 
 /* ---- fork() ----------------------------------------------------------------
  * The child has only the forking thread. Every other task's thread is gone,
- * so the child marks those tasks ENDED with status -ECANCELED (sends to
- * them give -ESRCH; joins, scope joins and closes return: their scopes no
- * longer count them) and forgets cached threads. keel's locks are taken before fork
- * and released in both processes, so none is held by a thread that no
- * longer exists. Records queued to the vanished tasks are left unrun: their
- * threads can no longer run either outcome. A message another thread was
- * sending to the forking thread's task at the instant of fork may be lost
- * in the child.
+ * so the child marks those tasks LEFT, with status -ECANCELED if they had
+ * not ended (sends to them give -ESRCH; joins, scope joins and closes
+ * return: their scopes no longer count them), and forgets cached threads.
+ *
+ * keel's locks are all taken before fork, in an order no other thread can
+ * hold against it (the rules are in cancel.c), and released in both
+ * processes, so none is held in the child by a thread that no longer
+ * exists and none guards a half-made change: the scope table's lock, every
+ * scope's lock, the lock graph's, the thread cache's, the message pool's,
+ * the registry's, then every task's chain lock (nothing is taken under a
+ * chain lock, so its holders never wait for the ones taken before). Each
+ * task's ctx and on_cancel locks are made anew in the child instead; a
+ * registration running on a vanished thread counts as done.
+ *
+ * Records queued to the vanished tasks are left unrun: their threads can
+ * no longer run either outcome. A message another thread was sending to
+ * the forking thread's task at the instant of fork may be lost in the
+ * child.
  */
 static void fork_prepare(void)
 {
-	/* The scope lock first: under it, spawning takes the thread cache's
-	 * and the registry's locks. */
-	pthread_mutex_lock(&keel__scope_lock);
+	keel__scope_fork(0);
 	keel__lockgraph_fork(0);
 	keel__thread_cache_fork(0);
 	keel__msg_fork(0);
 	pthread_mutex_lock(&registry_lock);
+	for (uint32_t i = 0; i < task_count; i++)
+		pthread_mutex_lock(&keel__task_slot(i)->chain_lock);
 }
 
 static void fork_parent(void)
 {
+	for (uint32_t i = task_count; i-- > 0;)
+		pthread_mutex_unlock(&keel__task_slot(i)->chain_lock);
 	pthread_mutex_unlock(&registry_lock);
 	keel__msg_fork(1);
 	keel__thread_cache_fork(1);
 	keel__lockgraph_fork(1);
-	pthread_mutex_unlock(&keel__scope_lock);
+	keel__scope_fork(1);
 }
 
 static void fork_child(void)
@@ -512,29 +529,26 @@ static void fork_child(void)
 	for (uint32_t i = 0; i < task_count; i++) {
 		struct keel__task *t = keel__task_slot(i);
 
+		pthread_mutex_init(&t->chain_lock, NULL);
 		pthread_mutex_init(&t->ctx_lock, NULL);
-		pthread_mutex_init(&t->cb_lock, NULL);
-		pthread_cond_init(&t->cb_cv, NULL);
+		keel__on_cancel_fork_child(t);
 		/* Senders caught mid-send by the fork do not exist here: their
 		 * counts must not make a close wait forever. */
 		fetch_and_acq_rel(&t->mword, ~MB_COUNT_MASK);
 		if (!t->in_use || t == self)
 			continue;
-		/* Vanished: its status is that of a task cut off (not an
-		 * error), and its scope no longer waits for it. */
-		if (!load_relaxed(&t->ended)) {
+		/* Vanished: the status of a task cut off (not an error). */
+		if (load_relaxed(&t->ended) == TASK_RUNNING)
 			t->status = -ECANCELED;
-			keel__scope_vanished(t);
-		}
 		t->closed = 1;
 		fetch_or_acq_rel(&t->mword, MB_CLOSED | MB_ENDED);
-		store_release(&t->ended, 1);
+		store_release(&t->ended, TASK_LEFT);
 	}
 	pthread_mutex_unlock(&registry_lock);
 	keel__msg_fork(2);
 	keel__thread_cache_fork(2);
 	keel__lockgraph_fork(2);
-	pthread_mutex_unlock(&keel__scope_lock);
+	keel__scope_fork(2);
 }
 
 __attribute__((constructor)) static void register_fork_handlers(void)

@@ -120,6 +120,8 @@ typedef struct {
 } harness_capture;
 void capture_begin(harness_capture *c);
 void capture_end(harness_capture *c);
+/* While capturing: has `text` been written so far? */
+int capture_contains(harness_capture *c, const char *text);
 
 /* An order-of-events log: append tokens, compare with an expected string. */
 typedef struct {

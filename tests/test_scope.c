@@ -1346,3 +1346,139 @@ TEST(scope_run_body_leaving_a_shield_or_scope_open_is_named_and_closed)
 		CHECK_LOG(&lg, want);
 	}
 }
+
+/* ---- The close's report of a child slow to end ---- */
+
+static harness_event slow_body, slow_drain;
+static harness_capture slow_cap;
+
+/* Not a keel wait: cancellation cannot reach it. */
+static int body_ignores_cancel(void *arg)
+{
+	(void)arg;
+	event_wait(&slow_body);
+	return 0;
+}
+
+static void never(void *arg)
+{
+	(void)arg;
+	CHECK(0);
+}
+
+static void drain_blocks(void *arg)
+{
+	(void)arg;
+	event_wait(&slow_drain);
+}
+
+/* Returns at once, leaving a message whose cancel handler blocks in its
+ * mailbox's drain, a step of its ending. */
+static int body_ends_slowly(void *arg)
+{
+	(void)arg;
+	CHECK_OK(keel_post(keel_self(), never, drain_blocks, NULL));
+	return 0;
+}
+
+/* Releases each child once the close has reported it. */
+static void *release_when_reported(void *arg)
+{
+	(void)arg;
+	while (!capture_contains(&slow_cap, "child 'stuck' still running"))
+		sched_yield();
+	event_set(&slow_body);
+	while (!capture_contains(&slow_cap, "child 'ending' returned from "
+					    "its body"))
+		sched_yield();
+	event_set(&slow_drain);
+	return NULL;
+}
+
+TEST(close_report_tells_a_running_child_from_an_ending_one)
+{
+	keel_scope_t *s;
+	pthread_t th;
+
+	event_init(&slow_body);
+	event_init(&slow_drain);
+	CHECK_OK(keel_scope_open(&s, &(keel_scope_opts){
+					     .name = "slow",
+					     .cleanup_deadline = KEEL_MS(20)}));
+	/* Closed in reverse: 'stuck' first, then 'ending'. */
+	CHECK_OK(keel_spawn(s, body_ends_slowly, NULL,
+			    &(keel_spawn_opts){.name = "ending"}, NULL));
+	CHECK_OK(keel_spawn(s, body_ignores_cancel, NULL,
+			    &(keel_spawn_opts){.name = "stuck"}, NULL));
+	capture_begin(&slow_cap);
+	th = harness_thread(release_when_reported, NULL);
+	CHECK_OK(keel_scope_close(s));
+	harness_join(th);
+	capture_end(&slow_cap);
+	CHECK(strstr(slow_cap.text,
+		     "scope 'slow': child 'stuck' still running 20 ms after it "
+		     "was cancelled (running); waiting") != NULL);
+	CHECK(strstr(slow_cap.text,
+		     "scope 'slow': child 'ending' returned from its body but "
+		     "has not ended 20 ms after it was cancelled (in: closing "
+		     "its mailbox); waiting") != NULL);
+}
+
+/* ---- on_cancel callbacks run holding no keel lock ---- */
+
+static harness_event cb_woken;
+
+static void cb_cancels_other(void *arg)
+{
+	/* Scope calls from a callback: keel holds none of its locks here. */
+	note("callback");
+	CHECK_OK(keel_scope_cancel(arg));
+	event_set(&cb_woken);
+}
+
+/* Waits on something keel does not own; only the callback wakes it. */
+static int wait_with_callback(void *arg)
+{
+	keel_cancel_token_t tok;
+
+	CHECK_OK(keel_on_cancel(cb_cancels_other, arg, &tok));
+	store_relaxed(&keel__self()->blocked_in, "event");
+	event_wait(&cb_woken);
+	CHECK_EQ(keel_on_cancel_remove(tok), 1); /* it ran */
+	note("first-cancelled");
+	return 0;
+}
+
+static int wait_logged(void *arg)
+{
+	(void)arg;
+	keel_sleep_until(KEEL_FOREVER);
+	note("second-cancelled");
+	return 0;
+}
+
+TEST(on_cancel_callback_may_cancel_another_scope)
+{
+	keel_scope_t *outer, *inner;
+	keel_task_t t1, t2;
+
+	log_init(&lg);
+	event_init(&cb_woken);
+	/* Cancelling the inner scope does not reach the outer one: only the
+	 * callback does. */
+	CHECK_OK(keel_scope_open(&outer, NULL));
+	CHECK_OK(keel_spawn(outer, wait_logged, NULL, NULL, &t2));
+	CHECK_OK(keel_scope_open(&inner, NULL));
+	CHECK_OK(keel_spawn(inner, wait_with_callback, outer, NULL, &t1));
+	while (!load_relaxed(&keel__task_slot(t1)->blocked_in) ||
+	       !load_relaxed(&keel__task_slot(t2)->blocked_in))
+		sched_yield();
+	CHECK_OK(keel_scope_cancel(inner));
+	CHECK_RC(keel_scope_close(inner), -ECANCELED);
+	CHECK_RC(keel_scope_close(outer), -ECANCELED);
+	pthread_mutex_lock(&lg.mu);
+	CHECK(strncmp(lg.buf, "callback ", 9) == 0);
+	CHECK(strstr(lg.buf, "first-cancelled") != NULL);
+	CHECK(strstr(lg.buf, "second-cancelled") != NULL);
+	pthread_mutex_unlock(&lg.mu);
+}

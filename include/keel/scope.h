@@ -379,7 +379,9 @@ KEEL_API int keel_on_cancel_remove(keel_cancel_token_t token);
  * For each scope: name, state, deadline, age, entries; for each task:
  * name, handle, state, what it is blocked in, age.
  *
- * Context: any thread; takes keel's scope lock briefly.
+ * Context: any thread; holds keel's scope locks while it writes (scopes
+ * being opened, closed or spawned into wait meanwhile), so writing to @f
+ * should not block for long.
  * Return: 0; -EINVAL if @f is NULL.
  */
 KEEL_API int keel_dump(FILE *f);
@@ -388,7 +390,7 @@ KEEL_API int keel_dump(FILE *f);
  * keel_dump_dot() - the same tree in Graphviz dot.
  * @f: where to write.
  *
- * Context: any thread; takes keel's scope lock briefly.
+ * Context: as keel_dump().
  * Return: 0; -EINVAL if @f is NULL.
  */
 KEEL_API int keel_dump_dot(FILE *f);

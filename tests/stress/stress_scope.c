@@ -19,10 +19,33 @@
  *   around a task entering each cancellation point; every wait must end
  *   with -ECANCELED (a lost wake-up hangs the test, which the CTest timeout
  *   turns into a failure). KEEL_ITERS rounds per point (200; 5,000 long).
+ *
+ * stress_spawners_race_the_owner: two foreign threads spawn into one
+ *   scope as fast as they can (each spawn may move the scope's entries)
+ *   while its owner joins their children by handle, cancels some of them
+ *   one by one, and finally cancels and closes the scope with the spawners
+ *   still going. Every spawn that succeeded started its child exactly once
+ *   and was joined or closed exactly once; the rest were refused with
+ *   -ECANCELED; joins, cancels and spawns all happened in numbers (the
+ *   test fails if a kind of race was not exercised). KEEL_ITERS joins
+ *   (5,000; 100,000 long).
+ *
+ * stress_close_10k_blocked_tasks_under_load: KEEL_THREADS tasks (10,000;
+ *   2,000 under sanitizers) in one scope, each blocked in a keel wait
+ *   (sleep, serve, condition variable, lock), with two busy-loop
+ *   processes on the machine; the scope is cancelled and closed. Every
+ *   wait must end with -ECANCELED, and the close must not report a child
+ *   "still running" (each child's join ends within the scope's
+ *   cleanup_deadline, 5 s): keel's own bookkeeping must not hold the
+ *   exiting children up. Prints the time from the cancel to the last
+ *   child's exit and to the close's return.
  */
 #include <poll.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <string.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "harness.h"
@@ -532,4 +555,248 @@ TEST(stress_cancel_races_every_wait)
 	close(fds[1]);
 	printf("%ld cancellations raced each of %d waits\n", iters,
 	       (int)P_COUNT);
+}
+
+/* ---- Closing 10,000 blocked tasks on a loaded machine ---- */
+
+#ifdef KEEL_UNDER_SANITIZER
+#define BIG_DEFAULT 2000
+#else
+#define BIG_DEFAULT 10000
+#endif
+
+static keel_mutex_t big_mu = KEEL_MUTEX_INIT(0, "big_mu");
+static keel_mutex_t big_held = KEEL_MUTEX_INIT(0, "big_held");
+static keel_cond_t big_cv = KEEL_COND_INIT;
+static atomic_int big_cancelled, big_wrong;
+static _Atomic keel_time_t big_last_exit;
+
+static int big_wait(void *arg)
+{
+	int rc = -1;
+
+	switch ((intptr_t)arg % 4) {
+	case 0:
+		rc = keel_sleep_until(KEEL_FOREVER);
+		break;
+	case 1:
+		rc = keel_serve(KEEL_FOREVER);
+		break;
+	case 2:
+		keel_mutex_lock(&big_mu);
+		rc = keel_cond_wait_until(&big_cv, &big_mu, KEEL_FOREVER);
+		keel_mutex_unlock(&big_mu);
+		break;
+	case 3:
+		/* big_held is held by the test for the whole run. */
+		rc = keel_mutex_lock_until(&big_held, KEEL_FOREVER);
+		break;
+	}
+	atomic_fetch_add(rc == -ECANCELED ? &big_cancelled : &big_wrong, 1);
+	{
+		keel_time_t now = keel_now(),
+			    seen = atomic_load(&big_last_exit);
+
+		while (seen < now &&
+		       !atomic_compare_exchange_weak(&big_last_exit, &seen, now))
+			;
+	}
+	return 0;
+}
+
+static pid_t busy_loop(void)
+{
+	pid_t pid = fork();
+
+	CHECK(pid >= 0);
+	if (pid == 0) {
+		volatile unsigned long x = 0;
+
+		prctl(PR_SET_PDEATHSIG, SIGKILL);
+		for (;;)
+			x++;
+	}
+	return pid;
+}
+
+TEST(stress_close_10k_blocked_tasks_under_load)
+{
+	long n = harness_param("KEEL_THREADS", BIG_DEFAULT, BIG_DEFAULT);
+	keel_spawn_opts o = {.name = "big", .stack_size = 64 << 10};
+	keel_task_t *ids = calloc((size_t)n, sizeof *ids);
+	harness_capture cap;
+	keel_scope_t *s;
+	keel_time_t t0, closed;
+	pid_t busy[2];
+	long blocked;
+
+	CHECK(ids != NULL);
+	for (int i = 0; i < 2; i++)
+		busy[i] = busy_loop();
+	keel_mutex_lock(&big_held);
+	CHECK_OK(keel_scope_open(&s, &(keel_scope_opts){.name = "big"}));
+	for (long i = 0; i < n; i++)
+		CHECK_OK(keel_spawn(s, big_wait, (void *)(intptr_t)i, &o,
+				    &ids[i]));
+	/* Every one of them is inside its wait. */
+	do {
+		blocked = 0;
+		for (long i = 0; i < n; i++)
+			if (load_relaxed(&keel__task_slot(ids[i])->blocked_in))
+				blocked++;
+		if (blocked < n)
+			sched_yield();
+	} while (blocked < n);
+	capture_begin(&cap);
+	t0 = keel_now();
+	CHECK_OK(keel_scope_cancel(s));
+	CHECK_RC(keel_scope_close(s), -ECANCELED);
+	closed = keel_now();
+	capture_end(&cap);
+	keel_mutex_unlock(&big_held);
+	/* The load was there all along. */
+	for (int i = 0; i < 2; i++) {
+		CHECK_EQ(waitpid(busy[i], NULL, WNOHANG), 0);
+		kill(busy[i], SIGKILL);
+		CHECK_EQ(waitpid(busy[i], NULL, 0), busy[i]);
+	}
+	CHECK_EQ(atomic_load(&big_wrong), 0);
+	CHECK_EQ(atomic_load(&big_cancelled), n);
+	printf("%ld blocked tasks beside 2 busy loops: the last exited %.0f ms "
+	       "after the cancel, the close returned after %.0f ms\n",
+	       n, (double)(atomic_load(&big_last_exit) - t0) / 1e6,
+	       (double)(closed - t0) / 1e6);
+	if (strstr(cap.text, "still running"))
+		harness_fail(__FILE__, __LINE__, "the close reported a child "
+			     "still running:\n%.400s", cap.text);
+	free(ids);
+}
+
+/* ---- Spawners racing the owner's joins and cancels ---- */
+
+#define RACE_QUEUE 256
+
+struct spawn_race {
+	keel_scope_t *s;
+	atomic_int stop, closing;
+	pthread_mutex_t mu;
+	keel_task_t q[RACE_QUEUE];
+	unsigned head, tail;
+	atomic_long spawned, refused, started, ended_cancelled, ended_ok;
+};
+
+static int race_child(void *arg)
+{
+	struct spawn_race *r = arg;
+	int rc;
+
+	atomic_fetch_add(&r->started, 1);
+	/* Half return at once; half wait to be cancelled (by the owner's
+	 * cancel of this one task, or the scope's). */
+	if (atomic_load(&r->started) & 1) {
+		atomic_fetch_add(&r->ended_ok, 1);
+		return 0;
+	}
+	rc = keel_sleep_until(KEEL_FOREVER);
+	CHECK_RC(rc, -ECANCELED);
+	atomic_fetch_add(&r->ended_cancelled, 1);
+	return rc;
+}
+
+static void *race_spawner(void *p)
+{
+	struct spawn_race *r = p;
+
+	while (!atomic_load(&r->stop)) {
+		keel_task_t t;
+		unsigned queued;
+		int rc;
+
+		/* Ahead of the owner by at most a queue's worth (live threads
+		 * are the limit), unless the scope is cancelled: then spawn
+		 * on, to be refused. */
+		pthread_mutex_lock(&r->mu);
+		queued = r->tail - r->head;
+		pthread_mutex_unlock(&r->mu);
+		if (queued >= RACE_QUEUE / 2 && !atomic_load(&r->closing)) {
+			sched_yield();
+			continue;
+		}
+		rc = keel_spawn(r->s, race_child, r, NULL, &t);
+
+		if (rc == -ECANCELED) {
+			atomic_fetch_add(&r->refused, 1);
+			continue;
+		}
+		CHECK_OK(rc);
+		atomic_fetch_add(&r->spawned, 1);
+		pthread_mutex_lock(&r->mu);
+		if (r->tail - r->head < RACE_QUEUE)
+			r->q[r->tail++ % RACE_QUEUE] = t;
+		pthread_mutex_unlock(&r->mu);
+	}
+	return NULL;
+}
+
+TEST(stress_spawners_race_the_owner)
+{
+	long iters = harness_param("KEEL_ITERS", 5000, 100000);
+	uint64_t rng = harness_seed();
+	struct spawn_race r = {.mu = PTHREAD_MUTEX_INITIALIZER};
+	long joined = 0, cancelled_one = 0;
+	pthread_t th[2];
+
+	CHECK_OK(keel_scope_open(&r.s, &(keel_scope_opts){
+					       .policy = KEEL_SUPERVISE}));
+	for (int i = 0; i < 2; i++)
+		th[i] = harness_thread(race_spawner, &r);
+	while (joined < iters) {
+		keel_task_t t = KEEL_TASK_NONE;
+		int st = 1;
+
+		pthread_mutex_lock(&r.mu);
+		if (r.head != r.tail)
+			t = r.q[r.head++ % RACE_QUEUE];
+		pthread_mutex_unlock(&r.mu);
+		if (t == KEEL_TASK_NONE) {
+			sched_yield();
+			continue;
+		}
+		if (rng_next(&rng) % 3 == 0) {
+			CHECK_OK(keel__task_cancel(t, KEEL_CANCEL_EXPLICIT));
+			cancelled_one++;
+		}
+		/* A child that waits for its cancel: cancel it now. */
+		if (keel_join(t, &st, keel_after(KEEL_MS(1))) == -ETIMEDOUT) {
+			CHECK_OK(keel__task_cancel(t, KEEL_CANCEL_EXPLICIT));
+			cancelled_one++;
+			CHECK_OK(keel_join(t, &st, KEEL_FOREVER));
+		}
+		CHECK(st == 0 || st == -ECANCELED);
+		/* Reaped: the handle is stale now. */
+		CHECK_RC(keel_join(t, NULL, 0), -ESRCH);
+		joined++;
+	}
+	/* Close with the spawners still going: the children not joined are
+	 * cancelled and joined by the close; spawns after it are refused. */
+	atomic_store(&r.closing, 1);
+	CHECK_OK(keel_scope_cancel(r.s));
+	CHECK_RC(keel_scope_close(r.s), -ECANCELED);
+	while (atomic_load(&r.refused) == 0)
+		sched_yield();
+	atomic_store(&r.stop, 1);
+	for (int i = 0; i < 2; i++)
+		harness_join(th[i]);
+	CHECK_EQ(atomic_load(&r.started), atomic_load(&r.spawned));
+	CHECK_EQ(atomic_load(&r.ended_ok) + atomic_load(&r.ended_cancelled),
+		 atomic_load(&r.spawned));
+	/* The races happened, each kind in numbers. */
+	CHECK_INT(joined, >=, iters);
+	CHECK_INT(cancelled_one, >, 0);
+	CHECK_INT(atomic_load(&r.refused), >, 0);
+	CHECK_INT(atomic_load(&r.ended_cancelled), >, 0);
+	printf("%ld spawned, %ld joined one by one (%ld cancelled one by one), "
+	       "%ld refused after the cancel\n",
+	       atomic_load(&r.spawned), joined, cancelled_one,
+	       atomic_load(&r.refused));
 }
