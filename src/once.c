@@ -37,7 +37,18 @@
  * the fields (acquire), and k_gen again. A reader takes the record as g's
  * only if k_gen reads g before and after the fields; otherwise (not
  * written yet, or being rewritten) it knows nothing about the owner and
- * times it from when it first saw BUSY(g).
+ * times it from when it first saw BUSY(g). k_thread is the owner's task
+ * handle, for whoever inspects the once; no decision rests on it.
+ *
+ * RECURSION
+ * A caller finding BUSY(g) is itself claim g's owner only if its own init
+ * for g is running further up its stack, and only the thread itself knows
+ * that exactly: each thread keeps the claims it runs init for as a chain
+ * of frames on its own stack (`running`, thread-local). No identity read
+ * from the record could do this: a thread created after a dead owner was
+ * joined gets the dead thread's stack and thread-local storage (glibc
+ * caches stacks; Emscripten reuses malloc'd TLS), so an address would name
+ * both, while the new thread's `running` starts empty whatever its address.
  *
  * LIFELINES
  * An owner's death is noticed through robust mutexes, which the kernel
@@ -95,8 +106,24 @@
  * wake-up shows as a hang). */
 _Atomic keel_time_t keel__once_poll = KEEL_ONCE_POLL;
 
-/* This thread's identity for the record: the address of its own copy. */
-static _Thread_local char me;
+/* The claims this thread is running init for, innermost first (see
+ * RECURSION above). */
+struct running {
+	const uint64_t *word;
+	uint64_t gen;
+	const struct running *up;
+};
+
+static KEEL_TLS const struct running *running;
+
+/* 1 if this thread is running init for claim gen of the once at word. */
+static int running_on(const uint64_t *word, uint64_t gen)
+{
+	for (const struct running *r = running; r; r = r->up)
+		if (r->word == word && r->gen == gen)
+			return 1;
+	return 0;
+}
 
 /* ---- A once, whichever kind ------------------------------------------------ */
 
@@ -125,7 +152,6 @@ struct keel_claim {
 
 struct record {
 	int64_t started;
-	uint64_t thread;
 	int32_t pid;
 	int32_t life;
 };
@@ -153,13 +179,13 @@ static _Atomic uint32_t *word_futex(const struct ov *v)
 }
 
 static void record_write(const struct ov *v, uint64_t gen, int life,
-			 keel_time_t started)
+			 keel_time_t started, keel_task_t owner)
 {
 	/* Release stores for the fields, acquire loads in the reader: a
 	 * reader that sees any of them sees the k_gen = 0 before them. */
 	__atomic_store_n(v->gen, 0, __ATOMIC_RELAXED);
 	__atomic_store_n(v->started, started, __ATOMIC_RELEASE);
-	__atomic_store_n(v->thread, (uint64_t)(uintptr_t)&me, __ATOMIC_RELEASE);
+	__atomic_store_n(v->thread, (uint64_t)owner, __ATOMIC_RELEASE);
 	__atomic_store_n(v->pid, (int32_t)getpid(), __ATOMIC_RELEASE);
 	__atomic_store_n(v->life, life, __ATOMIC_RELEASE);
 	__atomic_store_n(v->gen, gen, __ATOMIC_RELEASE);
@@ -171,7 +197,6 @@ static int record_read(const struct ov *v, uint64_t gen, struct record *r)
 	uint64_t g1 = __atomic_load_n(v->gen, __ATOMIC_ACQUIRE), g2;
 
 	r->started = __atomic_load_n(v->started, __ATOMIC_ACQUIRE);
-	r->thread = __atomic_load_n(v->thread, __ATOMIC_ACQUIRE);
 	r->pid = __atomic_load_n(v->pid, __ATOMIC_ACQUIRE);
 	r->life = __atomic_load_n(v->life, __ATOMIC_ACQUIRE);
 	g2 = __atomic_load_n(v->gen, __ATOMIC_RELAXED);
@@ -356,9 +381,10 @@ static int own(struct ov *v, struct call *k, uint64_t gen, int prev_died,
 {
 	keel_claim_t c = {v, gen, prev_died, 0, 0};
 	keel_time_t started = keel_now();
+	struct running self = {v->word, gen, running};
 	int rc, shielded = 0, cancelled;
 
-	record_write(v, gen, life, started);
+	record_write(v, gen, life, started, k->t->id);
 	if (k->level)
 		keel__rank_enter(&k->rank, k->site);
 	if ((k->flags & KEEL_ONCE_ANCHOR) &&
@@ -366,7 +392,9 @@ static int own(struct ov *v, struct call *k, uint64_t gen, int prev_died,
 				      ? KEEL_FOREVER
 				      : started + k->deadline) == 0)
 		shielded = 1;
+	running = &self;
 	rc = k->init(&c, k->arg);
+	running = self.up;
 	if (shielded)
 		keel_shield_end();
 	if (k->level)
@@ -521,11 +549,11 @@ static int once_loop(struct ov *v, struct call *k, keel_time_t give_up,
 				return rc;
 			continue;
 		}
-		/* BUSY(g): look at its owner. */
-		valid = record_read(v, g, &r);
-		if (valid && r.pid == (int32_t)getpid() &&
-		    r.thread == (uint64_t)(uintptr_t)&me)
+		/* BUSY(g): our own init for g, further up this stack? */
+		if (running_on(v->word, g))
 			return -EDEADLK;
+		/* Someone else's: look at its owner. */
+		valid = record_read(v, g, &r);
 		now = keel_now();
 		if (valid && !v->shared && r.pid != (int32_t)getpid()) {
 			dead = 1; /* a parent's thread: not in this process */

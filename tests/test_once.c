@@ -392,6 +392,104 @@ TEST(owner_task_cancelled_frees_the_claim_at_once)
 	owner_dies(BY_TASK_CANCEL);
 }
 
+/* A thread that ends leaves its stack and thread-local storage to the next
+ * thread created (glibc caches thread stacks; Emscripten reuses malloc'd
+ * TLS the same way). A new thread that finds a dead owner's claim is not
+ * that owner, whatever addresses they share: it must take over, not be
+ * refused with -EDEADLK. */
+static _Thread_local char tls_mark;
+
+struct reuse {
+	keel_once_t o;
+	keel_once_shared_t so; /* the same, for a once shared by processes */
+	int shared;
+	uintptr_t mark[2];
+	int rc;
+	void *v;
+	uint64_t h;
+	struct seen reclaim;
+};
+
+static int reuse_once(struct reuse *r, keel_init_fn init)
+{
+	if (r->shared)
+		return keel_once_shared(&r->so, init, r, &patient, &r->h);
+	return keel_once(&r->o, init, r, &patient, &r->v);
+}
+
+static int exits_holding_the_claim(keel_claim_t *c, void *arg)
+{
+	(void)c;
+	(void)arg;
+	pthread_exit(NULL);
+}
+
+static void *first_owner(void *arg)
+{
+	struct reuse *r = arg;
+
+	r->mark[0] = (uintptr_t)&tls_mark;
+	reuse_once(r, exits_holding_the_claim);
+	return NULL; /* not reached: init ends the thread */
+}
+
+static int takes_over(keel_claim_t *c, void *arg)
+{
+	struct reuse *r = arg;
+
+	atomic_fetch_add(&r->reclaim.inits, 1);
+	atomic_store(&r->reclaim.prev_died, keel_claim_prev_owner_died(c));
+	atomic_store(&r->reclaim.gen, keel_claim_generation(c));
+	return r->shared ? keel_claim_publish_handle(c, 5)
+			 : keel_claim_publish(c, VALUE(5));
+}
+
+static void *next_thread(void *arg)
+{
+	struct reuse *r = arg;
+
+	r->mark[1] = (uintptr_t)&tls_mark;
+	r->rc = reuse_once(r, takes_over);
+	return NULL;
+}
+
+static void new_thread_takes_over(int shared)
+{
+	struct reuse *r = calloc(1, sizeof *r);
+
+	r->shared = shared;
+	if (shared)
+		CHECK_OK(keel_once_shared_init(&r->so));
+	/* Joined: its stack (and its thread-local storage) is free for the
+	 * next thread. */
+	harness_join(harness_thread(first_owner, r));
+	harness_join(harness_thread(next_thread, r));
+	printf("the second thread %s the dead owner's thread-local storage\n",
+	       r->mark[0] == r->mark[1] ? "reused" : "did not reuse");
+	fflush(stdout);
+	CHECK_OK(r->rc);
+	CHECK_EQ(atomic_load(&r->reclaim.inits), 1);
+	CHECK_EQ(atomic_load(&r->reclaim.prev_died), 1);
+	CHECK_EQ(atomic_load(&r->reclaim.gen), 2);
+	if (shared) {
+		CHECK_EQ(r->h, 5);
+	} else {
+		CHECK(r->v == VALUE(5));
+		CHECK(keel_once_value(&r->o) == VALUE(5));
+	}
+	free(r);
+}
+
+TEST(a_new_thread_on_a_dead_owners_stack_takes_over)
+{
+	new_thread_takes_over(0);
+}
+
+TEST(a_new_thread_on_a_dead_shared_owners_stack_takes_over)
+{
+	new_thread_takes_over(1);
+}
+
 /* ---- A hung owner, and the clobber window ---- */
 
 struct hang {
