@@ -512,11 +512,21 @@ struct keel__held {
 #define HELD_RELOCK 4  /* taken again by its holder (k_depth counts it) */
 #define HELD_COUNTED 8 /* a NOBLOCK or NOALLOC lock (counted in the state) */
 
+/* Past the record's capacity, locks go unrecorded (see lock.c, THE HELD
+ * RECORD): counted in `unrec`, and, for read holds, in a small hashed
+ * count by lock address, which says "maybe one of mine" exactly enough
+ * that no unrecorded read hold is ever refused. */
+#define UNREC_READ_BUCKETS 32
+
 struct keel__lockstate {
-	uint32_t depth; /* may exceed KEEL_LOCK_STACK: those are unrecorded */
+	uint32_t depth; /* entries in stack[], at most KEEL_LOCK_STACK */
+	uint32_t unrec; /* locks held besides those, taken while it was full */
 	uint32_t noblock, noalloc;
-	uint8_t overflow_warned;
 	struct keel__held stack[KEEL_LOCK_STACK];
+	/* Unrecorded read holds by bucket of the lock's address; a bucket
+	 * that reaches 255 stays there until unrec is back to 0. */
+	uint8_t unrec_read[UNREC_READ_BUCKETS];
+	uint8_t overflow_warned;
 	/* Graph edges this thread knows are recorded, as node ids
 	 * (from << 32 | to), so taking a nested pair again skips the graph;
 	 * cleared when keel__graph_epoch moves (an id now means another
