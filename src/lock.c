@@ -19,7 +19,9 @@
  *   unlock:  XCHG to 0; if the old value was 2, wake one futex waiter and
  *            one queued waiter.
  * k_owner is the holder's lock record (its keel__locks address), so
- * "held by me" is exact. Waits that must be cancellable (lock_until,
+ * "held by me" is exact. A holder inside keel_cond_wait() has let the word
+ * go but will take it back: k_cwait counts such holders, so that
+ * keel_mutex_destroy() still finds the mutex held. Waits that must be cancellable (lock_until,
  * condition variables) cannot sleep on the lock's futex word: a
  * canceller's wake-up could come just before the sleep and be lost. They
  * queue a node on the lock (k_waitq, guarded by the k_qlock spin bit) and
@@ -1224,7 +1226,11 @@ int keel_mutex_destroy(keel_mutex_t *m)
 {
 	if (!m || A_LOAD(&m->k_magic) != KEEL__LOCK_MAGIC)
 		return -EINVAL;
-	if (A_LOAD(&m->k_state) != 0 || A_LOAD(&m->k_owner)) {
+	/* Held: by a thread, or by one inside keel_cond_wait(), whose count
+	 * is raised before it lets the word go (a free word read with
+	 * acquire here shows that count). */
+	if (A_LOAD_ACQ(&m->k_state) != 0 || A_LOAD(&m->k_owner) ||
+	    A_LOAD(&m->k_cwait) != 0) {
 		report_lock(R_DESTROY_HELD, m, m->k_name, "keel_mutex_destroy()",
 			    "destroying a lock that is held");
 		return -EBUSY;
@@ -1492,9 +1498,12 @@ int keel_cond_wait_until_at(keel_cond_t *c, keel_mutex_t *m,
 	keel__qlock(&c->k_qlock);
 	keel__q_append(&c->k_waiters, &n);
 	keel__qunlock(&c->k_qlock);
-	/* Release the lock word, keeping its record (and site) in place. */
+	/* Release the lock word, keeping its record (and site) in place;
+	 * the mutex stays held to keel_mutex_destroy() through k_cwait,
+	 * raised before the word's release store. */
 	if (i >= 0)
 		ls->stack[i].bits |= HELD_WAITING;
+	__atomic_add_fetch(&m->k_cwait, 1, __ATOMIC_RELAXED);
 	mutex_release(m);
 	while (!A_LOAD_ACQ(&n.woken) && rc == 0)
 		rc = keel__wait(t, deadline, 1, "cond_wait");
@@ -1517,6 +1526,7 @@ int keel_cond_wait_until_at(keel_cond_t *c, keel_mutex_t *m,
 			mutex_wait(m);
 	}
 	A_STORE(&m->k_owner, (void *)ls);
+	__atomic_sub_fetch(&m->k_cwait, 1, __ATOMIC_RELAXED);
 	if (i >= 0)
 		ls->stack[i].bits &= (uint8_t)~HELD_WAITING;
 	return rc;

@@ -1055,6 +1055,149 @@ TEST(cond_wait_is_a_cancellation_point)
 	CHECK_EQ(new_reports(), 0);
 }
 
+/* A mutex whose holder waits in keel_cond_wait() is still held: the lock
+ * word is free while it sleeps, but it takes the mutex back before it
+ * returns. Destroying it then must fail with -EBUSY (and be reported),
+ * never succeed under the waiter. */
+struct cv_holder {
+	keel_mutex_t m;
+	keel_cond_t c;
+	int timed;
+	int flag;
+	int rc;
+	int held_after;
+	harness_event locked;
+};
+
+static void *cv_holder_main(void *arg)
+{
+	struct cv_holder *h = arg;
+	int rc = 0;
+
+	keel_mutex_lock(&h->m);
+	event_set(&h->locked);
+	while (!h->flag && rc == 0)
+		rc = h->timed ? keel_cond_wait_until(&h->c, &h->m,
+						     keel_after(KEEL_SEC(60)))
+			      : keel_cond_wait(&h->c, &h->m);
+	h->rc = rc;
+	h->held_after = keel_mutex_held(&h->m);
+	keel_mutex_unlock(&h->m);
+	return NULL;
+}
+
+static void destroy_under_cond_waiter(int timed)
+{
+	struct cv_holder *h = calloc(1, sizeof *h);
+	harness_capture cap;
+	pthread_t th;
+
+	report_mode();
+	CHECK_OK(keel_mutex_init(&h->m, 4, "cv-held", 0));
+	CHECK_OK(keel_cond_init(&h->c));
+	h->timed = timed;
+	event_init(&h->locked);
+	th = harness_thread(cv_holder_main, h);
+	event_wait(&h->locked);
+	/* Taking the mutex here means the holder has released its word in
+	 * the wait; giving it back leaves the holder waiting for a signal. */
+	keel_mutex_lock(&h->m);
+	keel_mutex_unlock(&h->m);
+	capture_begin(&cap);
+	CHECK_RC(keel_mutex_destroy(&h->m), -EBUSY);
+	capture_end(&cap);
+	CHECK_SAID(&cap, "destroying a lock that is held: 'cv-held'");
+	CHECK_EQ(new_reports(), 1);
+	/* Nothing was destroyed: the wait ends as usual. */
+	keel_mutex_lock(&h->m);
+	h->flag = 1;
+	CHECK_OK(keel_cond_signal(&h->c));
+	keel_mutex_unlock(&h->m);
+	harness_join(th);
+	CHECK_OK(h->rc);
+	CHECK(h->held_after);
+	CHECK_OK(keel_mutex_destroy(&h->m));
+	CHECK_OK(keel_cond_destroy(&h->c));
+	CHECK_EQ(new_reports(), 1);
+	free(h);
+}
+
+TEST(destroy_while_the_holder_waits_in_cond_wait_is_ebusy)
+{
+	destroy_under_cond_waiter(0);
+}
+
+TEST(destroy_while_the_holder_waits_in_cond_wait_until_is_ebusy)
+{
+	destroy_under_cond_waiter(1);
+}
+
+/* A mutex other threads are blocked trying to take is held by someone:
+ * destroying it from a third thread fails, and the blocked ones then get
+ * it in turn. */
+struct blocked {
+	keel_mutex_t m;
+	int plain_got, until_rc;
+};
+
+static void *blocked_plain(void *arg)
+{
+	struct blocked *b = arg;
+
+	keel_mutex_lock(&b->m);
+	b->plain_got = 1;
+	keel_mutex_unlock(&b->m);
+	return NULL;
+}
+
+static void *blocked_until(void *arg)
+{
+	struct blocked *b = arg;
+
+	b->until_rc = keel_mutex_lock_until(&b->m, keel_after(KEEL_SEC(60)));
+	if (b->until_rc == 0)
+		keel_mutex_unlock(&b->m);
+	return NULL;
+}
+
+static void *destroy_from_elsewhere(void *arg)
+{
+	return (void *)(intptr_t)keel_mutex_destroy(arg);
+}
+
+TEST(destroy_while_others_wait_to_lock_is_ebusy)
+{
+	struct blocked *b = calloc(1, sizeof *b);
+	pthread_t plain, until;
+	harness_capture cap;
+	void *rc;
+
+	report_mode();
+	CHECK_OK(keel_mutex_init(&b->m, 4, "waited-for", 0));
+	keel_mutex_lock(&b->m);
+	plain = harness_thread(blocked_plain, b);
+	until = harness_thread(blocked_until, b);
+	/* White-box: both are blocked once the word says "contended" and a
+	 * cancellable waiter is queued. */
+	while (__atomic_load_n(&b->m.k_state, __ATOMIC_ACQUIRE) != 2 ||
+	       !(__atomic_load_n(&b->m.k_flags, __ATOMIC_ACQUIRE) &
+		 KEEL__LOCK_QUEUED))
+		sched_yield();
+	capture_begin(&cap);
+	CHECK_OK(pthread_join(harness_thread(destroy_from_elsewhere, &b->m), &rc));
+	capture_end(&cap);
+	CHECK_EQ((intptr_t)rc, -EBUSY);
+	CHECK_SAID(&cap, "destroying a lock that is held: 'waited-for'");
+	keel_mutex_unlock(&b->m);
+	harness_join(plain);
+	harness_join(until);
+	CHECK(b->plain_got);
+	CHECK_OK(b->until_rc);
+	CHECK_OK(keel_mutex_destroy(&b->m));
+	CHECK_EQ(new_reports(), 1);
+	free(b);
+}
+
 /* ---- Cancellable locking ---- */
 
 static keel_mutex_t contended = KEEL_MUTEX_INIT(6, "contended");

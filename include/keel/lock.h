@@ -108,7 +108,7 @@ extern "C" {
 	uint32_t k_depth;                                                  \
 	uint32_t k_qlock;                                                  \
 	uint32_t k_magic;                                                  \
-	uint32_t k_reserved;
+	uint32_t k_cwait;
 
 #define KEEL__LOCK_INITIALIZER(level, name, flags)                         \
 	{ 0, (level), (uint16_t)((flags) | KEEL__LOCK_READY), 0, 0, 0, 0,    \
@@ -182,11 +182,13 @@ KEEL_API int keel_mutex_init(keel_mutex_t *m, unsigned level, const char *name,
  * @m: the mutex; not held.
  *
  * Its edges in the lock graph are dropped, so a lock initialised later at
- * the same address starts fresh.
+ * the same address starts fresh. A holder waiting in keel_cond_wait()
+ * still holds it (it takes it back before returning).
  *
  * Context: any thread; never blocks.
- * Return: 0; -EBUSY if it is held (reported too; nothing is destroyed);
- * -EINVAL if it is not an initialised mutex.
+ * Return: 0; -EBUSY if it is held, also while its holder waits in
+ * keel_cond_wait() (reported too; nothing is destroyed); -EINVAL if it is
+ * not an initialised mutex.
  */
 KEEL_API int keel_mutex_destroy(keel_mutex_t *m);
 
