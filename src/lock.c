@@ -48,7 +48,9 @@
  *
  * Reports are formatted into a stack buffer with snprintf and written with
  * one write(2): no allocation, no keel lock, so they work when malloc is
- * broken. A fixed table of hashes deduplicates them per pair of locks.
+ * broken. A fixed table of hashes deduplicates them per pair of locks, a
+ * lock being known by its identity (lk_identity()), not its address: the
+ * memory of a destroyed or freed lock may hold a new, unrelated one.
  */
 #include <stdarg.h>
 #include <stdlib.h>
@@ -171,6 +173,26 @@ static inline uint32_t *lk_node(void *lock)
 
 /* ---- Reports ------------------------------------------------------------- */
 
+/* Who a lock is, for deduplicating reports: its graph node with the
+ * node's generation, which no other lock ever shares (a destroyed lock's
+ * node takes a new generation before its id can go to another lock, and a
+ * lock initialised in reused memory gets a node of its own). A once's
+ * rank token is its once. A lock with no node (not initialised, or the
+ * graph is full) is known by its address, all there is. */
+static uint64_t lk_identity(const void *lock)
+{
+	uint64_t id = 0;
+
+	if (!lock)
+		return 0;
+	if (lk_flags(lock) & KEEL__LOCK_TOKEN)
+		return (uint64_t)(uintptr_t)LK_FIELD(lock, k_waitq, void *);
+	if (A_LOAD(&LK_FIELD(lock, k_magic, uint32_t)) == KEEL__LOCK_MAGIC)
+		id = keel__graph_identity(A_LOAD(lk_node((void *)(uintptr_t)lock)) &
+					  ~NODE_TAKEN);
+	return id ? id : (uint64_t)(uintptr_t)lock;
+}
+
 struct rbuf {
 	char b[4096];
 	size_t n;
@@ -228,11 +250,11 @@ static void rb_held(struct rbuf *r, struct keel__lockstate *ls)
 
 static _Atomic uint64_t seen[2048];
 
-/* 1 if this (kind, a, b) was not reported before. */
-static int first_time(int kind, const void *a, const void *b)
+/* 1 if this (kind, a, b) was not reported before; a and b are lock
+ * identities, or a site's address. */
+static int first_time(int kind, uint64_t a, uint64_t b)
 {
-	uint64_t h = (uint64_t)(uintptr_t)a * 0x9E3779B97F4A7C15ull ^
-		     (uint64_t)(uintptr_t)b * 0xC2B2AE3D27D4EB4Full ^
+	uint64_t h = a * 0x9E3779B97F4A7C15ull ^ b * 0xC2B2AE3D27D4EB4Full ^
 		     (uint64_t)kind * 0x165667B19E3779F9ull;
 	size_t n = sizeof seen / sizeof seen[0];
 
@@ -290,7 +312,8 @@ static void report_taking(int kind, const struct keel__held *against,
 {
 	struct rbuf r;
 
-	if (!first_time(kind, against ? against->lock : NULL, lock))
+	if (!first_time(kind, lk_identity(against ? against->lock : NULL),
+			lk_identity(lock)))
 		return;
 	r.n = 0;
 	rb_add(&r, "keel: %s: taking '%s' (", what, lk_name(lock));
@@ -314,7 +337,7 @@ static void report_lock(int kind, void *lock, const char *name,
 {
 	struct rbuf r;
 
-	if (!first_time(kind, lock, site))
+	if (!first_time(kind, lk_identity(lock), (uint64_t)(uintptr_t)site))
 		return;
 	r.n = 0;
 	rb_add(&r, "keel: %s: '%s' at %s", what, name, site);
@@ -670,7 +693,7 @@ static uint32_t check_acquire(struct keel__lockstate *ls, void *lock,
 			     violation, cycle, sizeof cycle)) {
 		struct rbuf r;
 
-		if (!first_time(R_CYCLE, top->lock, lock))
+		if (!first_time(R_CYCLE, lk_identity(top->lock), lk_identity(lock)))
 			return 0;
 		r.n = 0;
 		rb_add(&r, "keel: lock order cycle: taking '%s' (", lk_name(lock));
@@ -1612,13 +1635,17 @@ void keel__lock_check_exit(const char *who)
 
 /* ---- Ranked resources that are not locks ------------------------------------- */
 
-void keel__rank_token(keel_mutex_t *token, unsigned level, const char *name)
+void keel__rank_token(keel_mutex_t *token, unsigned level, const char *name,
+		      const void *resource)
 {
 	memset(token, 0, sizeof *token);
 	token->k_level = (uint16_t)level;
 	/* Ready, and "in the graph" so nothing registers it: with no node it
-	 * takes part in the level rule only. */
-	token->k_flags = KEEL__LOCK_READY | KEEL__LOCK_GRAPHED;
+	 * takes part in the level rule only. It lives on its caller's stack,
+	 * so reports know it by its resource (kept where a lock keeps its
+	 * queue, which a token never has). */
+	token->k_flags = KEEL__LOCK_READY | KEEL__LOCK_GRAPHED | KEEL__LOCK_TOKEN;
+	token->k_waitq = (void *)(uintptr_t)resource;
 	token->k_name = name;
 	token->k_magic = KEEL__LOCK_MAGIC;
 }

@@ -151,6 +151,15 @@ void keel__graph_forget(uint32_t *node)
 	pthread_mutex_unlock(&glock);
 }
 
+uint64_t keel__graph_identity(uint32_t id)
+{
+	if (!id || id > MAX_NODES)
+		return 0;
+	/* The top bit: no user-space address has it. */
+	return (uint64_t)1 << 63 | (uint64_t)load_relaxed(&nodes[id].gen) << 16 |
+	       id;
+}
+
 static uint64_t key_of(uint32_t from, uint32_t to)
 {
 	return (uint64_t)from << 32 | to;

@@ -626,7 +626,7 @@ static int once_core(struct ov *v, keel_init_fn init, void *arg,
 	if (!(k.t = keel__self()))
 		return -ENOMEM;
 	if (k.level) {
-		keel__rank_token(&k.rank, k.level, k.name);
+		keel__rank_token(&k.rank, k.level, k.name, v->word);
 		keel__rank_check(&k.rank, site);
 	}
 	keel__lock_check_blocking("keel_once()");

@@ -153,6 +153,93 @@ TEST(in_order_is_silent)
 	CHECK_EQ(keel__locks.depth, 0);
 }
 
+/* Reports are made once per pair of locks, and a pair is the locks, not
+ * their addresses: a lock destroyed and initialised again at the same
+ * memory, or a new lock in memory freed and handed out again, is another
+ * lock, and breaking a rule with it is reported again. */
+struct two {
+	keel_mutex_t hi, lo;
+};
+
+/* One pair's misdeeds, all from the same sites whatever the pair: an
+ * order violation, a learned cycle, an unlock of a lock not held. */
+static void misdeeds(struct two *p)
+{
+	keel_mutex_lock(&p->lo);
+	keel_mutex_lock(&p->hi); /* level 20 under level 10 */
+	keel_mutex_unlock(&p->hi);
+	keel_mutex_unlock(&p->lo);
+	keel_mutex_unlock(&p->lo); /* not held */
+}
+
+static void learned_cycle(struct two *p)
+{
+	keel_mutex_lock(&p->hi);
+	keel_mutex_lock(&p->lo);
+	keel_mutex_unlock(&p->lo);
+	keel_mutex_unlock(&p->hi);
+	keel_mutex_lock(&p->lo);
+	keel_mutex_lock(&p->hi); /* closes the cycle */
+	keel_mutex_unlock(&p->hi);
+	keel_mutex_unlock(&p->lo);
+}
+
+static void init_two(struct two *p, int learned)
+{
+	CHECK_OK(keel_mutex_init(&p->hi, learned ? 0 : 20, "recycled-hi", 0));
+	CHECK_OK(keel_mutex_init(&p->lo, learned ? 0 : 10, "recycled-lo", 0));
+}
+
+static void destroy_two(struct two *p)
+{
+	CHECK_OK(keel_mutex_destroy(&p->hi));
+	CHECK_OK(keel_mutex_destroy(&p->lo));
+}
+
+TEST(a_new_pair_at_recycled_addresses_is_reported)
+{
+	struct two same, *p, *q;
+	unsigned long before;
+
+	report_mode();
+	/* The same pair twice: each report once. */
+	init_two(&same, 0);
+	before = keel_lockcheck_reports();
+	misdeeds(&same);
+	CHECK_EQ(keel_lockcheck_reports() - before, 2);
+	misdeeds(&same);
+	CHECK_EQ(keel_lockcheck_reports() - before, 2);
+	/* Destroyed and initialised again at the same memory: new locks. */
+	destroy_two(&same);
+	init_two(&same, 0);
+	misdeeds(&same);
+	CHECK_EQ(keel_lockcheck_reports() - before, 4);
+	destroy_two(&same);
+	init_two(&same, 1);
+	learned_cycle(&same);
+	CHECK_EQ(keel_lockcheck_reports() - before, 5);
+	destroy_two(&same);
+	init_two(&same, 1);
+	learned_cycle(&same);
+	CHECK_EQ(keel_lockcheck_reports() - before, 6);
+	destroy_two(&same);
+	/* Freed (without a destroy, as programs do) and handed out again. */
+	p = malloc(sizeof *p);
+	init_two(p, 0);
+	misdeeds(p);
+	CHECK_EQ(keel_lockcheck_reports() - before, 8);
+	free(p);
+	q = malloc(sizeof *q);
+	printf("the allocator %s the freed pair's memory\n",
+	       (void *)q == (void *)p ? "handed out" : "did not hand out");
+	fflush(stdout);
+	init_two(q, 0);
+	misdeeds(q);
+	CHECK_EQ(keel_lockcheck_reports() - before, 10);
+	destroy_two(q);
+	free(q);
+}
+
 /* ---- 2. Learned order: cycles ---- */
 
 static keel_mutex_t la = KEEL_MUTEX_INIT(KEEL_LEVEL_LEARNED, "learned-a");

@@ -851,6 +851,32 @@ TEST(a_ranked_once_is_checked_like_a_lock)
 	}
 }
 
+/* Two ranked onces are two resources: a rule broken with each is
+ * reported for each, even from the same call site (where keel's token
+ * for the once's rank sits at the same stack address both times). */
+static void ranked_once_under_low(keel_once_t *o)
+{
+	const keel_once_opts ranked = {.level = 5, .name = "ranked-once"};
+	void *v;
+
+	keel_mutex_lock(&low);
+	CHECK_OK(keel_once(o, plain_publish, NULL, &ranked, &v));
+	keel_mutex_unlock(&low);
+}
+
+TEST(two_ranked_onces_are_two_reports)
+{
+	static keel_once_t a = KEEL_ONCE_INIT, b = KEEL_ONCE_INIT;
+	unsigned long before;
+
+	keel_lockcheck_set(KEEL_LOCKCHECK_REPORT);
+	before = keel_lockcheck_reports();
+	ranked_once_under_low(&a);
+	CHECK_EQ(keel_lockcheck_reports() - before, 1);
+	ranked_once_under_low(&b);
+	CHECK_EQ(keel_lockcheck_reports() - before, 2);
+}
+
 /* ---- The shared variant, within one process ---- */
 
 static int publishes_handle(keel_claim_t *c, void *arg)

@@ -81,6 +81,7 @@ extern "C" {
 #define KEEL__LOCK_READY 0x8000   /* initialised (set by the initialisers) */
 #define KEEL__LOCK_GRAPHED 0x4000 /* known to the lock graph as taken */
 #define KEEL__LOCK_QUEUED 0x2000  /* a cancellable waiter may be queued */
+#define KEEL__LOCK_TOKEN 0x1000   /* keel's stand-in for a ranked once */
 
 /* The words every lock and unlock touches are the first 16 bytes; a
  * nested lock also reads the next 16 (its graph node and the parents it is
