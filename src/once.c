@@ -348,7 +348,28 @@ struct call {
 	int watching;      /* this caller holds the once's watch */
 };
 
-static int opts_read(struct call *k, const keel_once_opts *o)
+/* Whether a call's arguments are valid (NULL opts: the defaults). Checked
+ * before the once's word, so that a call refused while the once is not
+ * done is refused once it is too; a few compares, on a path that is not
+ * the inlined keel_once_value(). A zero max_wait becomes deadline + 15 s
+ * (or forever), never below deadline. */
+static int args_valid(keel_init_fn init, const keel_once_opts *o)
+{
+	keel_time_t deadline;
+
+	if (!init)
+		return 0;
+	if (!o)
+		return 1;
+	if (o->deadline < 0 || o->max_wait < 0 || o->level > KEEL_LEVEL_MAX ||
+	    (o->flags & ~KEEL_ONCE_ANCHOR))
+		return 0;
+	deadline = o->deadline ? o->deadline : KEEL_ONCE_DEADLINE;
+	return !o->max_wait || o->max_wait >= deadline;
+}
+
+/* Apply valid opts (args_valid() said so). */
+static void opts_read(struct call *k, const keel_once_opts *o)
 {
 	k->deadline = KEEL_ONCE_DEADLINE;
 	k->max_wait = 0;
@@ -356,9 +377,6 @@ static int opts_read(struct call *k, const keel_once_opts *o)
 	k->flags = 0;
 	k->name = "keel_once";
 	if (o) {
-		if (o->deadline < 0 || o->max_wait < 0 ||
-		    o->level > KEEL_LEVEL_MAX || (o->flags & ~KEEL_ONCE_ANCHOR))
-			return -EINVAL;
 		if (o->deadline)
 			k->deadline = o->deadline;
 		k->max_wait = o->max_wait;
@@ -371,7 +389,6 @@ static int opts_read(struct call *k, const keel_once_opts *o)
 		k->max_wait = k->deadline > KEEL_FOREVER - KEEL_ONCE_MAX_WAIT_EXTRA
 				      ? KEEL_FOREVER
 				      : k->deadline + KEEL_ONCE_MAX_WAIT_EXTRA;
-	return k->max_wait < k->deadline ? -EINVAL : 0;
 }
 
 /* Run init as owner of claim gen, holding lifeline life. 0: published
@@ -615,14 +632,15 @@ static int once_loop(struct ov *v, struct call *k, keel_time_t give_up,
 	}
 }
 
+/* The slow path, for a once not done when the caller looked; the
+ * arguments are valid. */
 static int once_core(struct ov *v, keel_init_fn init, void *arg,
 		     const keel_once_opts *opts, uint64_t *out, const char *site)
 {
 	struct call k = {.init = init, .arg = arg, .site = site};
 	int rc;
 
-	if (!init || (rc = opts_read(&k, opts)) < 0)
-		return -EINVAL;
+	opts_read(&k, opts);
 	if (!(k.t = keel__self()))
 		return -ENOMEM;
 	if (k.level) {
@@ -643,21 +661,35 @@ static void ov_of(keel_once_t *o, struct ov *v)
 			 &o->k_watch, 0};
 }
 
-int keel_once_at(keel_once_t *o, keel_init_fn init, void *arg,
-		 const keel_once_opts *opts, void **value, const char *site)
+/* keel_once() on a once not done when it looked: out of line, so that the
+ * done path sets up no frame. */
+static __attribute__((noinline)) int once_slow(keel_once_t *o,
+					       keel_init_fn init, void *arg,
+					       const keel_once_opts *opts,
+					       void **value, const char *site)
 {
 	struct ov v;
 	uint64_t w;
 	int rc;
 
-	if (!o)
+	ov_of(o, &v);
+	if ((rc = once_core(&v, init, arg, opts, &w, site)) < 0)
+		return rc;
+	if (value)
+		*value = (void *)(uintptr_t)w;
+	return 0;
+}
+
+int keel_once_at(keel_once_t *o, keel_init_fn init, void *arg,
+		 const keel_once_opts *opts, void **value, const char *site)
+{
+	uint64_t w;
+
+	if (!o || !args_valid(init, opts))
 		return -EINVAL;
 	w = __atomic_load_n(&o->k_word, __ATOMIC_ACQUIRE);
-	if (TAG(w) != TAG_DONE) {
-		ov_of(o, &v);
-		if ((rc = once_core(&v, init, arg, opts, &w, site)) < 0)
-			return rc;
-	}
+	if (TAG(w) != TAG_DONE)
+		return once_slow(o, init, arg, opts, value, site);
 	if (value)
 		*value = (void *)(uintptr_t)w;
 	return 0;
@@ -687,7 +719,8 @@ int keel_once_shared_at(keel_once_shared_t *o, keel_init_fn init, void *arg,
 	int rc;
 
 	if (!o || __atomic_load_n(&o->k_magic, __ATOMIC_ACQUIRE) !=
-			  ONCE_SHARED_MAGIC)
+			  ONCE_SHARED_MAGIC ||
+	    !args_valid(init, opts))
 		return -EINVAL;
 	w = __atomic_load_n(&o->k_word, __ATOMIC_ACQUIRE);
 	if (TAG(w) != TAG_DONE) {

@@ -120,6 +120,53 @@ TEST(bad_arguments_are_refused)
 	CHECK(keel_once_value(&o) == v);
 }
 
+static int plain_publish_arg(keel_claim_t *c, void *arg)
+{
+	return keel_claim_publish(c, arg);
+}
+
+static int publishes_five(keel_claim_t *c, void *arg)
+{
+	(void)arg;
+	return keel_claim_publish_handle(c, 5);
+}
+
+/* The header promises -EINVAL for a NULL init or invalid opts: on a once
+ * that is done already too, where the value is at hand. (The inlined
+ * keel_once_value() stays a bare load; keel_once() checks.) */
+TEST(bad_arguments_are_refused_once_done_too)
+{
+	static keel_once_t o = KEEL_ONCE_INIT;
+	static keel_once_shared_t so;
+	keel_once_opts bad;
+	uint64_t h = 7;
+	void *v = NULL;
+
+	CHECK_OK(keel_once(&o, plain_publish_arg, VALUE(6), NULL, &v));
+	CHECK(v == VALUE(6));
+	v = VALUE(3);
+	CHECK_RC(keel_once(&o, NULL, NULL, NULL, &v), -EINVAL);
+	bad = (keel_once_opts){.deadline = KEEL_SEC(2), .max_wait = KEEL_SEC(1)};
+	CHECK_RC(keel_once(&o, plain_publish_arg, NULL, &bad, &v), -EINVAL);
+	bad = (keel_once_opts){.deadline = -1};
+	CHECK_RC(keel_once(&o, plain_publish_arg, NULL, &bad, &v), -EINVAL);
+	bad = (keel_once_opts){.flags = 0x100};
+	CHECK_RC(keel_once(&o, plain_publish_arg, NULL, &bad, &v), -EINVAL);
+	bad = (keel_once_opts){.level = KEEL_LEVEL_MAX + 1};
+	CHECK_RC(keel_once(&o, plain_publish_arg, NULL, &bad, &v), -EINVAL);
+	CHECK(v == VALUE(3)); /* untouched by the refusals */
+	CHECK(keel_once_value(&o) == VALUE(6));
+	/* The same for a shared once. */
+	CHECK_OK(keel_once_shared_init(&so));
+	CHECK_OK(keel_once_shared(&so, publishes_five, NULL, NULL, &h));
+	CHECK_EQ(h, 5);
+	h = 7;
+	CHECK_RC(keel_once_shared(&so, NULL, NULL, NULL, &h), -EINVAL);
+	bad = (keel_once_opts){.max_wait = -1};
+	CHECK_RC(keel_once_shared(&so, publishes_five, NULL, &bad, &h), -EINVAL);
+	CHECK_EQ(h, 7);
+}
+
 /* ---- Failure and recursion ---- */
 
 static struct seen failing;
