@@ -52,6 +52,8 @@ extern "C" {
 #define KEEL_ACQUIRE_SHARED(...) KEEL__TSA(acquire_shared_capability(__VA_ARGS__))
 #define KEEL_RELEASE(...) KEEL__TSA(release_capability(__VA_ARGS__))
 #define KEEL_RELEASE_SHARED(...) KEEL__TSA(release_shared_capability(__VA_ARGS__))
+/* Releases a capability held either way (an rwlock's one unlock). */
+#define KEEL_RELEASE_GENERIC(...) KEEL__TSA(release_generic_capability(__VA_ARGS__))
 #define KEEL_TRY_ACQUIRE(...) KEEL__TSA(try_acquire_capability(__VA_ARGS__))
 #define KEEL_TRY_ACQUIRE_SHARED(...) KEEL__TSA(try_acquire_shared_capability(__VA_ARGS__))
 #define KEEL_EXCLUDES(...) KEEL__TSA(locks_excluded(__VA_ARGS__))
@@ -359,7 +361,7 @@ KEEL_API void keel_rwlock_wrlock_at(keel_rwlock_t *l, const char *site)
  * Context: the thread that holds it; never blocks.
  */
 KEEL_API void keel_rwlock_unlock_at(keel_rwlock_t *l, const char *site)
-	KEEL_RELEASE_SHARED(l);
+	KEEL_RELEASE_GENERIC(l);
 #define keel_rwlock_unlock(l) keel_rwlock_unlock_at((l), KEEL_SITE)
 
 /* ---- Condition variables ---- */
