@@ -18,9 +18,10 @@
 
 const char *keel_strerror(int err)
 {
-	if (err < 0)
-		err = -err;
-	switch (err) {
+	/* The magnitude, computed unsigned: -INT_MIN is no int. */
+	unsigned e = err < 0 ? 0u - (unsigned)err : (unsigned)err;
+
+	switch (e) {
 	case 0: return "0: success";
 	case ECANCELED: return "ECANCELED: cancelled";
 	case ETIMEDOUT: return "ETIMEDOUT: deadline passed";

@@ -560,11 +560,21 @@ struct keel__held {
 #define HELD_RELOCK 4  /* taken again by its holder (k_depth counts it) */
 #define HELD_COUNTED 8 /* a NOBLOCK or NOALLOC lock (counted in the state) */
 
+/* Past the record's capacity, locks go unrecorded (see lock.c, THE HELD
+ * RECORD): counted in `unrec`, and, for read holds, in a small hashed
+ * count by lock address, which says "maybe one of mine" exactly enough
+ * that no unrecorded read hold is ever refused. */
+#define UNREC_READ_BUCKETS 32
+
 struct keel__lockstate {
-	uint32_t depth; /* may exceed KEEL_LOCK_STACK: those are unrecorded */
+	uint32_t depth; /* entries in stack[], at most KEEL_LOCK_STACK */
+	uint32_t unrec; /* locks held besides those, taken while it was full */
 	uint32_t noblock, noalloc;
-	uint8_t overflow_warned;
 	struct keel__held stack[KEEL_LOCK_STACK];
+	/* Unrecorded read holds by bucket of the lock's address; a bucket
+	 * that reaches 255 stays there until unrec is back to 0. */
+	uint8_t unrec_read[UNREC_READ_BUCKETS];
+	uint8_t overflow_warned;
 	/* Graph edges this thread knows are recorded, as node ids
 	 * (from << 32 | to), so taking a nested pair again skips the graph;
 	 * cleared when keel__graph_epoch moves (an id now means another
@@ -591,9 +601,11 @@ void keel__q_wake(void **head, uint32_t *ql, int all);
 
 /* A ranked resource that is not a lock (a once's claim), checked by the
  * level rule as if it were one: token is a keel_mutex_t never locked, set
- * up by keel__rank_token(). check: before waiting for it; enter/leave:
- * while holding it (locks taken meanwhile must rank below it). */
-void keel__rank_token(keel_mutex_t *token, unsigned level, const char *name);
+ * up by keel__rank_token(); `resource` (the once) is what reports about it
+ * are deduplicated by. check: before waiting for it; enter/leave: while
+ * holding it (locks taken meanwhile must rank below it). */
+void keel__rank_token(keel_mutex_t *token, unsigned level, const char *name,
+		      const void *resource);
 void keel__rank_check(keel_mutex_t *token, const char *site);
 void keel__rank_enter(keel_mutex_t *token, const char *site);
 void keel__rank_leave(keel_mutex_t *token);
@@ -628,6 +640,10 @@ uint32_t keel__graph_node(const struct keel__lockinfo *li, int taken);
 void keel__graph_forget(uint32_t *node);
 /* Moves each time a forgotten node's id is given to another lock. */
 extern _Atomic uint32_t keel__graph_epoch;
+/* Node id with its generation (which moves when the node's lock is
+ * destroyed, before the id can go to another lock): no other lock, ever,
+ * has this value; 0 for an id that names no node. */
+uint64_t keel__graph_identity(uint32_t id);
 /* Record "to taken at site while holding from (taken at from_site)". With
  * `learned` (either end is a learned lock), if the edge would close a
  * cycle, writes the cycle into buf (for the report) and returns 1; else 0. */

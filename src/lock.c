@@ -9,9 +9,8 @@
  * so the order check is O(1): a lock of level l may be taken only if
  * l < the minimum (level 0, learned, takes no part). Everything is checked
  * before the thread blocks on the lock, so an inversion is reported on the
- * very run where it would deadlock. The stack never allocates; past its
- * capacity, locks go unrecorded (reported once) and checking resumes when
- * the depth is back under it.
+ * very run where it would deadlock. The stack never allocates; see THE
+ * HELD RECORD below for what happens past its capacity.
  *
  * The mutex is its own futex lock (Drepper's three states):
  *   0 free, 1 held, 2 held and someone may be waiting.
@@ -20,7 +19,9 @@
  *   unlock:  XCHG to 0; if the old value was 2, wake one futex waiter and
  *            one queued waiter.
  * k_owner is the holder's lock record (its keel__locks address), so
- * "held by me" is exact. Waits that must be cancellable (lock_until,
+ * "held by me" is exact. A holder inside keel_cond_wait() has let the word
+ * go but will take it back: k_cwait counts such holders, so that
+ * keel_mutex_destroy() still finds the mutex held. Waits that must be cancellable (lock_until,
  * condition variables) cannot sleep on the lock's futex word: a
  * canceller's wake-up could come just before the sleep and be lost. They
  * queue a node on the lock (k_waitq, guarded by the k_qlock spin bit) and
@@ -47,7 +48,9 @@
  *
  * Reports are formatted into a stack buffer with snprintf and written with
  * one write(2): no allocation, no keel lock, so they work when malloc is
- * broken. A fixed table of hashes deduplicates them per pair of locks.
+ * broken. A fixed table of hashes deduplicates them per pair of locks, a
+ * lock being known by its identity (lk_identity()), not its address: the
+ * memory of a destroyed or freed lock may hold a new, unrelated one.
  */
 #include <stdarg.h>
 #include <stdlib.h>
@@ -170,6 +173,26 @@ static inline uint32_t *lk_node(void *lock)
 
 /* ---- Reports ------------------------------------------------------------- */
 
+/* Who a lock is, for deduplicating reports: its graph node with the
+ * node's generation, which no other lock ever shares (a destroyed lock's
+ * node takes a new generation before its id can go to another lock, and a
+ * lock initialised in reused memory gets a node of its own). A once's
+ * rank token is its once. A lock with no node (not initialised, or the
+ * graph is full) is known by its address, all there is. */
+static uint64_t lk_identity(const void *lock)
+{
+	uint64_t id = 0;
+
+	if (!lock)
+		return 0;
+	if (lk_flags(lock) & KEEL__LOCK_TOKEN)
+		return (uint64_t)(uintptr_t)LK_FIELD(lock, k_waitq, void *);
+	if (A_LOAD(&LK_FIELD(lock, k_magic, uint32_t)) == KEEL__LOCK_MAGIC)
+		id = keel__graph_identity(A_LOAD(lk_node((void *)(uintptr_t)lock)) &
+					  ~NODE_TAKEN);
+	return id ? id : (uint64_t)(uintptr_t)lock;
+}
+
 struct rbuf {
 	char b[4096];
 	size_t n;
@@ -201,7 +224,7 @@ static void rb_level(struct rbuf *r, unsigned level)
 
 static void rb_held(struct rbuf *r, struct keel__lockstate *ls)
 {
-	uint32_t d = ls->depth < KEEL_LOCK_STACK ? ls->depth : KEEL_LOCK_STACK;
+	uint32_t d = ls->depth, all = ls->depth + ls->unrec;
 	char name[KEEL_TASK_NAME_MAX + 1] = "";
 
 	if (keel__tls.self)
@@ -211,8 +234,7 @@ static void rb_held(struct rbuf *r, struct keel__lockstate *ls)
 		       (unsigned long)pthread_self());
 	else
 		rb_add(r, "\nkeel:   thread %#lx", (unsigned long)pthread_self());
-	rb_add(r, " holds %u lock%s%s", ls->depth, ls->depth == 1 ? "" : "s",
-	       ls->depth ? ":" : "");
+	rb_add(r, " holds %u lock%s%s", all, all == 1 ? "" : "s", all ? ":" : "");
 	for (uint32_t i = 0; i < d; i++) {
 		struct keel__held *h = &ls->stack[i];
 
@@ -221,18 +243,18 @@ static void rb_held(struct rbuf *r, struct keel__lockstate *ls)
 		rb_add(r, "%s), taken at %s%s", h->mode == LM_SHARED ? ", shared" : "",
 		       h->site, h->bits & HELD_WAITING ? " (released: waiting on a cond)" : "");
 	}
-	if (ls->depth > d)
-		rb_add(r, "\nkeel:     ... and %u more, past the record's capacity",
-		       ls->depth - d);
+	if (ls->unrec)
+		rb_add(r, "\nkeel:     ... and %u more, taken while the record "
+			  "was full", ls->unrec);
 }
 
 static _Atomic uint64_t seen[2048];
 
-/* 1 if this (kind, a, b) was not reported before. */
-static int first_time(int kind, const void *a, const void *b)
+/* 1 if this (kind, a, b) was not reported before; a and b are lock
+ * identities, or a site's address. */
+static int first_time(int kind, uint64_t a, uint64_t b)
 {
-	uint64_t h = (uint64_t)(uintptr_t)a * 0x9E3779B97F4A7C15ull ^
-		     (uint64_t)(uintptr_t)b * 0xC2B2AE3D27D4EB4Full ^
+	uint64_t h = a * 0x9E3779B97F4A7C15ull ^ b * 0xC2B2AE3D27D4EB4Full ^
 		     (uint64_t)kind * 0x165667B19E3779F9ull;
 	size_t n = sizeof seen / sizeof seen[0];
 
@@ -290,7 +312,8 @@ static void report_taking(int kind, const struct keel__held *against,
 {
 	struct rbuf r;
 
-	if (!first_time(kind, against ? against->lock : NULL, lock))
+	if (!first_time(kind, lk_identity(against ? against->lock : NULL),
+			lk_identity(lock)))
 		return;
 	r.n = 0;
 	rb_add(&r, "keel: %s: taking '%s' (", what, lk_name(lock));
@@ -314,7 +337,7 @@ static void report_lock(int kind, void *lock, const char *name,
 {
 	struct rbuf r;
 
-	if (!first_time(kind, lock, site))
+	if (!first_time(kind, lk_identity(lock), (uint64_t)(uintptr_t)site))
 		return;
 	r.n = 0;
 	rb_add(&r, "keel: %s: '%s' at %s", what, name, site);
@@ -322,7 +345,32 @@ static void report_lock(int kind, void *lock, const char *name,
 	report_end(&r);
 }
 
-/* ---- The held-lock record -------------------------------------------------- */
+/* ---- The held-lock record --------------------------------------------------
+ *
+ * THE HELD RECORD
+ * stack[0 .. depth) are locks the thread holds, in the order it took them;
+ * every entry stands for a lock word (or a relock of one) that is really
+ * held, so an edge from an entry is an edge from a held lock. A lock taken
+ * while all KEEL_LOCK_STACK entries are in use is checked against them as
+ * usual, then goes unrecorded: counted in `unrec` (one warning per
+ * episode), with nothing checked against it and no edge from it later.
+ * Released entries close up (unlock order is free), and a lock taken once
+ * there is room again is recorded and checked against the recorded ones;
+ * the unrecorded ones stay counted until released.
+ *
+ * Releasing a lock not in the record: it is one of the unrecorded ones,
+ * in any order, if the thread really holds it, which keel knows exactly
+ * for a mutex or a write-held rwlock (k_owner is the thread's record), and
+ * for a read hold through unrec_read: a count of unrecorded read holds per
+ * bucket of lock addresses, never below the true count for any bucket
+ * (a bucket saturates rather than wraps), so no unrecorded read hold is
+ * refused. Both reset when `unrec` is back to 0, which also re-arms the
+ * warning.
+ *
+ * A relock (a recursive lock taken again) past capacity goes unrecorded
+ * while its first taking is in the record: that entry is marked
+ * HELD_RELOCK, so its unlock takes the general way and only counts down.
+ */
 
 static void held_overflow(struct keel__lockstate *ls, void *lock,
 			  const char *site)
@@ -330,9 +378,35 @@ static void held_overflow(struct keel__lockstate *ls, void *lock,
 	if (!ls->overflow_warned) {
 		ls->overflow_warned = 1;
 		report_lock(R_OVERFLOW, lock, lk_name(lock), site,
-			    "more than 32 locks held: those past the 32nd are "
-			    "not checked until the count is back under it");
+			    "more than 32 locks held: those taken while the "
+			    "record is full go unrecorded, and locks taken "
+			    "after them are not checked against them");
 	}
+}
+
+static inline uint8_t *unrec_bucket(struct keel__lockstate *ls,
+				    const void *lock)
+{
+	return &ls->unrec_read[((uint64_t)(uintptr_t)lock *
+				0x9E3779B97F4A7C15ull) >>
+			       (64 - 5)];
+}
+
+_Static_assert(UNREC_READ_BUCKETS == 32, "unrec_bucket() takes 5 bits");
+
+/* A lock taken while the record is full. */
+static __attribute__((noinline)) void held_unrecorded(struct keel__lockstate *ls,
+						      void *lock,
+						      const char *site, int mode)
+{
+	ls->unrec++;
+	if (mode == LM_SHARED) {
+		uint8_t *b = unrec_bucket(ls, lock);
+
+		if (*b < UINT8_MAX)
+			(*b)++;
+	}
+	held_overflow(ls, lock, site);
 }
 
 /* An entry's last 8 bytes (min, node, mode LM_EXCL, bits for the leaf
@@ -390,19 +464,19 @@ static inline void held_push_fast(struct keel__lockstate *ls, uint32_t d,
 }
 
 /* Record lock as taken; flags and node are the lock's, as the caller
- * read them. */
-static inline void held_push_as(struct keel__lockstate *ls, void *lock,
-				const char *site, int mode, unsigned flags,
-				uint32_t node)
+ * read them. 1 if recorded, 0 if it went unrecorded. */
+static inline int held_push_as(struct keel__lockstate *ls, void *lock,
+			       const char *site, int mode, unsigned flags,
+			       uint32_t node)
 {
 	uint32_t d = ls->depth, prev, level = lk_level(lock);
 	struct keel__held *h;
 
-	ls->depth = d + 1;
 	if (unlikely(d >= KEEL_LOCK_STACK)) {
-		held_overflow(ls, lock, site);
-		return;
+		held_unrecorded(ls, lock, site, mode);
+		return 0;
 	}
+	ls->depth = d + 1;
 	/* Counted only when recorded: held_remove() uncounts. */
 	if (unlikely(flags & (KEEL_LOCK_NOBLOCK | KEEL_LOCK_NOALLOC))) {
 		ls->noblock += !!(flags & KEEL_LOCK_NOBLOCK);
@@ -419,26 +493,20 @@ static inline void held_push_as(struct keel__lockstate *ls, void *lock,
 			    (flags & (KEEL_LOCK_NOBLOCK | KEEL_LOCK_NOALLOC)
 				     ? HELD_COUNTED
 				     : 0));
+	return 1;
 }
 
-static inline void held_push(struct keel__lockstate *ls, void *lock,
-			     const char *site, int mode)
+static inline int held_push(struct keel__lockstate *ls, void *lock,
+			    const char *site, int mode)
 {
-	held_push_as(ls, lock, site, mode, lk_flags(lock),
-		     A_LOAD(lk_node(lock)) & ~NODE_TAKEN);
-}
-
-/* The entry just pushed is a relock: its unlock only counts down. */
-static inline void held_mark_relock(struct keel__lockstate *ls)
-{
-	if (ls->depth <= KEEL_LOCK_STACK)
-		ls->stack[ls->depth - 1].bits |= HELD_RELOCK;
+	return held_push_as(ls, lock, site, mode, lk_flags(lock),
+			    A_LOAD(lk_node(lock)) & ~NODE_TAKEN);
 }
 
 /* The index of lock in the record, searching from the top; -1. */
 static int held_find(struct keel__lockstate *ls, const void *lock)
 {
-	int d = (int)(ls->depth < KEEL_LOCK_STACK ? ls->depth : KEEL_LOCK_STACK);
+	int d = (int)ls->depth;
 
 	while (d-- > 0)
 		if (ls->stack[d].lock == lock)
@@ -446,14 +514,32 @@ static int held_find(struct keel__lockstate *ls, const void *lock)
 	return -1;
 }
 
+/* Record a relock of a mutex its holder took again: its unlock only
+ * counts down, so every entry that may be on top when it comes must send
+ * the unlock the general way: the new entry, or, if the relock went
+ * unrecorded, the one for its first taking. */
+static void held_relock(struct keel__lockstate *ls, keel_mutex_t *m,
+			const char *site)
+{
+	int i;
+
+	if (held_push(ls, m, site, LM_EXCL))
+		ls->stack[ls->depth - 1].bits |= HELD_RELOCK;
+	else if ((i = held_find(ls, m)) >= 0)
+		ls->stack[i].bits |= HELD_RELOCK;
+}
+
 static void held_remove(struct keel__lockstate *ls, int i)
 {
-	uint32_t d = ls->depth < KEEL_LOCK_STACK ? ls->depth : KEEL_LOCK_STACK;
+	uint32_t d = ls->depth;
 	struct keel__held *h = &ls->stack[i];
-	unsigned flags = lk_flags(h->lock);
 
-	ls->noblock -= !!(flags & KEEL_LOCK_NOBLOCK);
-	ls->noalloc -= !!(flags & KEEL_LOCK_NOALLOC);
+	if (h->bits & HELD_COUNTED) {
+		unsigned flags = lk_flags(h->lock);
+
+		ls->noblock -= !!(flags & KEEL_LOCK_NOBLOCK);
+		ls->noalloc -= !!(flags & KEEL_LOCK_NOALLOC);
+	}
 	/* Unlock order is free: close the gap and redo the minima above. */
 	memmove(h, h + 1, (d - (uint32_t)i - 1) * sizeof *h);
 	for (uint32_t j = (uint32_t)i; j + 1 < d; j++) {
@@ -463,14 +549,21 @@ static void held_remove(struct keel__lockstate *ls, int i)
 
 		e->min = level && level < prev ? level : prev;
 	}
-	ls->depth--;
-	if (ls->depth < KEEL_LOCK_STACK)
-		ls->overflow_warned = 0;
+	ls->depth = d - 1;
 }
 
-/* Release the record of a lock the caller holds; 0, or -1 if it is not in
- * the record (and not plausibly one of the unrecorded ones). */
-static int held_release(struct keel__lockstate *ls, const void *lock)
+/* 1 if the thread may hold lock for reading among its unrecorded locks
+ * (always, if it does). */
+static int unrec_may_read(struct keel__lockstate *ls, const void *lock)
+{
+	return ls->unrec && *unrec_bucket(ls, lock) != 0;
+}
+
+/* Release the record of a lock the caller holds in mode: its entry, or,
+ * if it has none, one of the unrecorded locks (the caller has made sure
+ * it holds it: by the owner field, or unrec_may_read()). 0, or -1 if
+ * there is neither. */
+static int held_release(struct keel__lockstate *ls, const void *lock, int mode)
 {
 	int i = held_find(ls, lock);
 
@@ -478,11 +571,19 @@ static int held_release(struct keel__lockstate *ls, const void *lock)
 		held_remove(ls, i);
 		return 0;
 	}
-	if (ls->depth > KEEL_LOCK_STACK) {
-		ls->depth--; /* one of the unrecorded ones */
-		return 0;
+	if (!ls->unrec || (mode == LM_SHARED && !unrec_may_read(ls, lock)))
+		return -1;
+	if (mode == LM_SHARED) {
+		uint8_t *b = unrec_bucket(ls, lock);
+
+		if (*b < UINT8_MAX) /* a full bucket no longer counts */
+			(*b)--;
 	}
-	return -1;
+	if (--ls->unrec == 0) {
+		memset(ls->unrec_read, 0, sizeof ls->unrec_read);
+		ls->overflow_warned = 0;
+	}
+	return 0;
 }
 
 /* The first time a lock is taken (or it is not in the graph yet). */
@@ -538,7 +639,7 @@ static inline int edge_known(struct keel__lockstate *ls, uint32_t from,
 static uint32_t check_acquire(struct keel__lockstate *ls, void *lock,
 			      const char *site, int same_ok)
 {
-	uint32_t d = ls->depth < KEEL_LOCK_STACK ? ls->depth : KEEL_LOCK_STACK;
+	uint32_t d = ls->depth;
 	struct keel__held *top = &ls->stack[d - 1];
 	unsigned level = lk_level(lock), flags = lk_flags(lock);
 	unsigned top_level = lk_level(top->lock);
@@ -592,7 +693,7 @@ static uint32_t check_acquire(struct keel__lockstate *ls, void *lock,
 			     violation, cycle, sizeof cycle)) {
 		struct rbuf r;
 
-		if (!first_time(R_CYCLE, top->lock, lock))
+		if (!first_time(R_CYCLE, lk_identity(top->lock), lk_identity(lock)))
 			return 0;
 		r.n = 0;
 		rb_add(&r, "keel: lock order cycle: taking '%s' (", lk_name(lock));
@@ -882,8 +983,7 @@ static __attribute__((noinline)) void mutex_relock(keel_mutex_t *m,
 			      "deadlocks it");
 	}
 	m->k_depth++;
-	held_push(ls, m, site, LM_EXCL);
-	held_mark_relock(ls);
+	held_relock(ls, m, site);
 }
 
 /* Take the lock word and record it, after the checks. */
@@ -1023,8 +1123,7 @@ int keel_mutex_trylock_at(keel_mutex_t *m, const char *site)
 		if (!(lk_flags(m) & KEEL_LOCK_RECURSIVE))
 			return -EBUSY;
 		m->k_depth++;
-		held_push(ls, m, site, LM_EXCL);
-		held_mark_relock(ls);
+		held_relock(ls, m, site);
 		return 0;
 	}
 	if (!__atomic_compare_exchange_n(&m->k_state, &z, 1, 0,
@@ -1115,7 +1214,8 @@ static __attribute__((noinline)) void mutex_unlock_slow(keel_mutex_t *m,
 					    : "unlock of a lock that is not held");
 		return; /* releasing someone else's lock would break it */
 	}
-	if (unlikely(held_release(ls, m) < 0))
+	/* Ours (by the owner field), so in the record or unrecorded. */
+	if (unlikely(held_release(ls, m, LM_EXCL) < 0))
 		report_lock(R_NOT_HELD, m, lk_name(m), site,
 			    "unlock of a lock missing from the held record");
 	if (m->k_depth) {
@@ -1130,12 +1230,13 @@ void keel_mutex_unlock_at(keel_mutex_t *m, const char *site)
 	struct keel__lockstate *ls = &keel__locks;
 	uint32_t d = ls->depth;
 
-	/* The common case: the lock on top of the record, taken once, not
-	 * counted, nothing past the record's capacity. The record is exact
-	 * (an entry is pushed only when the lock word was taken), so it
-	 * alone says the caller holds the lock, and the lock's cache line is
-	 * first touched by the release's writes. */
-	if (likely(d - 1 < KEEL_LOCK_STACK - 1 && ls->stack[d - 1].lock == m &&
+	/* The common case: the lock on top of the record, taken once (a
+	 * relock marks the entry that could be on top: see held_relock()),
+	 * not counted. The record is exact (an entry is pushed only when the
+	 * lock word was taken), so it alone says the caller holds the lock,
+	 * and the lock's cache line is first touched by the release's
+	 * writes. */
+	if (likely(d - 1 < KEEL_LOCK_STACK && ls->stack[d - 1].lock == m &&
 		   !(ls->stack[d - 1].bits & (HELD_RELOCK | HELD_COUNTED)))) {
 		ls->depth = d - 1;
 		mutex_release(m);
@@ -1148,7 +1249,11 @@ int keel_mutex_destroy(keel_mutex_t *m)
 {
 	if (!m || A_LOAD(&m->k_magic) != KEEL__LOCK_MAGIC)
 		return -EINVAL;
-	if (A_LOAD(&m->k_state) != 0 || A_LOAD(&m->k_owner)) {
+	/* Held: by a thread, or by one inside keel_cond_wait(), whose count
+	 * is raised before it lets the word go (a free word read with
+	 * acquire here shows that count). */
+	if (A_LOAD_ACQ(&m->k_state) != 0 || A_LOAD(&m->k_owner) ||
+	    A_LOAD(&m->k_cwait) != 0) {
 		report_lock(R_DESTROY_HELD, m, m->k_name, "keel_mutex_destroy()",
 			    "destroying a lock that is held");
 		return -EBUSY;
@@ -1211,11 +1316,17 @@ static int rw_checks(keel_rwlock_t *l, const char *site, int mode)
 
 	if (unlikely(!lock_ready(l)))
 		lock_first(l, site);
-	if (unlikely(ls->depth) && (i = held_find(ls, l)) >= 0) {
-		if (!(mode == LM_SHARED && ls->stack[i].mode == LM_SHARED &&
+	/* Held already: in the record, or write-held past its capacity (the
+	 * owner field says so). */
+	if ((unlikely(ls->depth) && (i = held_find(ls, l)) >= 0) ||
+	    (i = -1, unlikely(A_LOAD(&l->k_owner) == (void *)ls))) {
+		int held_mode = i >= 0 ? ls->stack[i].mode : LM_EXCL;
+
+		if (!(mode == LM_SHARED && held_mode == LM_SHARED &&
 		      (lk_flags(l) & KEEL_LOCK_RECURSIVE)) &&
 		    checking())
-			report_taking(R_RECURSION, &ls->stack[i], l, site,
+			report_taking(R_RECURSION, i >= 0 ? &ls->stack[i] : NULL,
+				      l, site,
 				      "lock taken again by its holder",
 				      mode == LM_SHARED
 					      ? "a reader taking a non-recursive "
@@ -1289,20 +1400,30 @@ void keel_rwlock_wrlock_at(keel_rwlock_t *l, const char *site)
 void keel_rwlock_unlock_at(keel_rwlock_t *l, const char *site)
 {
 	struct keel__lockstate *ls = &keel__locks;
-	int i;
+	int i, mode;
 	uint32_t s;
 
 	if (unlikely(A_LOAD(&l->k_magic) != KEEL__LOCK_MAGIC))
 		bad_lock(l, &l->k_magic, site);
+	/* How the caller holds it: its newest entry says; without one, it is
+	 * one of the unrecorded locks: write-held if the owner field is the
+	 * caller's, else read-held if the caller may hold it so. */
 	i = held_find(ls, l);
-	if (i < 0) {
+	if (i >= 0)
+		mode = ls->stack[i].mode;
+	else if (ls->unrec && A_LOAD(&l->k_owner) == (void *)ls)
+		mode = LM_EXCL;
+	else if (unrec_may_read(ls, l) &&
+		 (A_LOAD(&l->k_state) & RW_COUNT) != 0)
+		mode = LM_SHARED;
+	else {
 		if (checking())
 			report_lock(R_NOT_HELD, l, l->k_name ? l->k_name : "(unnamed)",
 				    site, "unlock of a lock the thread does not hold");
 		return;
 	}
-	if (ls->stack[i].mode == LM_EXCL) {
-		held_remove(ls, i);
+	held_release(ls, l, mode);
+	if (mode == LM_EXCL) {
 		if (l->k_depth) {
 			l->k_depth--;
 			return;
@@ -1313,7 +1434,6 @@ void keel_rwlock_unlock_at(keel_rwlock_t *l, const char *site)
 		keel__futex_wake(fword(&l->k_state), INT32_MAX);
 		return;
 	}
-	held_remove(ls, i);
 	s = __atomic_fetch_sub(&l->k_state, 1, __ATOMIC_RELEASE);
 	if ((s & RW_COUNT) == 1 && (s & RW_WWAIT))
 		keel__futex_wake(fword(&l->k_state), INT32_MAX);
@@ -1366,17 +1486,17 @@ int keel_cond_wait_until_at(keel_cond_t *c, keel_mutex_t *m,
 
 	if (!c || A_LOAD(&c->k_magic) != KEEL__LOCK_MAGIC || !m)
 		return -EINVAL;
-	if (!keel_mutex_held(m) || (i = held_find(ls, m)) < 0) {
+	if (!keel_mutex_held(m)) {
 		report_lock(R_COND, m, m->k_name ? m->k_name : "(unnamed)", site,
 			    "keel_cond_wait() on a mutex the thread does not "
 			    "hold");
 		return -EPERM;
 	}
+	i = held_find(ls, m); /* -1: held, but taken while the record was full */
 	if (!(t = keel__self()))
 		return -ENOMEM;
 	if (checking()) {
-		uint32_t d = ls->depth < KEEL_LOCK_STACK ? ls->depth
-							 : KEEL_LOCK_STACK;
+		uint32_t d = ls->depth;
 
 		/* The mutex must be the lowest-level lock held: whatever is
 		 * held below it stays held while this thread sleeps. */
@@ -1401,8 +1521,12 @@ int keel_cond_wait_until_at(keel_cond_t *c, keel_mutex_t *m,
 	keel__qlock(&c->k_qlock);
 	keel__q_append(&c->k_waiters, &n);
 	keel__qunlock(&c->k_qlock);
-	/* Release the lock word, keeping its record (and site) in place. */
-	ls->stack[i].bits |= HELD_WAITING;
+	/* Release the lock word, keeping its record (and site) in place;
+	 * the mutex stays held to keel_mutex_destroy() through k_cwait,
+	 * raised before the word's release store. */
+	if (i >= 0)
+		ls->stack[i].bits |= HELD_WAITING;
+	__atomic_add_fetch(&m->k_cwait, 1, __ATOMIC_RELAXED);
 	mutex_release(m);
 	while (!A_LOAD_ACQ(&n.woken) && rc == 0)
 		rc = keel__wait(t, deadline, 1, "cond_wait");
@@ -1425,18 +1549,33 @@ int keel_cond_wait_until_at(keel_cond_t *c, keel_mutex_t *m,
 			mutex_wait(m);
 	}
 	A_STORE(&m->k_owner, (void *)ls);
-	ls->stack[held_find(ls, m)].bits &= (uint8_t)~HELD_WAITING;
+	__atomic_sub_fetch(&m->k_cwait, 1, __ATOMIC_RELAXED);
+	if (i >= 0)
+		ls->stack[i].bits &= (uint8_t)~HELD_WAITING;
 	return rc;
 }
 
 /* ---- Assertions and integration ------------------------------------------------------ */
 
+/* The oldest lock in the record, to name in a report about all of them;
+ * NULL if every lock held was taken while the record was full. */
+static void *held_first(struct keel__lockstate *ls)
+{
+	return ls->depth ? ls->stack[0].lock : NULL;
+}
+
+static const char *held_first_name(struct keel__lockstate *ls)
+{
+	return ls->depth ? lk_name(ls->stack[0].lock)
+			 : "(taken while the record was full)";
+}
+
 void keel_assert_no_locks_at(const char *site)
 {
 	struct keel__lockstate *ls = &keel__locks;
 
-	if (ls->depth && checking())
-		report_lock(R_ASSERT, ls->stack[0].lock, lk_name(ls->stack[0].lock), site,
+	if ((ls->depth || ls->unrec) && checking())
+		report_lock(R_ASSERT, held_first(ls), held_first_name(ls), site,
 			    "assertion failed: locks are held");
 }
 
@@ -1445,8 +1584,7 @@ void keel_assert_may_alloc_at(const char *site)
 	struct keel__lockstate *ls = &keel__locks;
 
 	if (ls->noalloc && checking()) {
-		int d = (int)(ls->depth < KEEL_LOCK_STACK ? ls->depth
-							  : KEEL_LOCK_STACK);
+		int d = (int)ls->depth;
 
 		while (d-- > 0)
 			if (lk_flags(ls->stack[d].lock) & KEEL_LOCK_NOALLOC)
@@ -1464,7 +1602,7 @@ void keel__lock_check_blocking(const char *what)
 
 	if (likely(!ls->noblock) || !checking())
 		return;
-	d = (int)(ls->depth < KEEL_LOCK_STACK ? ls->depth : KEEL_LOCK_STACK);
+	d = (int)ls->depth;
 	while (d-- > 0)
 		if (lk_flags(ls->stack[d].lock) & KEEL_LOCK_NOBLOCK)
 			break;
@@ -1477,10 +1615,10 @@ void keel__lock_check_serve(void)
 {
 	struct keel__lockstate *ls = &keel__locks;
 
-	if (likely(!ls->depth) || !checking())
+	if (likely(!ls->depth && !ls->unrec) || !checking())
 		return;
-	report_lock(R_SERVE, ls->stack[0].lock, lk_name(ls->stack[0].lock),
-		    ls->stack[0].site,
+	report_lock(R_SERVE, held_first(ls), held_first_name(ls),
+		    ls->depth ? ls->stack[0].site : "(unrecorded)",
 		    "keel_serve() while holding a lock: messages would run "
 		    "inside the critical section");
 }
@@ -1489,21 +1627,25 @@ void keel__lock_check_exit(const char *who)
 {
 	struct keel__lockstate *ls = &keel__locks;
 
-	if (likely(!ls->depth) || !checking())
+	if (likely(!ls->depth && !ls->unrec) || !checking())
 		return;
-	report_lock(R_EXIT, ls->stack[0].lock, lk_name(ls->stack[0].lock),
-		    ls->stack[0].site, who);
+	report_lock(R_EXIT, held_first(ls), held_first_name(ls),
+		    ls->depth ? ls->stack[0].site : "(unrecorded)", who);
 }
 
 /* ---- Ranked resources that are not locks ------------------------------------- */
 
-void keel__rank_token(keel_mutex_t *token, unsigned level, const char *name)
+void keel__rank_token(keel_mutex_t *token, unsigned level, const char *name,
+		      const void *resource)
 {
 	memset(token, 0, sizeof *token);
 	token->k_level = (uint16_t)level;
 	/* Ready, and "in the graph" so nothing registers it: with no node it
-	 * takes part in the level rule only. */
-	token->k_flags = KEEL__LOCK_READY | KEEL__LOCK_GRAPHED;
+	 * takes part in the level rule only. It lives on its caller's stack,
+	 * so reports know it by its resource (kept where a lock keeps its
+	 * queue, which a token never has). */
+	token->k_flags = KEEL__LOCK_READY | KEEL__LOCK_GRAPHED | KEEL__LOCK_TOKEN;
+	token->k_waitq = (void *)(uintptr_t)resource;
 	token->k_name = name;
 	token->k_magic = KEEL__LOCK_MAGIC;
 }
@@ -1524,5 +1666,6 @@ void keel__rank_enter(keel_mutex_t *token, const char *site)
 
 void keel__rank_leave(keel_mutex_t *token)
 {
-	held_release(&keel__locks, token);
+	/* Entered and left by the same call: its entry, or unrecorded. */
+	held_release(&keel__locks, token, LM_EXCL);
 }

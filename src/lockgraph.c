@@ -24,7 +24,9 @@
  * off with one warning; level checks go on. A destroyed lock's node gets a
  * new generation and its edges (which record both ends' generations) are
  * ignored from then on, so a lock initialised again at the same address
- * carries no stale order.
+ * carries no stale order. A node not live (destroyed, waiting on the free
+ * list) takes no edge: its edge list would be nobody's, and the free list
+ * has a link of its own, so nothing recorded can break it.
  *
  * Edge lookups that find an edge already recorded take no lock: a
  * lock-free probe of a hash table whose slots are published with a release
@@ -47,6 +49,7 @@ struct gnode {
 	uint16_t level, flags;
 	uint8_t live, taken;
 	uint16_t nout;
+	uint32_t next_free;    /* the free list's link, while not live */
 	uint32_t out[MAX_OUT]; /* edge indices */
 };
 
@@ -102,7 +105,7 @@ uint32_t keel__graph_node(const struct keel__lockinfo *li, int taken)
 	}
 	if (free_node) {
 		id = free_node;
-		free_node = nodes[id].out[0];
+		free_node = nodes[id].next_free;
 		/* The id meant another lock: threads' caches of known edges
 		 * (by id) start again. */
 		fetch_add_relaxed(&keel__graph_epoch, 1);
@@ -141,11 +144,20 @@ void keel__graph_forget(uint32_t *node)
 		nodes[id].lock = NULL;
 		store_relaxed(&nodes[id].gen, load_relaxed(&nodes[id].gen) + 1);
 		nodes[id].nout = 0;
-		nodes[id].out[0] = free_node;
+		nodes[id].next_free = free_node;
 		free_node = id;
 	}
 	__atomic_store_n(node, 0u, __ATOMIC_RELEASE);
 	pthread_mutex_unlock(&glock);
+}
+
+uint64_t keel__graph_identity(uint32_t id)
+{
+	if (!id || id > MAX_NODES)
+		return 0;
+	/* The top bit: no user-space address has it. */
+	return (uint64_t)1 << 63 | (uint64_t)load_relaxed(&nodes[id].gen) << 16 |
+	       id;
 }
 
 static uint64_t key_of(uint32_t from, uint32_t to)
@@ -270,12 +282,17 @@ int keel__graph_edge(uint32_t from, uint32_t to, const char *site,
 {
 	int path[MAX_NODES], n = 0, idx;
 
-	if (from == to || load_relaxed(&graph_off))
+	if (from == to || !from || !to || from > MAX_NODES || to > MAX_NODES ||
+	    load_relaxed(&graph_off))
 		return 0;
 	if ((idx = edge_find(from, to)) >= 0 &&
 	    (!violation || load_relaxed(&edges[idx].violation)))
 		return 0; /* seen before: the common case, lock-free */
 	pthread_mutex_lock(&glock);
+	if (!nodes[from].live || !nodes[to].live) {
+		pthread_mutex_unlock(&glock);
+		return 0; /* a stale id: no edge, no cycle */
+	}
 	if ((idx = edge_find(from, to)) >= 0) {
 		if (violation)
 			store_relaxed(&edges[idx].violation, 1);

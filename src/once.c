@@ -37,7 +37,18 @@
  * the fields (acquire), and k_gen again. A reader takes the record as g's
  * only if k_gen reads g before and after the fields; otherwise (not
  * written yet, or being rewritten) it knows nothing about the owner and
- * times it from when it first saw BUSY(g).
+ * times it from when it first saw BUSY(g). k_thread is the owner's task
+ * handle, for whoever inspects the once; no decision rests on it.
+ *
+ * RECURSION
+ * A caller finding BUSY(g) is itself claim g's owner only if its own init
+ * for g is running further up its stack, and only the thread itself knows
+ * that exactly: each thread keeps the claims it runs init for as a chain
+ * of frames on its own stack (`running`, thread-local). No identity read
+ * from the record could do this: a thread created after a dead owner was
+ * joined gets the dead thread's stack and thread-local storage (glibc
+ * caches stacks; Emscripten reuses malloc'd TLS), so an address would name
+ * both, while the new thread's `running` starts empty whatever its address.
  *
  * LIFELINES
  * An owner's death is noticed through robust mutexes, which the kernel
@@ -95,8 +106,24 @@
  * wake-up shows as a hang). */
 _Atomic keel_time_t keel__once_poll = KEEL_ONCE_POLL;
 
-/* This thread's identity for the record: the address of its own copy. */
-static _Thread_local char me;
+/* The claims this thread is running init for, innermost first (see
+ * RECURSION above). */
+struct running {
+	const uint64_t *word;
+	uint64_t gen;
+	const struct running *up;
+};
+
+static KEEL_TLS const struct running *running;
+
+/* 1 if this thread is running init for claim gen of the once at word. */
+static int running_on(const uint64_t *word, uint64_t gen)
+{
+	for (const struct running *r = running; r; r = r->up)
+		if (r->word == word && r->gen == gen)
+			return 1;
+	return 0;
+}
 
 /* ---- A once, whichever kind ------------------------------------------------ */
 
@@ -125,7 +152,6 @@ struct keel_claim {
 
 struct record {
 	int64_t started;
-	uint64_t thread;
 	int32_t pid;
 	int32_t life;
 };
@@ -153,13 +179,13 @@ static _Atomic uint32_t *word_futex(const struct ov *v)
 }
 
 static void record_write(const struct ov *v, uint64_t gen, int life,
-			 keel_time_t started)
+			 keel_time_t started, keel_task_t owner)
 {
 	/* Release stores for the fields, acquire loads in the reader: a
 	 * reader that sees any of them sees the k_gen = 0 before them. */
 	__atomic_store_n(v->gen, 0, __ATOMIC_RELAXED);
 	__atomic_store_n(v->started, started, __ATOMIC_RELEASE);
-	__atomic_store_n(v->thread, (uint64_t)(uintptr_t)&me, __ATOMIC_RELEASE);
+	__atomic_store_n(v->thread, (uint64_t)owner, __ATOMIC_RELEASE);
 	__atomic_store_n(v->pid, (int32_t)getpid(), __ATOMIC_RELEASE);
 	__atomic_store_n(v->life, life, __ATOMIC_RELEASE);
 	__atomic_store_n(v->gen, gen, __ATOMIC_RELEASE);
@@ -171,7 +197,6 @@ static int record_read(const struct ov *v, uint64_t gen, struct record *r)
 	uint64_t g1 = __atomic_load_n(v->gen, __ATOMIC_ACQUIRE), g2;
 
 	r->started = __atomic_load_n(v->started, __ATOMIC_ACQUIRE);
-	r->thread = __atomic_load_n(v->thread, __ATOMIC_ACQUIRE);
 	r->pid = __atomic_load_n(v->pid, __ATOMIC_ACQUIRE);
 	r->life = __atomic_load_n(v->life, __ATOMIC_ACQUIRE);
 	g2 = __atomic_load_n(v->gen, __ATOMIC_RELAXED);
@@ -323,7 +348,28 @@ struct call {
 	int watching;      /* this caller holds the once's watch */
 };
 
-static int opts_read(struct call *k, const keel_once_opts *o)
+/* Whether a call's arguments are valid (NULL opts: the defaults). Checked
+ * before the once's word, so that a call refused while the once is not
+ * done is refused once it is too; a few compares, on a path that is not
+ * the inlined keel_once_value(). A zero max_wait becomes deadline + 15 s
+ * (or forever), never below deadline. */
+static int args_valid(keel_init_fn init, const keel_once_opts *o)
+{
+	keel_time_t deadline;
+
+	if (!init)
+		return 0;
+	if (!o)
+		return 1;
+	if (o->deadline < 0 || o->max_wait < 0 || o->level > KEEL_LEVEL_MAX ||
+	    (o->flags & ~KEEL_ONCE_ANCHOR))
+		return 0;
+	deadline = o->deadline ? o->deadline : KEEL_ONCE_DEADLINE;
+	return !o->max_wait || o->max_wait >= deadline;
+}
+
+/* Apply valid opts (args_valid() said so). */
+static void opts_read(struct call *k, const keel_once_opts *o)
 {
 	k->deadline = KEEL_ONCE_DEADLINE;
 	k->max_wait = 0;
@@ -331,9 +377,6 @@ static int opts_read(struct call *k, const keel_once_opts *o)
 	k->flags = 0;
 	k->name = "keel_once";
 	if (o) {
-		if (o->deadline < 0 || o->max_wait < 0 ||
-		    o->level > KEEL_LEVEL_MAX || (o->flags & ~KEEL_ONCE_ANCHOR))
-			return -EINVAL;
 		if (o->deadline)
 			k->deadline = o->deadline;
 		k->max_wait = o->max_wait;
@@ -346,7 +389,6 @@ static int opts_read(struct call *k, const keel_once_opts *o)
 		k->max_wait = k->deadline > KEEL_FOREVER - KEEL_ONCE_MAX_WAIT_EXTRA
 				      ? KEEL_FOREVER
 				      : k->deadline + KEEL_ONCE_MAX_WAIT_EXTRA;
-	return k->max_wait < k->deadline ? -EINVAL : 0;
 }
 
 /* Run init as owner of claim gen, holding lifeline life. 0: published
@@ -356,9 +398,10 @@ static int own(struct ov *v, struct call *k, uint64_t gen, int prev_died,
 {
 	keel_claim_t c = {v, gen, prev_died, 0, 0};
 	keel_time_t started = keel_now();
+	struct running self = {v->word, gen, running};
 	int rc, shielded = 0, cancelled;
 
-	record_write(v, gen, life, started);
+	record_write(v, gen, life, started, k->t->id);
 	if (k->level)
 		keel__rank_enter(&k->rank, k->site);
 	if ((k->flags & KEEL_ONCE_ANCHOR) &&
@@ -366,7 +409,9 @@ static int own(struct ov *v, struct call *k, uint64_t gen, int prev_died,
 				      ? KEEL_FOREVER
 				      : started + k->deadline) == 0)
 		shielded = 1;
+	running = &self;
 	rc = k->init(&c, k->arg);
+	running = self.up;
 	if (shielded)
 		keel_shield_end();
 	if (k->level)
@@ -521,11 +566,11 @@ static int once_loop(struct ov *v, struct call *k, keel_time_t give_up,
 				return rc;
 			continue;
 		}
-		/* BUSY(g): look at its owner. */
-		valid = record_read(v, g, &r);
-		if (valid && r.pid == (int32_t)getpid() &&
-		    r.thread == (uint64_t)(uintptr_t)&me)
+		/* BUSY(g): our own init for g, further up this stack? */
+		if (running_on(v->word, g))
 			return -EDEADLK;
+		/* Someone else's: look at its owner. */
+		valid = record_read(v, g, &r);
 		now = keel_now();
 		if (valid && !v->shared && r.pid != (int32_t)getpid()) {
 			dead = 1; /* a parent's thread: not in this process */
@@ -587,18 +632,19 @@ static int once_loop(struct ov *v, struct call *k, keel_time_t give_up,
 	}
 }
 
+/* The slow path, for a once not done when the caller looked; the
+ * arguments are valid. */
 static int once_core(struct ov *v, keel_init_fn init, void *arg,
 		     const keel_once_opts *opts, uint64_t *out, const char *site)
 {
 	struct call k = {.init = init, .arg = arg, .site = site};
 	int rc;
 
-	if (!init || (rc = opts_read(&k, opts)) < 0)
-		return -EINVAL;
+	opts_read(&k, opts);
 	if (!(k.t = keel__self()))
 		return -ENOMEM;
 	if (k.level) {
-		keel__rank_token(&k.rank, k.level, k.name);
+		keel__rank_token(&k.rank, k.level, k.name, v->word);
 		keel__rank_check(&k.rank, site);
 	}
 	keel__lock_check_blocking("keel_once()");
@@ -615,21 +661,35 @@ static void ov_of(keel_once_t *o, struct ov *v)
 			 &o->k_watch, 0};
 }
 
-int keel_once_at(keel_once_t *o, keel_init_fn init, void *arg,
-		 const keel_once_opts *opts, void **value, const char *site)
+/* keel_once() on a once not done when it looked: out of line, so that the
+ * done path sets up no frame. */
+static __attribute__((noinline)) int once_slow(keel_once_t *o,
+					       keel_init_fn init, void *arg,
+					       const keel_once_opts *opts,
+					       void **value, const char *site)
 {
 	struct ov v;
 	uint64_t w;
 	int rc;
 
-	if (!o)
+	ov_of(o, &v);
+	if ((rc = once_core(&v, init, arg, opts, &w, site)) < 0)
+		return rc;
+	if (value)
+		*value = (void *)(uintptr_t)w;
+	return 0;
+}
+
+int keel_once_at(keel_once_t *o, keel_init_fn init, void *arg,
+		 const keel_once_opts *opts, void **value, const char *site)
+{
+	uint64_t w;
+
+	if (!o || !args_valid(init, opts))
 		return -EINVAL;
 	w = __atomic_load_n(&o->k_word, __ATOMIC_ACQUIRE);
-	if (TAG(w) != TAG_DONE) {
-		ov_of(o, &v);
-		if ((rc = once_core(&v, init, arg, opts, &w, site)) < 0)
-			return rc;
-	}
+	if (TAG(w) != TAG_DONE)
+		return once_slow(o, init, arg, opts, value, site);
 	if (value)
 		*value = (void *)(uintptr_t)w;
 	return 0;
@@ -659,7 +719,8 @@ int keel_once_shared_at(keel_once_shared_t *o, keel_init_fn init, void *arg,
 	int rc;
 
 	if (!o || __atomic_load_n(&o->k_magic, __ATOMIC_ACQUIRE) !=
-			  ONCE_SHARED_MAGIC)
+			  ONCE_SHARED_MAGIC ||
+	    !args_valid(init, opts))
 		return -EINVAL;
 	w = __atomic_load_n(&o->k_word, __ATOMIC_ACQUIRE);
 	if (TAG(w) != TAG_DONE) {

@@ -153,6 +153,93 @@ TEST(in_order_is_silent)
 	CHECK_EQ(keel__locks.depth, 0);
 }
 
+/* Reports are made once per pair of locks, and a pair is the locks, not
+ * their addresses: a lock destroyed and initialised again at the same
+ * memory, or a new lock in memory freed and handed out again, is another
+ * lock, and breaking a rule with it is reported again. */
+struct two {
+	keel_mutex_t hi, lo;
+};
+
+/* One pair's misdeeds, all from the same sites whatever the pair: an
+ * order violation, a learned cycle, an unlock of a lock not held. */
+static void misdeeds(struct two *p)
+{
+	keel_mutex_lock(&p->lo);
+	keel_mutex_lock(&p->hi); /* level 20 under level 10 */
+	keel_mutex_unlock(&p->hi);
+	keel_mutex_unlock(&p->lo);
+	keel_mutex_unlock(&p->lo); /* not held */
+}
+
+static void learned_cycle(struct two *p)
+{
+	keel_mutex_lock(&p->hi);
+	keel_mutex_lock(&p->lo);
+	keel_mutex_unlock(&p->lo);
+	keel_mutex_unlock(&p->hi);
+	keel_mutex_lock(&p->lo);
+	keel_mutex_lock(&p->hi); /* closes the cycle */
+	keel_mutex_unlock(&p->hi);
+	keel_mutex_unlock(&p->lo);
+}
+
+static void init_two(struct two *p, int learned)
+{
+	CHECK_OK(keel_mutex_init(&p->hi, learned ? 0 : 20, "recycled-hi", 0));
+	CHECK_OK(keel_mutex_init(&p->lo, learned ? 0 : 10, "recycled-lo", 0));
+}
+
+static void destroy_two(struct two *p)
+{
+	CHECK_OK(keel_mutex_destroy(&p->hi));
+	CHECK_OK(keel_mutex_destroy(&p->lo));
+}
+
+TEST(a_new_pair_at_recycled_addresses_is_reported)
+{
+	struct two same, *p, *q;
+	unsigned long before;
+
+	report_mode();
+	/* The same pair twice: each report once. */
+	init_two(&same, 0);
+	before = keel_lockcheck_reports();
+	misdeeds(&same);
+	CHECK_EQ(keel_lockcheck_reports() - before, 2);
+	misdeeds(&same);
+	CHECK_EQ(keel_lockcheck_reports() - before, 2);
+	/* Destroyed and initialised again at the same memory: new locks. */
+	destroy_two(&same);
+	init_two(&same, 0);
+	misdeeds(&same);
+	CHECK_EQ(keel_lockcheck_reports() - before, 4);
+	destroy_two(&same);
+	init_two(&same, 1);
+	learned_cycle(&same);
+	CHECK_EQ(keel_lockcheck_reports() - before, 5);
+	destroy_two(&same);
+	init_two(&same, 1);
+	learned_cycle(&same);
+	CHECK_EQ(keel_lockcheck_reports() - before, 6);
+	destroy_two(&same);
+	/* Freed (without a destroy, as programs do) and handed out again. */
+	p = malloc(sizeof *p);
+	init_two(p, 0);
+	misdeeds(p);
+	CHECK_EQ(keel_lockcheck_reports() - before, 8);
+	free(p);
+	q = malloc(sizeof *q);
+	printf("the allocator %s the freed pair's memory\n",
+	       (void *)q == (void *)p ? "handed out" : "did not hand out");
+	fflush(stdout);
+	init_two(q, 0);
+	misdeeds(q);
+	CHECK_EQ(keel_lockcheck_reports() - before, 10);
+	destroy_two(q);
+	free(q);
+}
+
 /* ---- 2. Learned order: cycles ---- */
 
 static keel_mutex_t la = KEEL_MUTEX_INIT(KEEL_LEVEL_LEARNED, "learned-a");
@@ -639,6 +726,304 @@ TEST(stack_overflow_warns_once_and_checking_resumes)
 	CHECK_SAID(&cap, "taking 'hi'");
 }
 
+/* ---- Past the record's capacity ----
+ * The record holds KEEL_LOCK_STACK locks; those taken past it go
+ * unrecorded. Whatever order the locks are then released in, and however
+ * recorded and unrecorded ones mix, nothing may be reported but the one
+ * overflow warning, every lock must really be released, the record must
+ * end empty (no stale entry standing for a released lock, from which an
+ * edge would be recorded), and the graph must survive its locks being
+ * destroyed and initialised again. */
+
+#define PAST (KEEL_LOCK_STACK + 4)
+
+enum { DEEP_MUTEX, DEEP_READ, DEEP_WRITE };
+
+static struct {
+	keel_mutex_t m[PAST + 2];
+	keel_rwlock_t rw[PAST + 2];
+	char name[PAST + 2][16];
+} deep;
+
+static int deep_kind(int i)
+{
+	return i % 3;
+}
+
+/* Levels fall with the index: taking them in index order breaks no rule. */
+static void deep_init(void)
+{
+	for (int i = 0; i < PAST + 2; i++) {
+		snprintf(deep.name[i], sizeof deep.name[i], "deep-%d", i);
+		if (deep_kind(i) == DEEP_MUTEX)
+			CHECK_OK(keel_mutex_init(&deep.m[i], (unsigned)(1000 - i),
+						 deep.name[i], 0));
+		else
+			CHECK_OK(keel_rwlock_init(&deep.rw[i], (unsigned)(1000 - i),
+						  deep.name[i], 0));
+	}
+}
+
+static void deep_destroy(void)
+{
+	for (int i = 0; i < PAST + 2; i++)
+		if (deep_kind(i) == DEEP_MUTEX)
+			CHECK_OK(keel_mutex_destroy(&deep.m[i]));
+		else
+			CHECK_OK(keel_rwlock_destroy(&deep.rw[i]));
+}
+
+static void deep_take(int i)
+{
+	switch (deep_kind(i)) {
+	case DEEP_MUTEX:
+		keel_mutex_lock(&deep.m[i]);
+		break;
+	case DEEP_READ:
+		keel_rwlock_rdlock(&deep.rw[i]);
+		break;
+	default:
+		keel_rwlock_wrlock(&deep.rw[i]);
+	}
+}
+
+static void deep_release(int i)
+{
+	if (deep_kind(i) == DEEP_MUTEX)
+		keel_mutex_unlock(&deep.m[i]);
+	else
+		keel_rwlock_unlock(&deep.rw[i]);
+}
+
+/* Nobody holds lock i (white-box: its lock word). */
+static int deep_free(int i)
+{
+	if (deep_kind(i) == DEEP_MUTEX)
+		return !keel_mutex_held(&deep.m[i]) &&
+		       __atomic_load_n(&deep.m[i].k_state, __ATOMIC_ACQUIRE) == 0;
+	return __atomic_load_n(&deep.rw[i].k_state, __ATOMIC_ACQUIRE) == 0 &&
+	       __atomic_load_n(&deep.rw[i].k_owner, __ATOMIC_ACQUIRE) == NULL;
+}
+
+static int count_of(const char *text, const char *part)
+{
+	int n = 0;
+
+	for (const char *p = text; (p = strstr(p, part)) != NULL; p++)
+		n++;
+	return n;
+}
+
+static keel_mutex_t deep_probe = KEEL_MUTEX_INIT(0, "deep-probe");
+
+/* Take `ntake` locks in index order, release `nrel` of them in the order
+ * given, then (with `more`) take locks PAST and PAST + 1 and release the
+ * rest in reverse index order. Checks that the only report was the
+ * overflow warning and that the thread ends holding nothing: the
+ * assertion is silent, and taking a learned lock alone records no edge. */
+static void deep_round(const char *what, int ntake, const int *order, int nrel,
+		       int more)
+{
+	unsigned long before = keel_lockcheck_reports();
+	int held[PAST + 2] = {0};
+	harness_capture cap;
+	int warned;
+
+	capture_begin(&cap);
+	for (int i = 0; i < ntake; i++) {
+		deep_take(i);
+		held[i] = 1;
+	}
+	for (int j = 0; j < nrel; j++) {
+		deep_release(order[j]);
+		held[order[j]] = 0;
+	}
+	if (more) {
+		deep_take(PAST);
+		deep_take(PAST + 1);
+		held[PAST] = held[PAST + 1] = 1;
+	}
+	for (int i = PAST + 1; i >= 0; i--)
+		if (held[i])
+			deep_release(i);
+	keel_assert_no_locks();
+	keel_mutex_lock(&deep_probe);
+	keel_mutex_unlock(&deep_probe);
+	capture_end(&cap);
+	warned = count_of(cap.text, "more than 32 locks held");
+	printf("%s: %lu report(s), %d of them the overflow warning\n", what,
+	       keel_lockcheck_reports() - before, warned);
+	fflush(stdout);
+	CHECK(!contains(cap.text, "missing from the held record"));
+	CHECK(!contains(cap.text, "locks are held"));
+	CHECK(!contains(cap.text, "not held"));
+	CHECK_INT(warned, <=, 1);
+	CHECK_EQ(keel_lockcheck_reports() - before, (unsigned long)warned);
+	for (int i = 0; i < PAST + 2; i++)
+		if (!deep_free(i))
+			harness_fail(__FILE__, __LINE__, "%s: %s is still held",
+				     what, deep.name[i]);
+}
+
+/* No edge into the probe: it was always taken with nothing held. */
+static void check_probe_has_no_parent(void)
+{
+	static char buf[1 << 16];
+	char idtext[32];
+	const char *p;
+	FILE *f;
+
+	f = fmemopen(buf, sizeof buf, "w");
+	CHECK_OK(keel_lockgraph_write(f, KEEL_FORMAT_JSON));
+	fclose(f);
+	p = strstr(buf, "\"name\": \"deep-probe\"");
+	CHECK(p != NULL);
+	while (p > buf && strncmp(p, "{\"id\": ", 7) != 0)
+		p--;
+	snprintf(idtext, sizeof idtext, "\"to\": %d,", atoi(p + 7));
+	if (contains(buf, idtext))
+		harness_fail(__FILE__, __LINE__,
+			     "an edge into 'deep-probe' (%s) was recorded from a "
+			     "lock not held:\n%s", idtext, buf);
+}
+
+TEST(held_record_past_capacity_releases_in_any_order)
+{
+	int order[PAST];
+	uint64_t rng = 0x5eed;
+
+	report_mode();
+	deep_init();
+	for (int i = 0; i < PAST; i++)
+		order[i] = i;
+	deep_round("taking order", PAST, order, PAST, 0);
+	for (int i = 0; i < PAST; i++)
+		order[i] = PAST - 1 - i;
+	deep_round("reverse order", PAST, order, PAST, 0);
+	/* Unrecorded ones first, then the recorded ones oldest first. */
+	for (int i = 0; i < PAST; i++)
+		order[i] = i < PAST - KEEL_LOCK_STACK ? KEEL_LOCK_STACK + i
+						      : i - (PAST - KEEL_LOCK_STACK);
+	deep_round("unrecorded first", PAST, order, PAST, 0);
+	for (int i = 0; i < PAST; i++)
+		order[i] = i;
+	for (int i = PAST - 1; i > 0; i--) {
+		int j = (int)(rng_next(&rng) % (uint64_t)(i + 1)), t = order[i];
+
+		order[i] = order[j];
+		order[j] = t;
+	}
+	deep_round("shuffled", PAST, order, PAST, 0);
+	/* Recorded ones released from the middle while unrecorded ones are
+	 * held, then two more taken into the room that leaves. */
+	order[0] = 3;
+	order[1] = 17;
+	order[2] = 30;
+	deep_round("mixed with new ones", PAST, order, 3, 1);
+	/* Exactly at capacity, then one past it. */
+	deep_round("at capacity", KEEL_LOCK_STACK, order, 0, 0);
+	deep_round("one past", KEEL_LOCK_STACK + 1, order, 0, 0);
+	check_probe_has_no_parent();
+	/* The graph survives: destroyed locks give their nodes back, new ones
+	 * take them, and everything works again. */
+	deep_destroy();
+	deep_init();
+	for (int i = 0; i < PAST; i++)
+		order[i] = i;
+	deep_round("after destroy and init", PAST, order, PAST, 0);
+	deep_destroy();
+	check_probe_has_no_parent();
+}
+
+/* Past capacity, a recursive lock taken again goes unrecorded while its
+ * first taking is in the record: releasing the recorded one must leave it
+ * held; a cond wait on an unrecorded mutex is not misuse. */
+TEST(held_record_past_capacity_relock_and_cond_wait)
+{
+	static keel_mutex_t rec = KEEL_MUTEX_INIT_FLAGS(2000, "deep-recursive",
+							KEEL_LOCK_RECURSIVE);
+	static keel_rwlock_t rrw = KEEL_RWLOCK_INIT_FLAGS(1999, "deep-rreader",
+							  KEEL_LOCK_RECURSIVE);
+	static keel_mutex_t low = KEEL_MUTEX_INIT(1, "deep-low");
+	static keel_cond_t cond = KEEL_COND_INIT;
+	harness_capture cap;
+	unsigned long before;
+
+	report_mode();
+	deep_init();
+	before = keel_lockcheck_reports();
+	capture_begin(&cap);
+	keel_mutex_lock(&rec);
+	keel_rwlock_rdlock(&rrw);
+	for (int i = 0; i < KEEL_LOCK_STACK - 2; i++)
+		deep_take(i);
+	/* The record is full: these three go unrecorded. */
+	keel_mutex_lock(&rec);
+	keel_rwlock_rdlock(&rrw);
+	keel_mutex_lock(&low);
+	CHECK_RC(keel_cond_wait_until(&cond, &low, 0), -ETIMEDOUT);
+	CHECK(keel_mutex_held(&low));
+	for (int i = KEEL_LOCK_STACK - 3; i >= 0; i--)
+		deep_release(i);
+	/* The recorded takings are on top now. */
+	keel_rwlock_unlock(&rrw);
+	CHECK_EQ(__atomic_load_n(&rrw.k_state, __ATOMIC_ACQUIRE), 1);
+	keel_mutex_unlock(&rec);
+	CHECK(keel_mutex_held(&rec));
+	keel_mutex_unlock(&rec);
+	CHECK(!keel_mutex_held(&rec));
+	keel_rwlock_unlock(&rrw);
+	CHECK_EQ(__atomic_load_n(&rrw.k_state, __ATOMIC_ACQUIRE), 0);
+	keel_mutex_unlock(&low);
+	CHECK(!keel_mutex_held(&low));
+	keel_assert_no_locks();
+	capture_end(&cap);
+	CHECK_EQ(keel_lockcheck_reports() - before,
+		 (unsigned long)count_of(cap.text, "more than 32 locks held"));
+	CHECK_EQ(keel__locks.depth, 0);
+	deep_destroy();
+}
+
+/* The graph records an edge only between live locks: one from a destroyed
+ * lock's node (a stale id, as a corrupted record would hand it) is
+ * refused, and the list of free nodes survives it, so the locks
+ * initialised next get sound, distinct nodes. */
+TEST(graph_refuses_an_edge_from_a_destroyed_lock)
+{
+	keel_mutex_t gone, live, fresh[3];
+	char cycle[256];
+	uint32_t stale, to;
+
+	report_mode();
+	CHECK_OK(keel_mutex_init(&gone, 0, "gone", 0));
+	CHECK_OK(keel_mutex_init(&live, 0, "live", 0));
+	stale = gone.k_node & 0x7fffffffu;
+	to = live.k_node & 0x7fffffffu;
+	CHECK(stale != 0 && to != 0);
+	CHECK_OK(keel_mutex_destroy(&gone));
+	CHECK_EQ(keel__graph_edge(stale, to, "here.c:1", "there.c:2", 1, 0, cycle,
+				  sizeof cycle),
+		 0);
+	for (int i = 0; i < 3; i++) {
+		uint32_t id;
+
+		CHECK_OK(keel_mutex_init(&fresh[i], 0, "fresh", 0));
+		id = fresh[i].k_node & 0x7fffffffu;
+		CHECK(id != 0 && id <= 4096 && id != to);
+		for (int j = 0; j < i; j++)
+			CHECK(id != (fresh[j].k_node & 0x7fffffffu));
+	}
+	/* The reused node carries no edge from its former life. */
+	keel_mutex_lock(&live);
+	keel_mutex_lock(&fresh[0]);
+	keel_mutex_unlock(&fresh[0]);
+	keel_mutex_unlock(&live);
+	CHECK_EQ(new_reports(), 0);
+	for (int i = 0; i < 3; i++)
+		CHECK_OK(keel_mutex_destroy(&fresh[i]));
+	CHECK_OK(keel_mutex_destroy(&live));
+}
+
 TEST(forked_child_keeps_a_consistent_record)
 {
 	static keel_mutex_t held = KEEL_MUTEX_INIT(9, "held-at-fork");
@@ -755,6 +1140,149 @@ TEST(cond_wait_is_a_cancellation_point)
 	CHECK_OK(keel_scope_cancel(cv_scope));
 	CHECK_RC(keel_scope_close(cv_scope), -ECANCELED);
 	CHECK_EQ(new_reports(), 0);
+}
+
+/* A mutex whose holder waits in keel_cond_wait() is still held: the lock
+ * word is free while it sleeps, but it takes the mutex back before it
+ * returns. Destroying it then must fail with -EBUSY (and be reported),
+ * never succeed under the waiter. */
+struct cv_holder {
+	keel_mutex_t m;
+	keel_cond_t c;
+	int timed;
+	int flag;
+	int rc;
+	int held_after;
+	harness_event locked;
+};
+
+static void *cv_holder_main(void *arg)
+{
+	struct cv_holder *h = arg;
+	int rc = 0;
+
+	keel_mutex_lock(&h->m);
+	event_set(&h->locked);
+	while (!h->flag && rc == 0)
+		rc = h->timed ? keel_cond_wait_until(&h->c, &h->m,
+						     keel_after(KEEL_SEC(60)))
+			      : keel_cond_wait(&h->c, &h->m);
+	h->rc = rc;
+	h->held_after = keel_mutex_held(&h->m);
+	keel_mutex_unlock(&h->m);
+	return NULL;
+}
+
+static void destroy_under_cond_waiter(int timed)
+{
+	struct cv_holder *h = calloc(1, sizeof *h);
+	harness_capture cap;
+	pthread_t th;
+
+	report_mode();
+	CHECK_OK(keel_mutex_init(&h->m, 4, "cv-held", 0));
+	CHECK_OK(keel_cond_init(&h->c));
+	h->timed = timed;
+	event_init(&h->locked);
+	th = harness_thread(cv_holder_main, h);
+	event_wait(&h->locked);
+	/* Taking the mutex here means the holder has released its word in
+	 * the wait; giving it back leaves the holder waiting for a signal. */
+	keel_mutex_lock(&h->m);
+	keel_mutex_unlock(&h->m);
+	capture_begin(&cap);
+	CHECK_RC(keel_mutex_destroy(&h->m), -EBUSY);
+	capture_end(&cap);
+	CHECK_SAID(&cap, "destroying a lock that is held: 'cv-held'");
+	CHECK_EQ(new_reports(), 1);
+	/* Nothing was destroyed: the wait ends as usual. */
+	keel_mutex_lock(&h->m);
+	h->flag = 1;
+	CHECK_OK(keel_cond_signal(&h->c));
+	keel_mutex_unlock(&h->m);
+	harness_join(th);
+	CHECK_OK(h->rc);
+	CHECK(h->held_after);
+	CHECK_OK(keel_mutex_destroy(&h->m));
+	CHECK_OK(keel_cond_destroy(&h->c));
+	CHECK_EQ(new_reports(), 1);
+	free(h);
+}
+
+TEST(destroy_while_the_holder_waits_in_cond_wait_is_ebusy)
+{
+	destroy_under_cond_waiter(0);
+}
+
+TEST(destroy_while_the_holder_waits_in_cond_wait_until_is_ebusy)
+{
+	destroy_under_cond_waiter(1);
+}
+
+/* A mutex other threads are blocked trying to take is held by someone:
+ * destroying it from a third thread fails, and the blocked ones then get
+ * it in turn. */
+struct blocked {
+	keel_mutex_t m;
+	int plain_got, until_rc;
+};
+
+static void *blocked_plain(void *arg)
+{
+	struct blocked *b = arg;
+
+	keel_mutex_lock(&b->m);
+	b->plain_got = 1;
+	keel_mutex_unlock(&b->m);
+	return NULL;
+}
+
+static void *blocked_until(void *arg)
+{
+	struct blocked *b = arg;
+
+	b->until_rc = keel_mutex_lock_until(&b->m, keel_after(KEEL_SEC(60)));
+	if (b->until_rc == 0)
+		keel_mutex_unlock(&b->m);
+	return NULL;
+}
+
+static void *destroy_from_elsewhere(void *arg)
+{
+	return (void *)(intptr_t)keel_mutex_destroy(arg);
+}
+
+TEST(destroy_while_others_wait_to_lock_is_ebusy)
+{
+	struct blocked *b = calloc(1, sizeof *b);
+	pthread_t plain, until;
+	harness_capture cap;
+	void *rc;
+
+	report_mode();
+	CHECK_OK(keel_mutex_init(&b->m, 4, "waited-for", 0));
+	keel_mutex_lock(&b->m);
+	plain = harness_thread(blocked_plain, b);
+	until = harness_thread(blocked_until, b);
+	/* White-box: both are blocked once the word says "contended" and a
+	 * cancellable waiter is queued. */
+	while (__atomic_load_n(&b->m.k_state, __ATOMIC_ACQUIRE) != 2 ||
+	       !(__atomic_load_n(&b->m.k_flags, __ATOMIC_ACQUIRE) &
+		 KEEL__LOCK_QUEUED))
+		sched_yield();
+	capture_begin(&cap);
+	CHECK_OK(pthread_join(harness_thread(destroy_from_elsewhere, &b->m), &rc));
+	capture_end(&cap);
+	CHECK_EQ((intptr_t)rc, -EBUSY);
+	CHECK_SAID(&cap, "destroying a lock that is held: 'waited-for'");
+	keel_mutex_unlock(&b->m);
+	harness_join(plain);
+	harness_join(until);
+	CHECK(b->plain_got);
+	CHECK_OK(b->until_rc);
+	CHECK_OK(keel_mutex_destroy(&b->m));
+	CHECK_EQ(new_reports(), 1);
+	free(b);
 }
 
 /* ---- Cancellable locking ---- */

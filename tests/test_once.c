@@ -120,6 +120,53 @@ TEST(bad_arguments_are_refused)
 	CHECK(keel_once_value(&o) == v);
 }
 
+static int plain_publish_arg(keel_claim_t *c, void *arg)
+{
+	return keel_claim_publish(c, arg);
+}
+
+static int publishes_five(keel_claim_t *c, void *arg)
+{
+	(void)arg;
+	return keel_claim_publish_handle(c, 5);
+}
+
+/* The header promises -EINVAL for a NULL init or invalid opts: on a once
+ * that is done already too, where the value is at hand. (The inlined
+ * keel_once_value() stays a bare load; keel_once() checks.) */
+TEST(bad_arguments_are_refused_once_done_too)
+{
+	static keel_once_t o = KEEL_ONCE_INIT;
+	static keel_once_shared_t so;
+	keel_once_opts bad;
+	uint64_t h = 7;
+	void *v = NULL;
+
+	CHECK_OK(keel_once(&o, plain_publish_arg, VALUE(6), NULL, &v));
+	CHECK(v == VALUE(6));
+	v = VALUE(3);
+	CHECK_RC(keel_once(&o, NULL, NULL, NULL, &v), -EINVAL);
+	bad = (keel_once_opts){.deadline = KEEL_SEC(2), .max_wait = KEEL_SEC(1)};
+	CHECK_RC(keel_once(&o, plain_publish_arg, NULL, &bad, &v), -EINVAL);
+	bad = (keel_once_opts){.deadline = -1};
+	CHECK_RC(keel_once(&o, plain_publish_arg, NULL, &bad, &v), -EINVAL);
+	bad = (keel_once_opts){.flags = 0x100};
+	CHECK_RC(keel_once(&o, plain_publish_arg, NULL, &bad, &v), -EINVAL);
+	bad = (keel_once_opts){.level = KEEL_LEVEL_MAX + 1};
+	CHECK_RC(keel_once(&o, plain_publish_arg, NULL, &bad, &v), -EINVAL);
+	CHECK(v == VALUE(3)); /* untouched by the refusals */
+	CHECK(keel_once_value(&o) == VALUE(6));
+	/* The same for a shared once. */
+	CHECK_OK(keel_once_shared_init(&so));
+	CHECK_OK(keel_once_shared(&so, publishes_five, NULL, NULL, &h));
+	CHECK_EQ(h, 5);
+	h = 7;
+	CHECK_RC(keel_once_shared(&so, NULL, NULL, NULL, &h), -EINVAL);
+	bad = (keel_once_opts){.max_wait = -1};
+	CHECK_RC(keel_once_shared(&so, publishes_five, NULL, &bad, &h), -EINVAL);
+	CHECK_EQ(h, 7);
+}
+
 /* ---- Failure and recursion ---- */
 
 static struct seen failing;
@@ -390,6 +437,104 @@ TEST(the_watch_passes_on_when_its_holder_leaves)
 TEST(owner_task_cancelled_frees_the_claim_at_once)
 {
 	owner_dies(BY_TASK_CANCEL);
+}
+
+/* A thread that ends leaves its stack and thread-local storage to the next
+ * thread created (glibc caches thread stacks; Emscripten reuses malloc'd
+ * TLS the same way). A new thread that finds a dead owner's claim is not
+ * that owner, whatever addresses they share: it must take over, not be
+ * refused with -EDEADLK. */
+static _Thread_local char tls_mark;
+
+struct reuse {
+	keel_once_t o;
+	keel_once_shared_t so; /* the same, for a once shared by processes */
+	int shared;
+	uintptr_t mark[2];
+	int rc;
+	void *v;
+	uint64_t h;
+	struct seen reclaim;
+};
+
+static int reuse_once(struct reuse *r, keel_init_fn init)
+{
+	if (r->shared)
+		return keel_once_shared(&r->so, init, r, &patient, &r->h);
+	return keel_once(&r->o, init, r, &patient, &r->v);
+}
+
+static int exits_holding_the_claim(keel_claim_t *c, void *arg)
+{
+	(void)c;
+	(void)arg;
+	pthread_exit(NULL);
+}
+
+static void *first_owner(void *arg)
+{
+	struct reuse *r = arg;
+
+	r->mark[0] = (uintptr_t)&tls_mark;
+	reuse_once(r, exits_holding_the_claim);
+	return NULL; /* not reached: init ends the thread */
+}
+
+static int takes_over(keel_claim_t *c, void *arg)
+{
+	struct reuse *r = arg;
+
+	atomic_fetch_add(&r->reclaim.inits, 1);
+	atomic_store(&r->reclaim.prev_died, keel_claim_prev_owner_died(c));
+	atomic_store(&r->reclaim.gen, keel_claim_generation(c));
+	return r->shared ? keel_claim_publish_handle(c, 5)
+			 : keel_claim_publish(c, VALUE(5));
+}
+
+static void *next_thread(void *arg)
+{
+	struct reuse *r = arg;
+
+	r->mark[1] = (uintptr_t)&tls_mark;
+	r->rc = reuse_once(r, takes_over);
+	return NULL;
+}
+
+static void new_thread_takes_over(int shared)
+{
+	struct reuse *r = calloc(1, sizeof *r);
+
+	r->shared = shared;
+	if (shared)
+		CHECK_OK(keel_once_shared_init(&r->so));
+	/* Joined: its stack (and its thread-local storage) is free for the
+	 * next thread. */
+	harness_join(harness_thread(first_owner, r));
+	harness_join(harness_thread(next_thread, r));
+	printf("the second thread %s the dead owner's thread-local storage\n",
+	       r->mark[0] == r->mark[1] ? "reused" : "did not reuse");
+	fflush(stdout);
+	CHECK_OK(r->rc);
+	CHECK_EQ(atomic_load(&r->reclaim.inits), 1);
+	CHECK_EQ(atomic_load(&r->reclaim.prev_died), 1);
+	CHECK_EQ(atomic_load(&r->reclaim.gen), 2);
+	if (shared) {
+		CHECK_EQ(r->h, 5);
+	} else {
+		CHECK(r->v == VALUE(5));
+		CHECK(keel_once_value(&r->o) == VALUE(5));
+	}
+	free(r);
+}
+
+TEST(a_new_thread_on_a_dead_owners_stack_takes_over)
+{
+	new_thread_takes_over(0);
+}
+
+TEST(a_new_thread_on_a_dead_shared_owners_stack_takes_over)
+{
+	new_thread_takes_over(1);
 }
 
 /* ---- A hung owner, and the clobber window ---- */
@@ -751,6 +896,32 @@ TEST(a_ranked_once_is_checked_like_a_lock)
 		keel_mutex_unlock(&low);
 		CHECK(strstr(cap.text, "taking 'config-once' (level 5)") != NULL);
 	}
+}
+
+/* Two ranked onces are two resources: a rule broken with each is
+ * reported for each, even from the same call site (where keel's token
+ * for the once's rank sits at the same stack address both times). */
+static void ranked_once_under_low(keel_once_t *o)
+{
+	const keel_once_opts ranked = {.level = 5, .name = "ranked-once"};
+	void *v;
+
+	keel_mutex_lock(&low);
+	CHECK_OK(keel_once(o, plain_publish, NULL, &ranked, &v));
+	keel_mutex_unlock(&low);
+}
+
+TEST(two_ranked_onces_are_two_reports)
+{
+	static keel_once_t a = KEEL_ONCE_INIT, b = KEEL_ONCE_INIT;
+	unsigned long before;
+
+	keel_lockcheck_set(KEEL_LOCKCHECK_REPORT);
+	before = keel_lockcheck_reports();
+	ranked_once_under_low(&a);
+	CHECK_EQ(keel_lockcheck_reports() - before, 1);
+	ranked_once_under_low(&b);
+	CHECK_EQ(keel_lockcheck_reports() - before, 2);
 }
 
 /* ---- The shared variant, within one process ---- */

@@ -66,7 +66,7 @@ KEEL_API keel_time_t keel_after(keel_time_t d);
 /**
  * keel_strerror() - the name and meaning of an error code.
  * @err: a negative errno value returned by keel (a positive value is
- *       accepted too).
+ *       accepted too; so is any int, INT_MIN included).
  *
  * Context: any thread; never blocks; async-signal-safe.
  * Return: a static string such as "ESHUTDOWN: mailbox closed"; never NULL.

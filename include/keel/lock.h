@@ -52,6 +52,8 @@ extern "C" {
 #define KEEL_ACQUIRE_SHARED(...) KEEL__TSA(acquire_shared_capability(__VA_ARGS__))
 #define KEEL_RELEASE(...) KEEL__TSA(release_capability(__VA_ARGS__))
 #define KEEL_RELEASE_SHARED(...) KEEL__TSA(release_shared_capability(__VA_ARGS__))
+/* Releases a capability held either way (an rwlock's one unlock). */
+#define KEEL_RELEASE_GENERIC(...) KEEL__TSA(release_generic_capability(__VA_ARGS__))
 #define KEEL_TRY_ACQUIRE(...) KEEL__TSA(try_acquire_capability(__VA_ARGS__))
 #define KEEL_TRY_ACQUIRE_SHARED(...) KEEL__TSA(try_acquire_shared_capability(__VA_ARGS__))
 #define KEEL_EXCLUDES(...) KEEL__TSA(locks_excluded(__VA_ARGS__))
@@ -81,6 +83,7 @@ extern "C" {
 #define KEEL__LOCK_READY 0x8000   /* initialised (set by the initialisers) */
 #define KEEL__LOCK_GRAPHED 0x4000 /* known to the lock graph as taken */
 #define KEEL__LOCK_QUEUED 0x2000  /* a cancellable waiter may be queued */
+#define KEEL__LOCK_TOKEN 0x1000   /* keel's stand-in for a ranked once */
 
 /* The words every lock and unlock touches are the first 16 bytes; a
  * nested lock also reads the next 16 (its graph node and the parents it is
@@ -108,7 +111,7 @@ extern "C" {
 	uint32_t k_depth;                                                  \
 	uint32_t k_qlock;                                                  \
 	uint32_t k_magic;                                                  \
-	uint32_t k_reserved;
+	uint32_t k_cwait;
 
 #define KEEL__LOCK_INITIALIZER(level, name, flags)                         \
 	{ 0, (level), (uint16_t)((flags) | KEEL__LOCK_READY), 0, 0, 0, 0,    \
@@ -182,11 +185,13 @@ KEEL_API int keel_mutex_init(keel_mutex_t *m, unsigned level, const char *name,
  * @m: the mutex; not held.
  *
  * Its edges in the lock graph are dropped, so a lock initialised later at
- * the same address starts fresh.
+ * the same address starts fresh. A holder waiting in keel_cond_wait()
+ * still holds it (it takes it back before returning).
  *
  * Context: any thread; never blocks.
- * Return: 0; -EBUSY if it is held (reported too; nothing is destroyed);
- * -EINVAL if it is not an initialised mutex.
+ * Return: 0; -EBUSY if it is held, also while its holder waits in
+ * keel_cond_wait() (reported too; nothing is destroyed); -EINVAL if it is
+ * not an initialised mutex.
  */
 KEEL_API int keel_mutex_destroy(keel_mutex_t *m);
 
@@ -356,7 +361,7 @@ KEEL_API void keel_rwlock_wrlock_at(keel_rwlock_t *l, const char *site)
  * Context: the thread that holds it; never blocks.
  */
 KEEL_API void keel_rwlock_unlock_at(keel_rwlock_t *l, const char *site)
-	KEEL_RELEASE_SHARED(l);
+	KEEL_RELEASE_GENERIC(l);
 #define keel_rwlock_unlock(l) keel_rwlock_unlock_at((l), KEEL_SITE)
 
 /* ---- Condition variables ---- */

@@ -142,8 +142,8 @@ typedef struct keel_once_opts {
  * thread's own init is running on @o; -ETIMEDOUT after max_wait;
  * -ECANCELED if the caller was cancelled while waiting; -EINVAL if @o or
  * @init is NULL or @opts is invalid (negative, max_wait < deadline, level
- * above KEEL_LEVEL_MAX, unknown flags); -EOVERFLOW if the generations are
- * used up; -ENOMEM.
+ * above KEEL_LEVEL_MAX, unknown flags), whether or not the once is done;
+ * -EOVERFLOW if the generations are used up; -ENOMEM.
  */
 KEEL_API int keel_once_at(keel_once_t *o, keel_init_fn init, void *arg,
 			  const keel_once_opts *opts, void **value,

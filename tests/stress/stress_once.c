@@ -10,9 +10,11 @@
  *
  * Processes: KEEL_PROCS (6) processes share a keel_once_shared_t in
  * MAP_SHARED memory; the parent SIGKILLs or SIGSTOPs (and later
- * SIGCONTs) whichever process is running init, at random. Eventually
- * exactly one handle is published, every process not killed gets it, and
- * none waits forever. KEEL_ROUNDS rounds (4; 40 under KEEL_STRESS=long).
+ * SIGCONTs) whichever process is running init, at random, and by plan:
+ * each run kills one owner and stops another while they are in init.
+ * Eventually exactly one handle is published, every process not killed
+ * gets it, and none waits forever. KEEL_ROUNDS rounds (4, at least 2; 40
+ * under KEEL_STRESS=long).
  *
  * Watch: an owner blocks in its init while KEEL_WAITERS (40) waiters come,
  * three in four of them cancelled after a few ms, so the watch on the owner
@@ -21,6 +23,8 @@
  * (5; 50 under KEEL_STRESS=long).
  * KEEL_SEED fixes the randomness.
  */
+#include <errno.h>
+#include <semaphore.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <string.h>
@@ -267,9 +271,17 @@ TEST(stress_the_watch_passes_through_leaving_waiters)
 	       nrounds, nwaiters, (unsigned long long)seed);
 }
 
-/* ---- Processes ---- */
+/* ---- Processes ----
+ * Besides the random chaos, every round has a plan, and the plans of a
+ * run make sure it does what it is for: the first owner of round 0 is
+ * killed in init and the first owner of round 1 is stopped in init (the
+ * other rounds' plans come from the seed). A planned owner (the one that
+ * runs claim 1) says so through a process-shared semaphore and then waits
+ * for the parent, so it is in init when the signal lands, not by luck. */
 
 #define MAX_PROCS 32
+
+enum { PLAN_NONE, PLAN_KILL, PLAN_STOP };
 
 struct shm {
 	keel_once_shared_t once;
@@ -278,6 +290,9 @@ struct shm {
 	int rc[MAX_PROCS];
 	uint64_t got[MAX_PROCS];
 	uint64_t seed;
+	int plan;                /* for claim 1's owner */
+	_Atomic int planned;     /* the index of claim 1's owner */
+	sem_t entered, released; /* process-shared */
 };
 
 static struct shm *shm;
@@ -297,6 +312,18 @@ static int proc_init(keel_claim_t *c, void *arg)
 
 	atomic_fetch_add(&shm->inits, 1);
 	atomic_store(&shm->in_init[me_index], 1);
+	if (shm->plan != PLAN_NONE && keel_claim_generation(c) == 1) {
+		struct timespec until;
+
+		/* Hold still in init until the parent has done its part (a
+		 * minute at most: never outlive a parent that failed). */
+		clock_gettime(CLOCK_REALTIME, &until);
+		until.tv_sec += 60;
+		atomic_store(&shm->planned, me_index);
+		sem_post(&shm->entered);
+		while (sem_timedwait(&shm->released, &until) != 0 && errno == EINTR)
+			;
+	}
 	nap(rng, 20000); /* the work (simulated), while the chaos goes on */
 	rc = keel_claim_publish_handle(c, (uint64_t)getpid());
 	atomic_store(&shm->in_init[me_index], 0);
@@ -316,6 +343,21 @@ static void child(int i)
 	_exit(0);
 }
 
+/* Wait (60 s at most) for the planned owner to be in init; its index. */
+static int planned_owner(long r, uint64_t seed)
+{
+	struct timespec until;
+
+	clock_gettime(CLOCK_REALTIME, &until);
+	until.tv_sec += 60;
+	while (sem_timedwait(&shm->entered, &until) != 0)
+		if (errno != EINTR)
+			harness_fail(__FILE__, __LINE__,
+				     "round %ld (seed %#llx): no owner entered init",
+				     r, (unsigned long long)seed);
+	return atomic_load(&shm->planned);
+}
+
 TEST(stress_processes_kill_and_stop_owners)
 {
 	uint64_t seed = harness_seed(), rng = seed;
@@ -325,6 +367,10 @@ TEST(stress_processes_kill_and_stop_owners)
 
 	if (nprocs > MAX_PROCS)
 		nprocs = MAX_PROCS;
+	if (nprocs < 2)
+		nprocs = 2; /* a killed owner needs a survivor to take over */
+	if (nrounds < 2)
+		nrounds = 2; /* one planned kill, one planned stop */
 	for (long r = 0; r < nrounds; r++) {
 		pid_t pid[MAX_PROCS];
 		int killed[MAX_PROCS] = {0}, stopped[MAX_PROCS] = {0};
@@ -335,12 +381,34 @@ TEST(stress_processes_kill_and_stop_owners)
 			   MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 		CHECK(shm != MAP_FAILED);
 		CHECK_OK(keel_once_shared_init(&shm->once));
+		CHECK_OK(sem_init(&shm->entered, 1, 0));
+		CHECK_OK(sem_init(&shm->released, 1, 0));
 		shm->seed = rng_next(&rng);
+		shm->plan = r == 0 ? PLAN_KILL
+			  : r == 1 ? PLAN_STOP
+				   : (int)(rng_next(&rng) % 3);
 		for (int i = 0; i < nprocs; i++) {
 			pid[i] = fork();
 			CHECK(pid[i] >= 0);
 			if (pid[i] == 0)
 				child(i);
+		}
+		if (shm->plan != PLAN_NONE) {
+			int i = planned_owner(r, seed);
+
+			if (shm->plan == PLAN_KILL) {
+				kill(pid[i], SIGKILL);
+				killed[i] = 1;
+				nkilled++;
+				kills++;
+			} else {
+				/* Stopped first, then free to go on when it is
+				 * continued: hung meanwhile, and stale after. */
+				kill(pid[i], SIGSTOP);
+				stopped[i] = 1;
+				stops++;
+				sem_post(&shm->released);
+			}
 		}
 		while (alive > 0) {
 			int i = (int)(rng_next(&rng) % (uint64_t)nprocs);
@@ -394,9 +462,15 @@ TEST(stress_processes_kill_and_stop_owners)
 				owner += (uint64_t)pid[i] == h;
 			CHECK_EQ(owner, 1); /* one of them built it */
 		}
+		sem_destroy(&shm->entered);
+		sem_destroy(&shm->released);
 		munmap(shm, sizeof *shm);
 	}
 	printf("%ld rounds of %ld processes, %ld owners killed, %ld stopped: "
 	       "one handle each (seed %#llx)\n",
 	       nrounds, nprocs, kills, stops, (unsigned long long)seed);
+	fflush(stdout);
+	/* The chaos happened: owners were killed and stopped in init. */
+	CHECK_INT(kills, >=, 1);
+	CHECK_INT(stops, >=, 1);
 }

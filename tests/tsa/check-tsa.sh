@@ -2,7 +2,7 @@
 # keel's clang thread-safety annotations catch misuse in user code.
 #   check-tsa.sh <clang> <keel include dir> <this directory>
 # good.c must compile cleanly with -Wthread-safety -Werror; bad.c must be
-# rejected, for the two misuses it contains.
+# rejected, for the three misuses it contains.
 set -eu
 clang=$1 inc=$2 dir=$3
 out=$(mktemp)
@@ -18,4 +18,5 @@ fi
 cat "$out"
 grep -q "writing variable 'counter' requires holding mutex 'lock'" "$out"
 grep -q "calling function 'add_locked' requires holding mutex 'lock'" "$out"
+grep -q "writing variable 'table' requires holding rwlock 'rw' exclusively" "$out"
 echo "the misuse was caught"
