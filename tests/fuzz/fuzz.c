@@ -352,6 +352,9 @@ static void save_input(int sig)
 			}
 			close(fd);
 		}
+		/* Not async-signal-safe, but the process is dying and the
+		 * operations are what a reader needs. */
+		print_notes();
 		n = snprintf(msg, sizeof msg,
 			     "%s: died in input %lu of seed %llu (signal %d); "
 			     "saved as %s; replay: %s %s\n",
