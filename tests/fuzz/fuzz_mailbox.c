@@ -170,13 +170,14 @@ static void ctx_work_later(keel_ctx_t *ctx, void *p)
 	struct token *t = p;
 	int i = atomic_fetch_add(&nctx, 1);
 
-	tok_work(p);
 	FZ_ASSERT(i < MAX_CTX);
 	ctxs[i].ctx = ctx;
 	ctxs[i].target = t->target;
 	ctxs[i].target_gen = t->target_gen;
 	ctxs[i].finished = 0;
 	atomic_store(&ctxs[i].ready, 1);
+	/* Counted last: settle_ctxs() takes a run work as a ready ctx. */
+	tok_work(p);
 }
 
 /* The return codes a send to worker y may get, by its state. */
