@@ -19,8 +19,8 @@
  * misuse (stale handles, NULLs, past and odd deadlines, keel_strerror()
  * of every code keel returns and of INT_MIN). Families for FUZZ_NO: fork,
  * fork-inherited (the child's join of the inherited scope), misbehave
- * (every setup, cleanup and body that misbehaves), setup-close, misuse,
- * run.
+ * (every setup, cleanup and body that misbehaves), cleanup-misbehave,
+ * setup-close, misuse, run.
  *
  * THE MODEL
  * Each scope keeps its entries in registration order. Children log their
@@ -394,7 +394,8 @@ static void op_defer(struct fz *f)
 	struct smodel *m = &S[nscopes - 1];
 	int how = (int)fz_pick(f, CL_KINDS), id, rc;
 
-	if (how >= CL_LEAVE_SHIELD && fz_off("misbehave"))
+	if (how >= CL_LEAVE_SHIELD &&
+	    (fz_off("misbehave") || fz_off("cleanup-misbehave")))
 		how = CL_OK;
 	if (m->n == MAX_ENTRIES)
 		return;
