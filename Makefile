@@ -6,6 +6,8 @@
 #                     build/bench/results.json
 #   make bench-deps   install the benchmark peers (apt-get)
 #   make sanitize     the suite under ASan+UBSan, then under TSan
+#   make fuzz         the libFuzzer harnesses (clang), FUZZ_TIME seconds
+#                     each (default 600); FUZZ_HARNESSES picks some
 #   make install PREFIX=/usr/local
 #
 # Variables: CC (compiler), BUILD (build root, default build), WERROR=1
@@ -26,7 +28,11 @@ endif
 
 CONFIGURE = $(CMAKE) -S . -B $(1) $(CC_FLAG) $(WERROR_FLAG) $(CMAKE_ARGS) $(2) >/dev/null
 
-.PHONY: all build demo test bench bench-deps sanitize asan tsan install clean
+FUZZ_TIME ?= 600
+FUZZ_HARNESSES ?= mailbox scope lock once
+FUZZ_CC ?= clang
+
+.PHONY: all build demo test bench bench-deps sanitize asan tsan fuzz install clean
 
 all: build
 
@@ -61,6 +67,13 @@ tsan:
 	@$(call CONFIGURE,$(BUILD)/tsan,-DCMAKE_BUILD_TYPE=RelWithDebInfo -DKEEL_SANITIZE=thread -DKEEL_DEBUG_YIELD=ON)
 	$(CMAKE) --build $(BUILD)/tsan -j $(JOBS)
 	cd $(BUILD)/tsan && KEEL_YIELD=1000 $(CTEST) --output-on-failure -j $(JOBS)
+
+# One libFuzzer job per harness at a time; inputs and crashes go under
+# $(BUILD)/fuzz/fuzz-runs/, the checked-in corpus is only read.
+fuzz:
+	@$(call CONFIGURE,$(BUILD)/fuzz,-DCMAKE_C_COMPILER=$(FUZZ_CC) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKEEL_BUILD_FUZZ=ON -DKEEL_BUILD_EXAMPLES=OFF)
+	$(CMAKE) --build $(BUILD)/fuzz -j $(JOBS) --target $(patsubst %,fuzz_%_libfuzzer,$(FUZZ_HARNESSES))
+	sh tests/fuzz/run-fuzz.sh $(BUILD)/fuzz $(FUZZ_TIME) $(FUZZ_HARNESSES)
 
 install:
 	@$(call CONFIGURE,$(BUILD)/install,-DCMAKE_BUILD_TYPE=Release -DKEEL_BUILD_TESTS=OFF -DKEEL_BUILD_EXAMPLES=OFF -DCMAKE_INSTALL_PREFIX=$(PREFIX))
