@@ -117,6 +117,41 @@ TEST(strerror_names_codes)
 	CHECK(keel_strerror(-12345) != NULL);
 }
 
+/* Every errno value has its name: keel's own codes (EPROTO from a once,
+ * EIO, EOVERFLOW...) and the ones a task's body passes through
+ * (EADDRINUSE); `return -1` reads as plain EPERM, not as keel's. */
+TEST(strerror_names_every_errno)
+{
+	static const struct {
+		int code;
+		const char *name;
+	} codes[] = {
+		{EPROTO, "EPROTO"},	  {EOVERFLOW, "EOVERFLOW"},
+		{EALREADY, "EALREADY"}, {ENOTSUP, "ENOTSUP"},
+		{EIO, "EIO"},		  {EADDRINUSE, "EADDRINUSE"},
+		{ECONNRESET, "ECONNRESET"}, {EPIPE, "EPIPE"},
+		{ENOENT, "ENOENT"},	  {EINTR, "EINTR"},
+	};
+	char want[32];
+
+	for (unsigned i = 0; i < sizeof codes / sizeof codes[0]; i++) {
+		snprintf(want, sizeof want, "%s: ", codes[i].name);
+		if (strncmp(keel_strerror(-codes[i].code), want, strlen(want)))
+			harness_fail(__FILE__, __LINE__, "keel_strerror(-%s) "
+				     "is \"%s\"", codes[i].name,
+				     keel_strerror(-codes[i].code));
+	}
+	CHECK(strcmp(keel_strerror(-1), "EPERM: not permitted") == 0);
+	/* Every value the C library knows: none is "unknown". */
+	for (int e = 1; e < 134; e++)
+		if (strcmp(strerror(e), "Unknown error") != 0 &&
+		    strncmp(strerror(e), "Unknown error ", 14) != 0 &&
+		    strcmp(keel_strerror(-e), "unknown error") == 0)
+			harness_fail(__FILE__, __LINE__,
+				     "keel_strerror(-%d) (%s) is unknown", e,
+				     strerror(e));
+}
+
 /* Any int is an error code to keel_strerror(), the extremes included:
  * INT_MIN has no positive counterpart to look up. (UBSan's build is where
  * a negation of INT_MIN shows.) */

@@ -68,8 +68,11 @@ KEEL_API keel_time_t keel_after(keel_time_t d);
  * @err: a negative errno value returned by keel (a positive value is
  *       accepted too; so is any int, INT_MIN included).
  *
+ * Names every errno value, keel's own codes in keel's terms.
+ *
  * Context: any thread; never blocks; async-signal-safe.
- * Return: a static string such as "ESHUTDOWN: mailbox closed"; never NULL.
+ * Return: a static string such as "ESHUTDOWN: mailbox closed"; "unknown
+ * error" for a value that is no errno value; never NULL.
  */
 KEEL_API const char *keel_strerror(int err);
 
