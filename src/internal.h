@@ -623,6 +623,9 @@ void keel__lock_check_exit(const char *who);
 void keel__lockgraph_fork(int phase);
 /* Tests: called after each lock report is written, before the policy. */
 extern void (*keel__lock_report_hook)(void);
+/* Tests: forget which reports were made, so that each may be made again
+ * (a model that starts afresh with keel's memory of them). */
+void keel__lock_reports_forget(void);
 
 /* The lock graph (lockgraph.c). Nodes are locks, edges "taken while
  * holding". Node ids are 1-based (0: none yet). */

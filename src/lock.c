@@ -248,7 +248,13 @@ static void rb_held(struct rbuf *r, struct keel__lockstate *ls)
 			  "was full", ls->unrec);
 }
 
-static _Atomic uint64_t seen[2048];
+/* What has been reported: hashes of (kind, a, b), open addressing over a
+ * neighbourhood of 8 slots. Fixed size, so that reports never allocate: a
+ * process that makes more distinct reports than it holds overwrites an
+ * old one in the neighbourhood, which may then be reported again (rather
+ * than filling up and reporting everything again from then on). */
+#define SEEN_SLOTS 2048
+static _Atomic uint64_t seen[SEEN_SLOTS];
 
 /* 1 if this (kind, a, b) was not reported before; a and b are lock
  * identities, or a site's address. */
@@ -256,11 +262,10 @@ static int first_time(int kind, uint64_t a, uint64_t b)
 {
 	uint64_t h = a * 0x9E3779B97F4A7C15ull ^ b * 0xC2B2AE3D27D4EB4Full ^
 		     (uint64_t)kind * 0x165667B19E3779F9ull;
-	size_t n = sizeof seen / sizeof seen[0];
 
 	h |= 1;
 	for (size_t i = 0; i < 8; i++) {
-		_Atomic uint64_t *slot = &seen[(h + i) % n];
+		_Atomic uint64_t *slot = &seen[(h + i) % SEEN_SLOTS];
 		uint64_t cur = load_relaxed(slot);
 
 		if (cur == h)
@@ -270,7 +275,16 @@ static int first_time(int kind, uint64_t a, uint64_t b)
 		if (cur == h)
 			return 0;
 	}
-	return 1; /* a crowded neighbourhood: report again rather than miss */
+	/* Crowded: take the place of one of the neighbours, picked by the
+	 * hash's high bits. */
+	store_relaxed(&seen[(h + (h >> 61)) % SEEN_SLOTS], h);
+	return 1;
+}
+
+void keel__lock_reports_forget(void)
+{
+	for (size_t i = 0; i < SEEN_SLOTS; i++)
+		store_relaxed(&seen[i], 0);
 }
 
 static void report_end(struct rbuf *r)
