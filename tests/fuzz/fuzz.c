@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <semaphore.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -67,18 +68,39 @@ static void print_notes(void)
 		fprintf(stderr, "  %s\n", notes[i % NOTES]);
 }
 
+static sem_t dump_done;
+
+static void *dump_tree(void *arg)
+{
+	(void)arg;
+	keel_dump(stderr);
+	sem_post(&dump_done);
+	return NULL;
+}
+
 static void print_tree(void)
 {
-	/* keel_dump() takes the scope lock: only if it is free now, since a
-	 * hang may be a thread stuck holding it. */
-	if (pthread_mutex_trylock(&keel__scope_lock) != 0) {
-		fprintf(stderr, "%s: keel's scope lock is held: no tree\n",
-			fz_name);
-		return;
-	}
-	pthread_mutex_unlock(&keel__scope_lock);
+	struct timespec until;
+	pthread_t th;
+
+	/* keel_dump() takes keel's scope locks, and a hang may be a thread
+	 * stuck holding one: dump from another thread, and give up on it
+	 * after a while. */
 	fprintf(stderr, "%s: keel's tree of scopes and tasks:\n", fz_name);
-	keel_dump(stderr);
+	sem_init(&dump_done, 0, 0);
+	if (pthread_create(&th, NULL, dump_tree, NULL) != 0)
+		return;
+	pthread_detach(th);
+	clock_gettime(CLOCK_REALTIME, &until);
+	until.tv_sec += 2;
+	while (sem_timedwait(&dump_done, &until) != 0) {
+		if (errno != EINTR) {
+			fprintf(stderr, "%s: (no tree: keel_dump() waited 2 s "
+				"for a lock a stuck thread holds)\n",
+				fz_name);
+			return;
+		}
+	}
 }
 
 /* ---- Findings ------------------------------------------------------------ */
