@@ -111,6 +111,24 @@ void fz_watch_disarm(void);
 int fz_fork(void (*child)(void *), void *arg, int seconds);
 void fz_child_stage(const char *stage);
 
+/* ---- Sanitizers ------------------------------------------------------------
+ * FZ_SANITIZED: built with ASan or TSan. Their runtimes of GCC 12 and LLVM
+ * 14 take no lock of their own allocator around fork(), so the child of a
+ * process whose other threads allocate can hang in the sanitizer's malloc
+ * or free (seen: a new thread's start in ASan's allocator); LLVM 18 added
+ * the fork handlers. Fork children of sanitized builds therefore skip what
+ * allocates (spawning tasks); the unsanitized builds run them whole. */
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define FZ_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define FZ_SANITIZED 1
+#endif
+#endif
+#ifndef FZ_SANITIZED
+#define FZ_SANITIZED 0
+#endif
+
 /* ---- One-time and per-input set-up ------------------------------------- */
 
 /* Sizes of the standalone run's inputs. */

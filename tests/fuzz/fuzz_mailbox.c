@@ -86,7 +86,15 @@ static struct pending_ctx ctxs[MAX_CTX];
 static atomic_int nctx;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
-static keel_mutex_t hold_lock[NW];
+/* Locks that tasks end holding (the "end while holding" route): each is
+ * used again only once the task that ended holding it is gone for good
+ * (its handle stale: reaped), so that no init ever writes over a lock an
+ * ending task is still reporting. */
+#define NHOLD 256
+static keel_mutex_t hold_lock[NHOLD];
+static keel_task_t hold_owner[NHOLD];
+static unsigned hold_next;
+static pthread_mutex_t hold_mu = PTHREAD_MUTEX_INITIALIZER;
 static keel_scope_t *input_scope;
 
 /* ---- Tokens ------------------------------------------------------------- */
@@ -288,12 +296,26 @@ static void leave(struct worker *w)
 	switch (w->route) {
 	case R_PEXIT_BODY:
 		pthread_exit(NULL);
-	case R_HOLDING:
-		keel_mutex_init(&hold_lock[w->idx], 1, "held at the end", 0);
-		keel_mutex_lock(&hold_lock[w->idx]);
+	case R_HOLDING: {
+		char name[8];
+		unsigned k;
+
+		pthread_mutex_lock(&hold_mu);
+		k = hold_next++ % NHOLD;
+		if (hold_owner[k] != KEEL_TASK_NONE &&
+		    keel_task_name(hold_owner[k], name, sizeof name) != -ESRCH)
+			k = NHOLD; /* its last user is still ending */
+		else
+			hold_owner[k] = keel_self();
+		pthread_mutex_unlock(&hold_mu);
+		if (k < NHOLD) {
+			keel_mutex_init(&hold_lock[k], 1, "held at the end", 0);
+			keel_mutex_lock(&hold_lock[k]);
+		}
 		keel_scope_open(&s, NULL);
 		keel_shield_begin(keel_after(KEEL_SEC(1)));
 		break;
+	}
 	}
 }
 
@@ -372,10 +394,12 @@ static void finish_ctxs(int all, struct fz *f)
 
 	for (int i = 0; i < n; i++) {
 		struct pending_ctx *p = &ctxs[i];
-		int st = W[p->target].state, rc;
+		int st, rc;
 
+		/* Its fields are the work's until it is ready. */
 		if (!atomic_load(&p->ready) || (!all && fz_pick(f, 2)))
 			continue;
+		st = W[p->target].state;
 		if (W[p->target].gen != p->target_gen)
 			st = W_GONE; /* its target ended; the slot is reused */
 		rc = keel_ctx_finish(p->ctx);
