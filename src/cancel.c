@@ -38,7 +38,8 @@
  * take every lock (task.c):
  *   - a scope lock may be held while taking a task's chain_lock (setting
  *     up a child) or the registry's, thread cache's or pool's lock;
- *   - nothing but the same task's cb_lock (a leaf) is taken while a
+ *   - nothing but the same task's cb_lock and the platform layer's own
+ *     locks (the portable futex buckets), leaves both, is taken while a
  *     chain_lock is held;
  *   - two scope locks are held at once only under the scope table's lock
  *     (keel_dump(), fork()).

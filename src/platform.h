@@ -54,6 +54,12 @@ void keel__thread_set_os_name(const char *name);
 /* Nonzero if the calling thread is the process's initial thread. */
 int keel__thread_is_initial(void);
 
+/* fork(): 0 prepare, 1 parent, 2 child. Taken last by keel's prepare
+ * handler (nothing is taken while the platform's own locks are held):
+ * the portable layer's futex buckets, held by a thread that does not come
+ * along, would hang the child's first wait or wake. */
+void keel__platform_fork(int phase);
+
 /* A spin-wait hint to the CPU. */
 static inline void keel__cpu_relax(void)
 {

@@ -491,7 +491,8 @@ int keel__task_join(keel_task_t id, int *status)
  * exists and none guards a half-made change: the scope table's lock, every
  * scope's lock, the lock graph's, the thread cache's, the message pool's,
  * the registry's, then every task's chain lock (nothing is taken under a
- * chain lock, so its holders never wait for the ones taken before). Each
+ * chain lock, so its holders never wait for the ones taken before), and
+ * last the platform layer's own (the portable futex buckets). Each
  * task's ctx and on_cancel locks are made anew in the child instead; a
  * registration running on a vanished thread counts as done.
  *
@@ -509,10 +510,12 @@ static void fork_prepare(void)
 	pthread_mutex_lock(&registry_lock);
 	for (uint32_t i = 0; i < task_count; i++)
 		pthread_mutex_lock(&keel__task_slot(i)->chain_lock);
+	keel__platform_fork(0);
 }
 
 static void fork_parent(void)
 {
+	keel__platform_fork(1);
 	for (uint32_t i = task_count; i-- > 0;)
 		pthread_mutex_unlock(&keel__task_slot(i)->chain_lock);
 	pthread_mutex_unlock(&registry_lock);
@@ -526,6 +529,7 @@ static void fork_child(void)
 {
 	struct keel__task *self = keel__tls.self;
 
+	keel__platform_fork(2);
 	for (uint32_t i = 0; i < task_count; i++) {
 		struct keel__task *t = keel__task_slot(i);
 

@@ -125,3 +125,8 @@ int keel__thread_is_initial(void)
 {
 	return syscall(SYS_gettid) == getpid();
 }
+
+void keel__platform_fork(int phase)
+{
+	(void)phase; /* futexes and eventfds hold no lock of keel's */
+}

@@ -58,6 +58,24 @@ static struct bucket *bucket_of(const void *addr)
 	return &buckets[(a >> 7) % NBUCKETS];
 }
 
+void keel__platform_fork(int phase)
+{
+	pthread_once(&buckets_once, buckets_init);
+	if (phase == 0) {
+		/* A futex call holds one bucket at a time: in index order. */
+		for (int i = 0; i < NBUCKETS; i++)
+			pthread_mutex_lock(&buckets[i].mu);
+	} else if (phase == 1) {
+		for (int i = NBUCKETS; i-- > 0;)
+			pthread_mutex_unlock(&buckets[i].mu);
+	} else {
+		/* Made anew, condition variables included: their waiters
+		 * were threads that did not come along, and a broadcast
+		 * could wait for them. */
+		buckets_init();
+	}
+}
+
 int keel__futex_wait(_Atomic uint32_t *addr, uint32_t expected,
 		     keel_time_t deadline)
 {
