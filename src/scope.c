@@ -890,7 +890,6 @@ void keel__scope_task_end(struct keel__task *t)
 		snprintf(who, sizeof who, "task '%s'", name);
 		unwind_to(t, &t->base, who, "ended with");
 	}
-	keel__on_cancel_end(t);
 	pthread_mutex_lock(&t->chain_lock);
 	if (t->wake_rfd >= 0) {
 		keel__notify_close(t->wake_rfd, t->wake_wfd);

@@ -185,6 +185,9 @@ void keel__task_end(struct keel__task *t, int status)
 
 	if (load_relaxed(&t->mword) & MB_ENDED)
 		return;
+	/* First: its keel_on_cancel() registrations belong to the body that
+	 * returned (their args may have lived on its stack). */
+	keel__on_cancel_end(t);
 	keel__lock_check_exit("a task ended holding a lock");
 	/* A call whose work is still marked running when the task ends never
 	 * returned: the thread exited inside it. (A close from inside a

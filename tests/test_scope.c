@@ -1482,3 +1482,47 @@ TEST(on_cancel_callback_may_cancel_another_scope)
 	CHECK(strstr(lg.buf, "second-cancelled") != NULL);
 	pthread_mutex_unlock(&lg.mu);
 }
+
+/* A registration the body left behind is dropped when the task ends, so a
+ * cancellation that reaches the task while it ends (here, from a cancel
+ * handler its mailbox's drain runs) runs no callback of a body that has
+ * returned. */
+static atomic_int stale_cb_ran;
+static keel_task_t leaver;
+
+static void stale_cb(void *arg)
+{
+	(void)arg;
+	atomic_fetch_add(&stale_cb_ran, 1);
+}
+
+static void cancel_the_leaver(void *arg)
+{
+	(void)arg;
+	CHECK_OK(keel__task_cancel(leaver, KEEL_CANCEL_EXPLICIT));
+}
+
+static int body_leaves_registration(void *arg)
+{
+	keel_cancel_token_t tok;
+
+	(void)arg;
+	leaver = keel_self();
+	CHECK_OK(keel_on_cancel(stale_cb, NULL, &tok));
+	CHECK_OK(keel_post(leaver, never, cancel_the_leaver, NULL));
+	return 0;
+}
+
+TEST(on_cancel_left_by_a_returned_body_never_runs)
+{
+	keel_scope_t *s;
+	keel_task_t t;
+	int st = -1;
+
+	CHECK_OK(keel_scope_open(&s, NULL));
+	CHECK_OK(keel_spawn(s, body_leaves_registration, NULL, NULL, &t));
+	CHECK_OK(keel_join(t, &st, KEEL_FOREVER));
+	CHECK_EQ(st, 0);
+	CHECK_EQ(atomic_load(&stale_cb_ran), 0);
+	CHECK_OK(keel_scope_close(s));
+}

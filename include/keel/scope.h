@@ -345,10 +345,15 @@ typedef uint64_t keel_cancel_token_t;
 /**
  * keel_on_cancel() - run a callback when the calling task is cancelled.
  * @fn:    run at most once: on the thread that cancels the task, or at once
- *         on the caller if the task is cancelled already. Must be short
- *         and must not call keel_scope_cancel() or block.
+ *         on the caller if the task is cancelled already, holding no keel
+ *         lock. Must be short and must not block; it may post, or cancel
+ *         another scope.
  * @arg:   passed to @fn.
  * @token: where the registration's token is stored.
+ *
+ * A registration still there when the task ends is dropped (one running
+ * on another thread is waited for), so @fn never runs after its task's
+ * body has returned.
  *
  * Context: a task; never blocks.
  * Return: 0; -EINVAL if @fn or @token is NULL; -ENOMEM if the task has
