@@ -759,12 +759,21 @@ static void unwind_to(struct keel__task *t, struct keel__frame *stop,
 
 		KEEL_ASSERT(f != &t->base);
 		if (f->kind == FRAME_SHIELD) {
-			keel__report("%s %s a shield open; ending it", who, verb);
+			/* keel's own, around a cleanup the thread ended in:
+			 * the scope's report below says it. */
+			if (!f->internal)
+				keel__report("%s %s a shield open; ending it",
+					     who, verb);
 			keel__shield_pop(t);
 			continue;
 		}
-		keel__report("%s %s scope '%s' open; closing it", who, verb,
-			     sc->name);
+		if (scope_state(sc) == SC_CLOSING)
+			keel__report("%s %s scope '%s' half closed (in one of "
+				     "its cleanups); finishing the close",
+				     who, verb, sc->name);
+		else
+			keel__report("%s %s scope '%s' open; closing it", who,
+				     verb, sc->name);
 		pthread_mutex_lock(&sc->lock);
 		scope_set_state(sc, SC_CLOSING);
 		pthread_mutex_unlock(&sc->lock);
@@ -785,6 +794,11 @@ static void run_cleanup(struct keel__scope *sc, struct keel__task *t,
 		keel__report("scope '%s': cleanup #%u runs unshielded: too "
 			     "many nested shields",
 			     sc->name, pos);
+	/* Taken before it runs: a cleanup that ends its thread is not run
+	 * again by the close that the task's end finishes. */
+	pthread_mutex_lock(&sc->lock);
+	e->done = 1;
+	pthread_mutex_unlock(&sc->lock);
 	rc = e->fn(e->arg);
 	if (t->cur != mine) {
 		snprintf(who, sizeof who, "scope '%s': cleanup #%u", sc->name,
@@ -799,9 +813,6 @@ static void run_cleanup(struct keel__scope *sc, struct keel__task *t,
 	}
 	if (genuine(rc) && !sc->first_cleanup_error)
 		sc->first_cleanup_error = rc;
-	pthread_mutex_lock(&sc->lock);
-	e->done = 1;
-	pthread_mutex_unlock(&sc->lock);
 }
 
 /* The owner closes sc, which it has marked CLOSING (so nothing is pushed

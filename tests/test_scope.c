@@ -1526,3 +1526,44 @@ TEST(on_cancel_left_by_a_returned_body_never_runs)
 	CHECK_EQ(atomic_load(&stale_cb_ran), 0);
 	CHECK_OK(keel_scope_close(s));
 }
+
+/* A cleanup that ends its thread (pthread_exit) runs once: the task's end
+ * closes the scope it was closing, and goes on with the cleanups left. */
+static int cleanup_exits_thread(void *arg)
+{
+	note(arg);
+	pthread_exit(NULL);
+}
+
+static int close_with_exiting_cleanup(void *arg)
+{
+	keel_scope_t *s;
+
+	(void)arg;
+	CHECK_OK(keel_scope_open(&s, &(keel_scope_opts){.name = "exiting"}));
+	CHECK_OK(keel_defer(s, log_cleanup, TOKEN("first")));
+	CHECK_OK(keel_defer(s, cleanup_exits_thread, TOKEN("exits")));
+	keel_scope_close(s);
+	note("after-close");
+	return 0;
+}
+
+TEST(cleanup_that_exits_its_thread_runs_once)
+{
+	harness_capture cap;
+	keel_scope_t *s;
+	keel_task_t t;
+
+	log_init(&lg);
+	capture_begin(&cap);
+	CHECK_OK(keel_scope_open(&s, NULL));
+	CHECK_OK(keel_spawn(s, close_with_exiting_cleanup, NULL,
+			    &(keel_spawn_opts){.name = "quitter"}, &t));
+	CHECK_OK(keel_join(t, NULL, KEEL_FOREVER));
+	CHECK_OK(keel_scope_close(s));
+	capture_end(&cap);
+	CHECK_LOG(&lg, "exits first");
+	CHECK(strstr(cap.text, "task 'quitter' ended with scope 'exiting' "
+			       "half closed") != NULL);
+	CHECK(strstr(cap.text, "shield") == NULL);
+}
