@@ -295,6 +295,7 @@ struct keel__task {
 	uint8_t serving;
 	uint8_t closed;
 	uint8_t fd_mode;
+	uint8_t in_exit_hook; /* its scope's on_exit hook runs on it */
 
 	/* Exit status: written by the owner before `ended` is released. */
 	int status;
@@ -494,8 +495,11 @@ void keel__on_cancel_fork_child(struct keel__task *t);
 /* A task is ending: close what it left open (reported), close its wake
  * fd. Called on its own thread by keel__task_end(). */
 void keel__scope_task_end(struct keel__task *t);
-/* A spawned task has ended with status: tell its scope. */
+/* A spawned task has ended with status: tell its scope (its on_exit
+ * hook, then the rest). */
 void keel__scope_child_ended(struct keel__task *t, int status);
+/* The rest, for a thread that ended inside the on_exit hook. */
+void keel__scope_child_told(struct keel__task *t, int status);
 /* fork(): 0 prepare (takes the scope table's lock and every scope's), 1
  * parent, 2 child (after the tasks whose threads did not come along are
  * marked LEFT: recounts the scopes' foreground children). */

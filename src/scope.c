@@ -457,14 +457,24 @@ int keel_spawn(keel_scope_t *s, keel_fn fn, void *arg,
 void keel__scope_child_ended(struct keel__task *t, int status)
 {
 	struct keel__scope *sc = t->home;
-	struct keel__task *owner = sc->frame.owner;
 
 	/* Before ENDED: until then the owner cannot close the scope, so the
-	 * hook's argument is alive. */
+	 * hook's argument is alive. A hook that ends the thread comes back
+	 * through keel__task_end(), which finishes with the rest. */
 	if (sc->on_exit) {
 		store_relaxed(&t->ending_in, "its scope's on_exit hook");
+		t->in_exit_hook = 1;
 		sc->on_exit(t->id, status, sc->on_exit_arg);
+		t->in_exit_hook = 0;
 	}
+	keel__scope_child_told(t, status);
+}
+
+void keel__scope_child_told(struct keel__task *t, int status)
+{
+	struct keel__scope *sc = t->home;
+	struct keel__task *owner = sc->frame.owner;
+
 	store_relaxed(&t->ending_in, "telling its scope");
 	/* The thread goes back to the cache: it no longer carries the task's
 	 * name by the time anyone can see the task ended. */

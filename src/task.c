@@ -147,6 +147,7 @@ struct keel__task *keel__task_alloc(void)
 	t->serving = 0;
 	t->closed = 0;
 	t->fd_mode = 0;
+	t->in_exit_hook = 0;
 	store_relaxed(&t->park, PARK_EMPTY);
 	store_relaxed(&t->ended, TASK_RUNNING);
 	keel__mbox_reset(t);
@@ -183,8 +184,16 @@ void keel__task_end(struct keel__task *t, int status)
 {
 	struct keel__msg *m;
 
-	if (load_relaxed(&t->mword) & MB_ENDED)
+	if (load_relaxed(&t->mword) & MB_ENDED) {
+		/* Ended already, unless its thread is ending from inside
+		 * its scope's on_exit hook: then it has yet to tell its
+		 * scope the rest (the owner waits for that). */
+		if (t->in_exit_hook) {
+			t->in_exit_hook = 0;
+			keel__scope_child_told(t, t->status);
+		}
 		return;
+	}
 	/* First: its keel_on_cancel() registrations belong to the body that
 	 * returned (their args may have lived on its stack). */
 	keel__on_cancel_end(t);

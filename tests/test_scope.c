@@ -1567,3 +1567,34 @@ TEST(cleanup_that_exits_its_thread_runs_once)
 			       "half closed") != NULL);
 	CHECK(strstr(cap.text, "shield") == NULL);
 }
+
+/* An on_exit hook that ends the child's thread: the child still leaves its
+ * scope, so its join and the close return. */
+static void hook_exits_thread(keel_task_t child, int status, void *arg)
+{
+	(void)child;
+	(void)arg;
+	if (status == 5)
+		pthread_exit(NULL);
+}
+
+static int return_five(void *arg)
+{
+	(void)arg;
+	return 5;
+}
+
+TEST(on_exit_hook_that_exits_the_thread_still_ends_the_child)
+{
+	keel_scope_t *s;
+	keel_task_t t;
+	int st = 0;
+
+	CHECK_OK(keel_scope_open(&s, &(keel_scope_opts){
+					     .on_exit = hook_exits_thread}));
+	CHECK_OK(keel_spawn(s, return_five, NULL, NULL, &t));
+	CHECK_OK(keel_join(t, &st, KEEL_FOREVER));
+	CHECK_EQ(st, 5);
+	CHECK_OK(keel_spawn(s, return_five, NULL, NULL, NULL));
+	CHECK_OK(keel_scope_close(s));
+}
