@@ -130,6 +130,25 @@ void keel__chain_changed(struct keel__task *t)
 
 /* ---- Cancelling ---------------------------------------------------------- */
 
+/* Under t's cb_lock: the callback has returned. */
+static void callback_done(struct keel__task *t, struct keel__on_cancel *cb)
+{
+	/* Removed from inside itself: nobody will remove it again. */
+	cb->state = cb->state == CB_RUNNING_REMOVED ? CB_FREE : CB_DONE;
+	pthread_cond_broadcast(&t->cb_cv);
+}
+
+/* The thread ends inside a callback (pthread_exit): it counts as done. */
+static void callback_left(void *p)
+{
+	struct keel__on_cancel *cb = p;
+	struct keel__task *t = cb->task;
+
+	pthread_mutex_lock(&t->cb_lock);
+	callback_done(t, cb);
+	pthread_mutex_unlock(&t->cb_lock);
+}
+
 /* Run t's armed callbacks, if t is still the incarnation `epoch`. */
 static void run_callbacks(struct keel__task *t, uint32_t epoch)
 {
@@ -144,11 +163,13 @@ static void run_callbacks(struct keel__task *t, uint32_t epoch)
 		cb->state = CB_RUNNING;
 		cb->runner = pthread_self();
 		pthread_mutex_unlock(&t->cb_lock);
+		/* A callback that ends the cancelling thread has still
+		 * returned, as far as its task's remove and end can tell. */
+		pthread_cleanup_push(callback_left, cb);
 		cb->fn(cb->arg);
+		pthread_cleanup_pop(0);
 		pthread_mutex_lock(&t->cb_lock);
-		/* Removed from inside itself: nobody will remove it again. */
-		cb->state = cb->state == CB_RUNNING_REMOVED ? CB_FREE : CB_DONE;
-		pthread_cond_broadcast(&t->cb_cv);
+		callback_done(t, cb);
 	}
 	pthread_mutex_unlock(&t->cb_lock);
 }
@@ -206,6 +227,39 @@ void keel__spread_task(struct keel__task *t, struct keel__frame *stop)
 	}
 }
 
+struct spread {
+	struct keel__frame *f;
+	struct keel__task *owner;
+	uint64_t gen;
+};
+
+static void spread_all(struct spread *sp)
+{
+	keel__spread_task(sp->owner, sp->f);
+	if (sp->f->kind == FRAME_SCOPE)
+		keel__spread_scope(sp->f, sp->gen);
+}
+
+/* The cancelling thread ends inside a callback the spread runs
+ * (pthread_exit): spread again, so that the tasks it had not reached yet
+ * are woken all the same (wakes are idempotent; callbacks that ran do not
+ * run again). */
+static void spread_left(void *p)
+{
+	spread_all(p);
+}
+
+void keel__spread_frame(struct keel__frame *f, struct keel__task *owner,
+			uint64_t gen)
+{
+	struct spread sp = {f, owner, gen};
+
+	KEEL_YIELD();
+	pthread_cleanup_push(spread_left, &sp);
+	spread_all(&sp);
+	pthread_cleanup_pop(0);
+}
+
 int keel__frame_cancel(struct keel__frame *f, uint32_t cause)
 {
 	uint32_t none = 0;
@@ -215,10 +269,7 @@ int keel__frame_cancel(struct keel__frame *f, uint32_t cause)
 		    &f->cancelled, &none, cause, memory_order_acq_rel,
 		    memory_order_acquire))
 		return 0;
-	KEEL_YIELD();
-	keel__spread_task(f->owner, f);
-	if (f->kind == FRAME_SCOPE)
-		keel__spread_scope(f, gen);
+	keel__spread_frame(f, f->owner, gen);
 	return 1;
 }
 
@@ -311,7 +362,7 @@ int keel__task_cancel(keel_task_t id, uint32_t cause)
 	if (!live)
 		return -ESRCH;
 	if (won)
-		keel__spread_task(t, &t->base);
+		keel__spread_frame(&t->base, t, 0);
 	return 0;
 }
 

@@ -244,6 +244,7 @@ struct keel__frame {
 struct keel__on_cancel {
 	keel_work_fn fn;
 	void *arg;
+	struct keel__task *task; /* whose registration it is */
 	uint32_t gen;
 	uint8_t state;
 	pthread_t runner;
@@ -456,6 +457,12 @@ int keel__frame_cancel(struct keel__frame *f, uint32_t cause);
  * spread recurses on the cancelling thread's stack. */
 #define SPREAD_BATCH 8
 
+/* Wake every task whose chain passes through f, a frame of owner's just
+ * marked cancelled (gen: the scope's incarnation, if f is a scope's).
+ * Caller holds no keel lock. Goes on to the end even if a callback it runs
+ * ends the thread. */
+void keel__spread_frame(struct keel__frame *f, struct keel__task *owner,
+			uint64_t gen);
 /* Wake the task in slot t, and everything nested in the part of its chain
  * above `stop` (exclusive), if `stop` is still on its chain (cancel.c).
  * Caller holds no keel lock. Safe on a slot since reused: the wakes are

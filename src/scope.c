@@ -690,11 +690,8 @@ static int scope_cancel_cause(keel_scope_t *s, uint32_t cause)
 	gen = load_relaxed(&sc->gen_state) >> 8;
 	owner = sc->frame.owner;
 	pthread_mutex_unlock(&sc->lock);
-	if (won) {
-		KEEL_YIELD();
-		keel__spread_task(owner, &sc->frame);
-		keel__spread_scope(&sc->frame, gen);
-	}
+	if (won)
+		keel__spread_frame(&sc->frame, owner, gen);
 	return 0;
 }
 

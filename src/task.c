@@ -91,6 +91,8 @@ static struct keel__task *new_chunk(uint32_t first)
 		pthread_mutex_init(&t->chain_lock, NULL);
 		pthread_mutex_init(&t->cb_lock, NULL);
 		pthread_cond_init(&t->cb_cv, NULL);
+		for (int k = 0; k < KEEL_MAX_ON_CANCEL; k++)
+			t->cbs[k].task = t;
 		t->cur = &t->base;
 	}
 	store_release(&task_chunks[first >> TASK_CHUNK_SHIFT], c);

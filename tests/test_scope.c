@@ -1598,3 +1598,56 @@ TEST(on_exit_hook_that_exits_the_thread_still_ends_the_child)
 	CHECK_OK(keel_spawn(s, return_five, NULL, NULL, NULL));
 	CHECK_OK(keel_scope_close(s));
 }
+
+/* A callback that ends the cancelling thread (pthread_exit) counts as
+ * returned: its task's remove and end do not wait for it forever. */
+static void cb_exits_thread(void *arg)
+{
+	(void)arg;
+	pthread_exit(NULL);
+}
+
+static harness_event exiter_registered, exiter_release;
+
+/* Waits outside keel, so that only the test decides when it goes on:
+ * after the cancelling thread (and the callback in it) has ended. */
+static int register_and_wait(void *arg)
+{
+	keel_cancel_token_t tok;
+
+	(void)arg;
+	CHECK_OK(keel_on_cancel(cb_exits_thread, NULL, &tok));
+	event_set(&exiter_registered);
+	event_wait(&exiter_release);
+	CHECK_EQ(keel_on_cancel_remove(tok), 1);
+	return 0;
+}
+
+static void *cancel_and_die(void *arg)
+{
+	keel_scope_cancel(arg);
+	CHECK(0); /* the callback ended this thread */
+	return NULL;
+}
+
+TEST(on_cancel_callback_that_exits_the_cancelling_thread)
+{
+	keel_scope_t *s;
+	keel_task_t t, later;
+
+	event_init(&exiter_registered);
+	event_init(&exiter_release);
+	CHECK_OK(keel_scope_open(&s, NULL));
+	CHECK_OK(keel_spawn(s, register_and_wait, NULL, NULL, &t));
+	event_wait(&exiter_registered);
+	/* Reached after t by the cancellation's spread. */
+	CHECK_OK(keel_spawn(s, wait_cancelled, NULL, NULL, &later));
+	while (!load_relaxed(&keel__task_slot(later)->blocked_in))
+		sched_yield();
+	harness_join(harness_thread(cancel_and_die, s));
+	event_set(&exiter_release);
+	/* The spread went on to the end although its thread ended: 'later'
+	 * was woken (a close, which waits uncancellably, would hang if not;
+	 * its -ECANCELED is not a failure). */
+	CHECK_RC(keel_scope_close(s), -ECANCELED);
+}
