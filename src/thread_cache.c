@@ -94,6 +94,16 @@ void keel__thread_cache_fork(int phase)
 	pthread_mutex_unlock(&cache_lock);
 }
 
+/* Under cache_lock: threads running a job now. The cache keeps as many
+ * idle threads as are busy (at least MAX_IDLE): a program that runs 200
+ * short tasks at a time, each started as another ends, finds a thread
+ * back on the list for each spawn instead of creating one while the
+ * ending task's thread is still on its way back. */
+static uint64_t busy_threads(void)
+{
+	return load_relaxed(&n_created) - load_relaxed(&n_exited) - nidle;
+}
+
 /* Wait for a job; 0 if one came, -1 if the worker should exit. */
 static int wait_for_job(struct worker *w)
 {
@@ -150,7 +160,7 @@ static void *worker_main(void *p)
 		/* Pairs with the release exchange in keel__thread_start(). */
 		w->fn(w->arg);
 		pthread_mutex_lock(&cache_lock);
-		if (nidle >= MAX_IDLE) {
+		if (nidle >= MAX_IDLE && nidle >= busy_threads()) {
 			pthread_mutex_unlock(&cache_lock);
 			break;
 		}

@@ -6,13 +6,14 @@
  * THE SCHEDULE
  * The driver (the fuzzing thread, an adopted task) keeps a stack of
  * scopes it opened and applies operations to them: open; spawn a child,
- * foreground or background, into any of them (a child waits until
- * cancelled, returns 0, fails with -EIO, pthread_exit()s, or opens a
- * scope of its own with a cleanup and a grandchild and waits); defer a
- * cleanup (it logs, fails, or leaves a shield or a scope open) or set up
- * a resource (its setup succeeds, fails, closes the scope, or leaves a
- * shield open) on the innermost; join a child; join, cancel or close a
- * scope; keel_scope_run() with a body that may leave a shield or a scope
+ * foreground or background, joinable or detached, into any of them (a
+ * child waits until cancelled, returns 0, fails with -EIO, pthread_exit()s,
+ * or opens a scope of its own with a cleanup and a grandchild and waits);
+ * defer a cleanup (it logs, fails, or leaves a shield or a scope open) or
+ * set up a resource (its setup succeeds, fails, closes the scope, or
+ * leaves a shield open) on the innermost; join a child; cancel one child
+ * (keel_task_cancel); join, cancel or close a scope; keel_scope_run() with
+ * a body that may leave a shield or a scope
  * open; fork() while tasks open and close scopes around the driver (the
  * child keeps using keel: a new scope, keel_scope_run(), and a join of a
  * scope whose children only the parent has, which must return), and
@@ -109,6 +110,7 @@ static const char *setup_names[] = {"ok", "fail", "close-scope",
 struct entry {
 	int kind, id, how, background, done;
 	keel_task_t task;
+	int detached; /* spawned detached: reaped when it ends */
 };
 
 struct smodel {
@@ -367,16 +369,18 @@ static void op_spawn(struct fz *f)
 	struct entry *e;
 	int id, how = (int)fz_pick(f, CH_KINDS);
 
+	o.detached = fz_pick(f, 4) == 0;
 	if (m->n == MAX_ENTRIES)
 		return;
 	id = new_id();
 	children[id] = (struct child){id, how};
 	e = &m->e[m->n];
-	*e = (struct entry){E_CHILD, id, how, o.background, 0, 0};
+	*e = (struct entry){E_CHILD, id, how, o.background, 0, 0, o.detached};
 	atomic_fetch_add(&running, 1);
 	rc = keel_spawn(m->s, child_fn, &children[id], &o, &e->task);
-	fz_note("spawn child %d (%s%s) into scope %d: %d", id,
-		child_names[how], o.background ? ", background" : "", k, rc);
+	fz_note("spawn child %d (%s%s%s) into scope %d: %d", id,
+		child_names[how], o.background ? ", background" : "",
+		o.detached ? ", detached" : "", k, rc);
 	if (rc < 0) {
 		atomic_fetch_sub(&running, 1);
 		FZ_CHECK(rc == -ECANCELED && maybe_cancelled(k), "scope.rc",
@@ -406,7 +410,7 @@ static void op_defer(struct fz *f)
 		nscopes - 1, rc);
 	FZ_CHECK(rc == 0, "scope.rc", "keel_defer() returned %d (%s)", rc,
 		 keel_strerror(rc));
-	m->e[m->n++] = (struct entry){E_CLEANUP, id, how, 0, 0, 0};
+	m->e[m->n++] = (struct entry){E_CLEANUP, id, how, 0, 0, 0, 0};
 	if (how >= CL_LEAVE_SHIELD)
 		m->misbehaved = 1;
 }
@@ -437,7 +441,7 @@ static void op_resource(struct fz *f)
 		 * ends a shield the setup left, and closes the scope. */
 		m->misbehaved = 1;
 		if (rc == 0)
-			m->e[m->n++] = (struct entry){E_RESOURCE, id, how, 0, 1, 0};
+			m->e[m->n++] = (struct entry){E_RESOURCE, id, how, 0, 1, 0, 0};
 		if (chain_now() && chain_now()->kind == FRAME_SHIELD)
 			keel_shield_end();
 		op_close();
@@ -456,7 +460,7 @@ static void op_resource(struct fz *f)
 	FZ_CHECK(rc < 0 || res == (void *)(intptr_t)id, "scope.rc",
 		 "keel_resource() stored %p, not the resource", res);
 	if (rc == 0)
-		m->e[m->n++] = (struct entry){E_RESOURCE, id, how, 0, 0, 0};
+		m->e[m->n++] = (struct entry){E_RESOURCE, id, how, 0, 0, 0, 0};
 }
 
 static void op_join_child(struct fz *f)
@@ -470,6 +474,17 @@ static void op_join_child(struct fz *f)
 	e = &m->e[fz_pick(f, (unsigned)m->n)];
 	if (e->kind != E_CHILD || e->done)
 		return;
+	if (e->detached) {
+		/* Not joinable: refused while it lives, stale once reaped. */
+		rc = keel_join(e->task, &st, 0);
+		fz_note("join detached child %d of scope %d: %d", e->id, k, rc);
+		FZ_CHECK(rc == -EINVAL || rc == -ESRCH, "scope.misuse",
+			 "keel_join() of detached child %d returned %d (%s)",
+			 e->id, rc, keel_strerror(rc));
+		FZ_CHECK(rc != -ESRCH || pos_of(e->id) >= 0, "scope.outlived",
+			 "detached child %d reaped before it ended", e->id);
+		return;
+	}
 	if (e->how == CH_WAIT || e->how == CH_NESTED) {
 		rc = keel_join(e->task, &st, 0);
 		fz_note("join child %d of scope %d, deadline 0: %d", e->id, k, rc);
@@ -529,6 +544,36 @@ static void op_cancel(struct fz *f)
 	fz_note("cancel scope %d: %d", k, rc);
 	FZ_CHECK(rc == 0, "scope.rc", "keel_scope_cancel() returned %d", rc);
 	S[k].cancelled = 1;
+}
+
+/* keel_task_cancel() of one child: only it (and what it nests) hears it.
+ * A joined child's handle is stale; a detached one's may be. */
+static void op_task_cancel(struct fz *f)
+{
+	int k = (int)fz_pick(f, (unsigned)nscopes), rc;
+	struct smodel *m = &S[k];
+	struct entry *e;
+
+	if (!m->n)
+		return;
+	e = &m->e[fz_pick(f, (unsigned)m->n)];
+	if (e->kind != E_CHILD)
+		return;
+	rc = keel_task_cancel(e->task);
+	fz_note("task_cancel child %d of scope %d: %d", e->id, k, rc);
+	if (e->done)
+		FZ_CHECK(rc == -ESRCH, "scope.rc",
+			 "keel_task_cancel() of joined child %d returned %d "
+			 "(%s)", e->id, rc, keel_strerror(rc));
+	else if (e->detached)
+		FZ_CHECK(rc == 0 || (rc == -ESRCH && pos_of(e->id) >= 0),
+			 "scope.rc",
+			 "keel_task_cancel() of detached child %d returned %d "
+			 "(%s)", e->id, rc, keel_strerror(rc));
+	else
+		FZ_CHECK(rc == 0, "scope.rc",
+			 "keel_task_cancel() of child %d returned %d (%s)",
+			 e->id, rc, keel_strerror(rc));
 }
 
 static void op_close(void)
@@ -871,7 +916,12 @@ static int run_input(const uint8_t *data, size_t size)
 		case 6: op_resource(&f); break;
 		case 7: op_join_child(&f); break;
 		case 8: op_scope_join(&f); break;
-		case 9: op_cancel(&f); break;
+		case 9:
+			if (fz_pick(&f, 2))
+				op_task_cancel(&f);
+			else
+				op_cancel(&f);
+			break;
 		case 10: case 11: op_close(); break;
 		case 12:
 			if (!fz_off("run"))
