@@ -100,6 +100,7 @@ void keel__cancel_reset(struct keel__task *t)
 	t->eff_frame = NULL;
 	t->home = NULL;
 	t->background = 0;
+	t->joinable = 0;
 	t->nshields = 0;
 	store_relaxed(&t->blocked_in, NULL);
 	store_relaxed(&t->ending_in, NULL);
@@ -236,7 +237,10 @@ struct spread {
 static void spread_all(struct spread *sp)
 {
 	keel__spread_task(sp->owner, sp->f);
-	if (sp->f->kind == FRAME_SCOPE)
+	/* A scope's frame comes with its generation (never 0); another
+	 * frame with 0. Not f->kind: a task's base frame may belong to the
+	 * slot's next task by now (keel__task_cancel()). */
+	if (sp->gen)
 		keel__spread_scope(sp->f, sp->gen);
 }
 

@@ -318,6 +318,7 @@ struct keel__task {
 	struct keel__scope *home;        /* spawned into; NULL if adopted */
 	uint32_t entry;                  /* its entry in home's stack */
 	uint8_t background;
+	uint8_t joinable; /* kept for keel_join(), else reaped when it ends */
 	uint8_t nshields;
 	struct keel__frame shields[KEEL_MAX_SHIELDS];
 	_Atomic(const char *) blocked_in; /* for keel_dump(); NULL: running */
@@ -511,6 +512,8 @@ int keel__scope_cancel_signal(keel_scope_t *s);
 void keel__task_retire_self(void);
 /* A spawned task has ended with status: tell its scope (its on_exit
  * hook, then the rest). */
+/* keel_stats_get()'s scope counters (scope.c). */
+void keel__scope_stats(size_t *live, size_t *slots);
 void keel__scope_child_ended(struct keel__task *t, int status);
 /* The rest, for a thread that ended inside the on_exit hook. */
 void keel__scope_child_told(struct keel__task *t, int status);

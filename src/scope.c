@@ -35,14 +35,36 @@
  *   thread -> keel__task_end on that thread: mailbox closed and drained,
  *   open scopes closed, then keel__scope_child_ended: on_exit hook,
  *   `ended` = ENDED (status final), foreground count down, failure
- *   recorded (fail-fast cancels the scope), `ended` = LEFT, owner unparked
- *   -> the owner joins it (keel_join or close): waits for LEFT, takes its
- *   status, marks the entry done and releases the slot.
+ *   recorded (fail-fast cancels the scope), then one of two ways:
+ *   - joinable (its handle was taken, and it was not spawned detached):
+ *     `ended` = LEFT, owner unparked -> the owner joins it (keel_join or
+ *     close): waits for LEFT, takes its status, marks the entry done and
+ *     releases the slot;
+ *   - not joinable: its status has been delivered (to on_exit, and into
+ *     the scope's result), so it reaps itself: under the scope's lock,
+ *     if the scope is still OPEN, it marks its entry done and counts
+ *     itself in `reaping`; then `ended` = LEFT, it releases its own slot,
+ *     and its last touch of the scope is to take itself out of
+ *     `reaping` (the close waits for 0 before it frees the scope, so a
+ *     closed scope has given back every slot); then it unparks the owner.
+ *     If the scope is CLOSING, the close may be joining it: it leaves as
+ *     a joinable child does and the close reaps it.
  * A child's status is read only after ENDED, and ENDED comes before its
  * failure cancels anything, so a finished child's status is never lost to
  * a cancellation that comes later. Nothing of the scope is touched after
- * LEFT, and only the owner reaps, so the scope outlives every child's
- * last touch.
+ * LEFT (or after a self-reap lets go of the scope's lock); a joinable
+ * child is reaped only by the owner, a detached one only by itself, and
+ * only while the owner cannot have begun to close: so the scope outlives
+ * every child's last touch, and no slot is released twice.
+ *
+ * Memory follows what is live. Reaped entries are marked done; once at
+ * least half the stack (and 32 entries or more) is done, the stack is
+ * compacted in order, each moved child's `entry` index updated (under its
+ * chain lock too, which keel_join reads it under), and the array shrunk
+ * when it is mostly empty. `layout` counts compactions, so that a spread
+ * walking the entries in batches starts over when indices moved. Never
+ * while CLOSING (the close walks the stack by index) nor while a
+ * resource's setup runs (it holds a reserved index).
  *
  * Fields: set at open and read-only until the close: name, cleanup_ns,
  * policy, on_exit, owner (frame.owner), frame.parent, frame.deadline.
@@ -81,7 +103,10 @@ struct keel__scope {
 	keel_time_t opened_at;
 	struct entry *entries;
 	uint32_t nentries, cap;
+	uint32_t ndone;  /* entries marked done or E_NONE, not yet dropped */
+	uint32_t layout; /* compactions so far */
 	_Atomic uint32_t nfg;        /* foreground children not yet ended */
+	_Atomic uint32_t reaping;    /* self-reaped, slot not yet given back */
 	_Atomic int first_error;
 	_Atomic uint32_t nerrors;
 	int first_cleanup_error;
@@ -232,7 +257,7 @@ static void scope_free(struct keel__scope *sc)
 	store_release(&sc->gen_state, gen << 8 | SC_FREE);
 	entries = sc->entries;
 	sc->entries = NULL;
-	sc->nentries = sc->cap = 0;
+	sc->nentries = sc->cap = sc->ndone = 0;
 	pthread_mutex_unlock(&sc->lock);
 	free(entries);
 	pthread_mutex_lock(&table_lock);
@@ -263,6 +288,51 @@ static int push_entry(struct keel__scope *sc, struct entry e)
 	}
 	sc->entries[sc->nentries] = e;
 	return (int)sc->nentries++;
+}
+
+/* Under sc's lock: drop the entries marked done (or never used), keeping
+ * the order of the rest, once they are at least half the stack; then
+ * give back memory if the array is mostly empty. Only while OPEN and no
+ * setup holds a reserved index (see the DESIGN comment). */
+static void compact(struct keel__scope *sc)
+{
+	uint32_t k = 0;
+
+	if (sc->ndone < 32 || sc->ndone * 2 < sc->nentries ||
+	    scope_state(sc) != SC_OPEN || sc->setting_up)
+		return;
+	for (uint32_t i = 0; i < sc->nentries; i++) {
+		struct entry *e = &sc->entries[i];
+
+		if (e->done || e->kind == E_NONE)
+			continue;
+		if (e->kind == E_CHILD && i != k) {
+			pthread_mutex_lock(&e->task->chain_lock);
+			e->task->entry = k;
+			pthread_mutex_unlock(&e->task->chain_lock);
+		}
+		sc->entries[k++] = *e;
+	}
+	sc->nentries = k;
+	sc->ndone = 0;
+	sc->layout++;
+	if (sc->cap > 64 && k < sc->cap / 4) {
+		uint32_t cap = k * 2 > 8 ? k * 2 : 8;
+		struct entry *n = realloc(sc->entries, cap * sizeof *n);
+
+		if (n) { /* else it keeps the larger array: no harm */
+			sc->entries = n;
+			sc->cap = cap;
+		}
+	}
+}
+
+/* Under sc's lock: entry i is finished with. */
+static void drop_entry(struct keel__scope *sc, uint32_t i)
+{
+	sc->entries[i].done = 1;
+	sc->ndone++;
+	compact(sc);
 }
 
 /* A failure, as opposed to success or an exit caused by cancellation. */
@@ -348,9 +418,9 @@ void keel__spread_scope(struct keel__frame *f, uint64_t gen)
 {
 	struct keel__scope *sc = (struct keel__scope *)f;
 	struct keel__task *batch[SPREAD_BATCH];
-	uint32_t from = 0;
+	uint32_t from = 0, layout = 0;
 
-	for (;;) {
+	for (int first = 1;; first = 0) {
 		unsigned n = 0;
 		int more;
 
@@ -360,6 +430,13 @@ void keel__spread_scope(struct keel__frame *f, uint64_t gen)
 			/* Closed since: every child it had has ended. */
 			pthread_mutex_unlock(&sc->lock);
 			return;
+		}
+		/* Compacted since the last batch: indices moved, so start
+		 * over (waking a child twice is harmless; missing one is
+		 * not). Compactions need reaps, which are finite. */
+		if (first || sc->layout != layout) {
+			layout = sc->layout;
+			from = 0;
 		}
 		for (; from < sc->nentries && n < SPREAD_BATCH; from++) {
 			struct entry *e = &sc->entries[from];
@@ -430,6 +507,7 @@ int keel_spawn(keel_scope_t *s, keel_fn fn, void *arg,
 	c->home = sc;
 	c->entry = (uint32_t)idx;
 	c->background = opts->background ? 1 : 0;
+	c->joinable = out && !opts->detached;
 	c->base.parent = &sc->frame;
 	keel__chain_changed(c);
 	c->spawn_fn = fn;
@@ -444,6 +522,7 @@ int keel_spawn(keel_scope_t *s, keel_fn fn, void *arg,
 	rc = keel__thread_start(run_child, c, opts->stack_size);
 	if (rc < 0) {
 		sc->entries[idx].kind = E_NONE;
+		sc->ndone++;
 		if (!c->background)
 			fetch_sub_release(&sc->nfg, 1);
 		pthread_mutex_unlock(&sc->lock);
@@ -474,6 +553,7 @@ void keel__scope_child_told(struct keel__task *t, int status)
 {
 	struct keel__scope *sc = t->home;
 	struct keel__task *owner = sc->frame.owner;
+	int self_reap = 0;
 
 	store_relaxed(&t->ending_in, "telling its scope");
 	/* The thread goes back to the cache: it no longer carries the task's
@@ -490,9 +570,32 @@ void keel__scope_child_told(struct keel__task *t, int status)
 	if (genuine(status))
 		record_failure(sc, status);
 	KEEL_YIELD();
-	/* The last touch of the scope and of this slot: from here the owner
-	 * may reap the task and close the scope. */
+	/* Not joinable: its status is delivered, so it reaps itself while
+	 * the scope is OPEN. CLOSING never goes back to OPEN, so a close
+	 * seen without the lock is seen for good; under the lock, the state
+	 * is final for this decision, as the close sets it under the lock
+	 * and walks the entries only after. */
+	if (!t->joinable && scope_state(sc) == SC_OPEN) {
+		pthread_mutex_lock(&sc->lock);
+		self_reap = scope_state(sc) == SC_OPEN;
+		if (self_reap) {
+			drop_entry(sc, t->entry);
+			fetch_add_relaxed(&sc->reaping, 1);
+		}
+		pthread_mutex_unlock(&sc->lock);
+	}
 	store_release(&t->ended, TASK_LEFT);
+	if (self_reap) {
+		/* The last touch of the slot: it may be reused at once. Then
+		 * the last touch of the scope: the close waits for `reaping`
+		 * to fall to 0, so that when it returns every slot of its
+		 * children has been given back. */
+		keel__task_release(t);
+		fetch_sub_release(&sc->reaping, 1);
+	}
+	/* From here the owner may reap the task (if it is joinable) and
+	 * close the scope. The owner's slot outlives it (never freed): a
+	 * late wake of a reused one is spurious, which every wait absorbs. */
 	keel__unpark(owner);
 }
 
@@ -570,7 +673,7 @@ int keel_resource(keel_scope_t *s, keel_setup_fn setup,
 		sc->entries[slot] = (struct entry){.kind = E_RESOURCE,
 						   .fn = teardown, .arg = res};
 	else
-		sc->entries[slot].kind = E_NONE;
+		sc->entries[slot].kind = E_NONE, sc->ndone++;
 	pthread_mutex_unlock(&sc->lock);
 	if (rc == 0 && out)
 		*out = res;
@@ -595,6 +698,12 @@ static int no_foreground(void *p)
 	return load_acquire(&((struct keel__scope *)p)->nfg) == 0;
 }
 
+static int none_reaping(void *p)
+{
+	/* Pairs with the release in keel__scope_child_told(). */
+	return load_acquire(&((struct keel__scope *)p)->reaping) == 0;
+}
+
 int keel_scope_join(keel_scope_t *s, keel_time_t deadline)
 {
 	struct keel__task *t = keel__self();
@@ -614,16 +723,13 @@ int keel_scope_join(keel_scope_t *s, keel_time_t deadline)
 	return keel__wait_for(t, no_foreground, sc, deadline, 1, "scope_join");
 }
 
-/* The owner reaps a child that has LEFT: marks its entry done and releases
- * its slot. By index, under the lock: a spawn from another task may move
- * the entries while the scope is open. */
-static void reap(struct keel__scope *sc, uint32_t entry)
+/* The owner reaps a joinable child that has LEFT: marks its entry done
+ * and releases its slot. Its index is read under the lock: a compaction
+ * may have moved it since the caller looked. */
+static void reap(struct keel__scope *sc, struct keel__task *c)
 {
-	struct keel__task *c;
-
 	pthread_mutex_lock(&sc->lock);
-	c = sc->entries[entry].task;
-	sc->entries[entry].done = 1;
+	drop_entry(sc, c->entry);
 	pthread_mutex_unlock(&sc->lock);
 	keel__task_release(c);
 }
@@ -632,7 +738,6 @@ int keel_join(keel_task_t id, int *status, keel_time_t deadline)
 {
 	struct keel__task *t = keel__self(), *c = keel__task_slot(id);
 	struct keel__scope *sc;
-	uint32_t entry;
 	int rc = 0;
 
 	if (!t)
@@ -642,18 +747,22 @@ int keel_join(keel_task_t id, int *status, keel_time_t deadline)
 	keel__lock_check_blocking("keel_join()");
 	pthread_mutex_lock(&c->chain_lock);
 	sc = keel__task_is(c, id) ? c->home : NULL;
-	entry = c->entry;
 	pthread_mutex_unlock(&c->chain_lock);
 	if (!sc)
 		return -ESRCH;
-	/* The child's scope is alive until the child is reaped. Only its
-	 * owner reaps; if that is us, nobody else can while we look. */
+	/* Scope slots are never freed, so its lock may be taken even if the
+	 * child has gone and the scope closed since: the checks under it
+	 * tell. A joinable child is reaped only by its scope's owner; if
+	 * that is us, nobody else can while we wait. */
 	pthread_mutex_lock(&sc->lock);
-	if (sc->frame.owner != t)
-		rc = -EPERM;
-	if (!keel__task_is(c, id) || entry >= sc->nentries ||
-	    sc->entries[entry].task != c || sc->entries[entry].done)
+	if (!keel__task_is(c, id) || c->home != sc || scope_state(sc) == SC_FREE ||
+	    c->entry >= sc->nentries || sc->entries[c->entry].task != c ||
+	    sc->entries[c->entry].done)
 		rc = -ESRCH;
+	else if (sc->frame.owner != t)
+		rc = -EPERM;
+	else if (!c->joinable)
+		rc = -EINVAL;
 	pthread_mutex_unlock(&sc->lock);
 	if (rc < 0)
 		return rc;
@@ -664,7 +773,7 @@ int keel_join(keel_task_t id, int *status, keel_time_t deadline)
 	keel__wait_for(t, has_left, c, KEEL_FOREVER, 0, "join");
 	if (status)
 		*status = c->status;
-	reap(sc, entry);
+	reap(sc, c);
 	return 0;
 }
 
@@ -698,6 +807,24 @@ static int scope_cancel_cause(keel_scope_t *s, uint32_t cause)
 int keel_scope_cancel(keel_scope_t *s)
 {
 	return scope_cancel_cause(s, KEEL_CANCEL_EXPLICIT);
+}
+
+int keel_task_cancel(keel_task_t id)
+{
+	return keel__task_cancel(id, KEEL_CANCEL_EXPLICIT);
+}
+
+void keel__scope_stats(size_t *live, size_t *slots)
+{
+	uint32_t n;
+
+	pthread_mutex_lock(&table_lock);
+	n = load_relaxed(&sc_count);
+	*slots = n;
+	*live = n;
+	for (struct keel__scope *sc = sc_free; sc; sc = sc->free_next)
+		(*live)--;
+	pthread_mutex_unlock(&table_lock);
 }
 
 /* The close's report of a child that has not ended cleanup_ns after its
@@ -745,7 +872,7 @@ static void join_child(struct keel__scope *sc, struct keel__task *t,
 			report_at = KEEL_FOREVER;
 		}
 	}
-	reap(sc, entry);
+	reap(sc, c);
 }
 
 static int close_scope(struct keel__scope *sc, struct keel__task *t);
@@ -854,6 +981,9 @@ static int close_scope(struct keel__scope *sc, struct keel__task *t)
 			run_cleanup(sc, t, e, i);
 	}
 
+	/* Children that reaped themselves may still be giving back their
+	 * slots: a matter of instructions, not cancellable. */
+	keel__wait_for(t, none_reaping, sc, KEEL_FOREVER, 0, "close: reap");
 	/* Every child has LEFT: their errors are all in. */
 	first = load_acquire(&sc->first_error);
 	rc = first			    ? first
@@ -958,6 +1088,8 @@ void keel__scope_fork(int phase)
 				fg++;
 		}
 		store_release(&sc->nfg, fg);
+		/* Those that were giving back their slots are gone. */
+		store_relaxed(&sc->reaping, 0);
 	}
 	pthread_mutex_init(&table_lock, NULL);
 }

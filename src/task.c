@@ -47,6 +47,7 @@ KEEL_TLS struct keel__tls keel__tls;
 static _Atomic(struct keel__task *) task_chunks[TASK_MAX_CHUNKS];
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static uint32_t task_count;            /* slots ever created */
+static uint32_t tasks_live;            /* slots in use */
 static struct keel__task *free_slots;   /* LIFO, under registry_lock */
 static uint32_t adopted_seq;           /* for default names */
 
@@ -130,6 +131,7 @@ struct keel__task *keel__task_alloc(void)
 		gen = 1;
 	t->id = gen << MB_GEN_SHIFT | t->idx;
 	t->in_use = 1;
+	tasks_live++;
 	t->joined = 0;
 	t->adopted = 0;
 	t->status = 0;
@@ -176,6 +178,7 @@ void keel__task_release(struct keel__task *t)
 	pthread_mutex_lock(&registry_lock);
 	KEEL_ASSERT(t->in_use);
 	t->in_use = 0;
+	tasks_live--;
 	store_release(&t->live, 0);
 	t->free_next = free_slots;
 	free_slots = t;
@@ -252,6 +255,19 @@ void keel__task_set_name(struct keel__task *t, const char *name)
 	pthread_mutex_lock(&registry_lock);
 	snprintf(t->name, sizeof t->name, "%s", name);
 	pthread_mutex_unlock(&registry_lock);
+}
+
+int keel_stats_get(keel_stats *out)
+{
+	if (!out)
+		return -EINVAL;
+	memset(out, 0, sizeof *out);
+	pthread_mutex_lock(&registry_lock);
+	out->tasks_live = tasks_live;
+	out->task_slots = task_count;
+	pthread_mutex_unlock(&registry_lock);
+	keel__scope_stats(&out->scopes_live, &out->scope_slots);
+	return 0;
 }
 
 /* ---- Adoption and thread exit -------------------------------------------- */

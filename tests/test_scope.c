@@ -979,12 +979,14 @@ enum point {
 	P_CALL,
 	P_JOIN,
 	P_SCOPE_JOIN,
+	P_COND_WAIT,
+	P_LOCK,
 	P_COUNT
 };
 
 static const char *point_name[P_COUNT] = {
-	"checkpoint", "sleep_until", "fd_wait", "serve",
-	"call", "join", "scope_join",
+	"checkpoint", "sleep_until", "fd_wait",	  "serve",	 "call",
+	"join",	      "scope_join",  "cond_wait", "mutex_lock_until",
 };
 
 struct point_ctx {
@@ -993,6 +995,8 @@ struct point_ctx {
 	int pipefd[2];
 	keel_task_t never_serves;
 	harness_event entered, release_child;
+	keel_mutex_t mu; /* P_COND_WAIT waits on cv with it; P_LOCK: held */
+	keel_cond_t cv;
 };
 
 /* Not cancellable: it ends only when the test lets it. */
@@ -1035,6 +1039,18 @@ static int wait_at_point(void *arg)
 	case P_CALL:
 		rc = keel_call(pc->never_serves, nop_work, NULL, KEEL_FOREVER);
 		break;
+	case P_COND_WAIT:
+		keel_mutex_lock(&pc->mu);
+		while ((rc = keel_cond_wait_until(&pc->cv, &pc->mu,
+						  KEEL_FOREVER)) == 0)
+			;
+		keel_mutex_unlock(&pc->mu);
+		break;
+	case P_LOCK:
+		rc = keel_mutex_lock_until(&pc->mu, KEEL_FOREVER);
+		if (rc == 0)
+			keel_mutex_unlock(&pc->mu);
+		break;
 	case P_JOIN:
 	case P_SCOPE_JOIN:
 		CHECK_OK(keel_scope_open(&inner, NULL));
@@ -1062,7 +1078,9 @@ static void *never_serving(void *arg)
 	return NULL;
 }
 
-TEST(every_cancellation_point_returns_ecanceled)
+/* Each cancellation point, cancelled through its scope or (by_task) through
+ * keel_task_cancel() of the one task waiting in it. */
+static void cancel_each_point(int by_task)
 {
 	for (int p = 0; p < P_COUNT; p++) {
 		struct point_ctx pc;
@@ -1075,21 +1093,37 @@ TEST(every_cancellation_point_returns_ecanceled)
 		CHECK_EQ(pipe(pc.pipefd), 0);
 		event_init(&pc.entered);
 		event_init(&pc.release_child);
+		CHECK_OK(keel_mutex_init(&pc.mu, 0, "point", 0));
+		CHECK_OK(keel_cond_init(&pc.cv));
 		if (p == P_CALL) {
 			server = harness_thread(never_serving, &pc);
 			event_wait(&pc.entered);
 			event_init(&pc.entered);
 		}
+		if (p == P_LOCK)
+			keel_mutex_lock(&pc.mu);
 		CHECK_OK(keel_scope_open(&s, NULL));
 		CHECK_OK(keel_spawn(s, wait_at_point, &pc, NULL, &t));
 		event_wait(&pc.entered);
-		CHECK_OK(keel_scope_cancel(s));
-		/* The close joins it (the owner's own waits are cancelled). */
-		CHECK_RC(keel_scope_close(s), -ECANCELED);
+		if (by_task) {
+			CHECK_OK(keel_task_cancel(t));
+			CHECK_OK(keel_join(t, NULL, KEEL_FOREVER));
+			CHECK_OK(keel_checkpoint()); /* only t was */
+			CHECK_OK(keel_scope_close(s));
+		} else {
+			CHECK_OK(keel_scope_cancel(s));
+			/* The close joins it (the owner's own waits are
+			 * cancelled). */
+			CHECK_RC(keel_scope_close(s), -ECANCELED);
+		}
+		if (p == P_LOCK)
+			keel_mutex_unlock(&pc.mu);
 		if (pc.result != -ECANCELED)
 			harness_fail(__FILE__, __LINE__, "%s returned %d (%s)",
 				     point_name[p], pc.result,
 				     keel_strerror(pc.result));
+		CHECK_OK(keel_cond_destroy(&pc.cv));
+		CHECK_OK(keel_mutex_destroy(&pc.mu));
 		close(pc.pipefd[0]);
 		close(pc.pipefd[1]);
 		if (server) {
@@ -1098,6 +1132,16 @@ TEST(every_cancellation_point_returns_ecanceled)
 			pthread_detach(server);
 		}
 	}
+}
+
+TEST(every_cancellation_point_returns_ecanceled)
+{
+	cancel_each_point(0);
+}
+
+TEST(task_cancel_wakes_every_cancellation_point)
+{
+	cancel_each_point(1);
 }
 
 /* ---- Dumps ---- */
@@ -1650,4 +1694,377 @@ TEST(on_cancel_callback_that_exits_the_cancelling_thread)
 	 * was woken (a close, which waits uncancellably, would hang if not;
 	 * its -ECANCELED is not a failure). */
 	CHECK_RC(keel_scope_close(s), -ECANCELED);
+}
+
+/* ---- Long-lived scopes: memory follows what is live ---- */
+
+/* The runtime's counters, the caller adopted first (so that its own slot
+ * is counted before as after). */
+static void stats_now(keel_stats *st)
+{
+	CHECK(keel_self() != KEEL_TASK_NONE);
+	CHECK_OK(keel_stats_get(st));
+}
+
+/* The spawner keeps at most `max` children live; each child's on_exit
+ * hook, which runs when its status is delivered, makes room. */
+struct churn {
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	int live, max_live, ended, failed;
+};
+
+static int churn_child(void *arg)
+{
+	(void)arg;
+	return 0;
+}
+
+static void churn_exit(keel_task_t child, int status, void *arg)
+{
+	struct churn *ch = arg;
+
+	(void)child;
+	pthread_mutex_lock(&ch->mu);
+	ch->live--;
+	ch->ended++;
+	if (status != 0)
+		ch->failed++;
+	pthread_cond_signal(&ch->cv);
+	pthread_mutex_unlock(&ch->mu);
+}
+
+/* Live means holding a task slot: a child still running, or past its
+ * hook but not yet reaped (a thread preempted there, on a loaded machine,
+ * holds its slot a while longer). So the room is counted in slots. */
+static void churn_make_room(struct churn *ch, size_t base, int max)
+{
+	keel_stats st;
+
+	for (;;) {
+		CHECK_OK(keel_stats_get(&st));
+		if (st.tasks_live < base + (size_t)max)
+			break;
+		pthread_mutex_lock(&ch->mu);
+		if (ch->live > 0) /* a hook to come: wait for it */
+			pthread_cond_wait(&ch->cv, &ch->mu);
+		pthread_mutex_unlock(&ch->mu);
+		sched_yield();
+	}
+	pthread_mutex_lock(&ch->mu);
+	ch->live++;
+	if ((int)(st.tasks_live - base) + 1 > ch->max_live)
+		ch->max_live = (int)(st.tasks_live - base) + 1;
+	pthread_mutex_unlock(&ch->mu);
+}
+
+/* Issue 10: a scope kept every finished child until it closed (1.26 KB
+ * each; a server spawning each connection into its root scope ran out of
+ * task slots). A child whose handle was not taken is reaped when it ends:
+ * the slot high-water mark stays within twice the live maximum. */
+TEST(children_give_back_their_slots_as_they_end)
+{
+	static struct churn ch = {PTHREAD_MUTEX_INITIALIZER,
+				  PTHREAD_COND_INITIALIZER, 0, 0, 0, 0};
+#ifdef KEEL_UNDER_SANITIZER
+	const int n = 20000;
+#else
+	const int n = 100000;
+#endif
+	const int max = 200;
+	keel_stats before, after, closed;
+	keel_scope_t *s;
+
+	stats_now(&before);
+	CHECK_OK(keel_scope_open(
+		&s, &(keel_scope_opts){.on_exit = churn_exit,
+				       .on_exit_arg = &ch}));
+	for (int i = 0; i < n; i++) {
+		churn_make_room(&ch, before.tasks_live, max);
+		CHECK_OK(keel_spawn(s, churn_child, NULL, NULL, NULL));
+	}
+	CHECK_OK(keel_scope_join(s, KEEL_FOREVER));
+	CHECK_OK(keel_stats_get(&after));
+	CHECK_OK(keel_scope_close(s));
+	CHECK_OK(keel_stats_get(&closed));
+	printf("%d children, at most %d live: task slots %zu -> %zu, "
+	       "live %zu -> %zu -> %zu\n",
+	       n, ch.max_live, before.task_slots, after.task_slots,
+	       before.tasks_live, after.tasks_live, closed.tasks_live);
+	CHECK_EQ(ch.ended, n);
+	CHECK_EQ(ch.failed, 0);
+	CHECK_INT(ch.max_live, <=, max);
+	CHECK_INT(after.task_slots - before.task_slots, <=, 2 * max);
+	/* The last ones may still be between their hook and their release
+	 * when scope_join returns; after the close, none is left. */
+	CHECK_EQ(closed.tasks_live, before.tasks_live);
+	CHECK_EQ(closed.scopes_live, before.scopes_live);
+}
+
+static int join_self_later(void *arg)
+{
+	(void)arg;
+	return 7;
+}
+
+/* Joined children give back their entries too: a scope that spawned and
+ * joined 20,000 children one by one holds no more slots than one. */
+TEST(joined_children_give_back_their_slots)
+{
+	keel_stats before, after;
+	keel_scope_t *s;
+
+	stats_now(&before);
+	CHECK_OK(keel_scope_open(&s, NULL));
+	for (int i = 0; i < 20000; i++) {
+		keel_task_t t;
+		int st = 0;
+
+		CHECK_OK(keel_spawn(s, join_self_later, NULL, NULL, &t));
+		CHECK_OK(keel_join(t, &st, KEEL_FOREVER));
+		CHECK_EQ(st, 7);
+		CHECK_RC(keel_join(t, &st, KEEL_FOREVER), -ESRCH);
+	}
+	CHECK_OK(keel_stats_get(&after));
+	CHECK_INT(after.task_slots - before.task_slots, <=, 2);
+	CHECK_EQ(after.tasks_live, before.tasks_live);
+	CHECK_OK(keel_scope_close(s));
+}
+
+static atomic_int reaped_hooks;
+
+static void count_hook(keel_task_t child, int status, void *arg)
+{
+	(void)child;
+	(void)status;
+	(void)arg;
+	atomic_fetch_add(&reaped_hooks, 1);
+}
+
+/* Wait until the runtime holds `live` task slots: reaped children give
+ * theirs back just after their hook. A condition, polled with yields. */
+static void wait_tasks_live(size_t live)
+{
+	keel_stats st;
+
+	for (;;) {
+		CHECK_OK(keel_stats_get(&st));
+		if (st.tasks_live == live)
+			return;
+		sched_yield();
+	}
+}
+
+/* What is still live is torn down in exact reverse order, whatever was
+ * reaped (and compacted away) between: 300 short children interleaved
+ * with cleanups and two long ones. */
+TEST(teardown_order_holds_across_reaped_children)
+{
+	struct ordered_child a = {.name = "child-a"}, b = {.name = "child-b"};
+	keel_stats base;
+	keel_scope_t *s;
+
+	log_init(&lg);
+	event_init(&a.started);
+	event_init(&b.started);
+	atomic_store(&reaped_hooks, 0);
+	stats_now(&base);
+	CHECK_OK(keel_scope_open(&s, &(keel_scope_opts){.on_exit = count_hook}));
+	CHECK_OK(keel_defer(s, log_cleanup, TOKEN("cleanup-1")));
+	for (int i = 0; i < 100; i++)
+		CHECK_OK(keel_spawn(s, churn_child, NULL, NULL, NULL));
+	CHECK_OK(keel_spawn(s, ordered_child_fn, &a, NULL, NULL));
+	for (int i = 0; i < 100; i++)
+		CHECK_OK(keel_spawn(s, churn_child, NULL, NULL, NULL));
+	CHECK_OK(keel_defer(s, log_cleanup, TOKEN("cleanup-2")));
+	CHECK_OK(keel_spawn(s, ordered_child_fn, &b, NULL, NULL));
+	for (int i = 0; i < 100; i++)
+		CHECK_OK(keel_spawn(s, churn_child, NULL, NULL, NULL));
+	CHECK_OK(keel_defer(s, log_cleanup, TOKEN("cleanup-3")));
+	event_wait(&a.started);
+	event_wait(&b.started);
+	/* The 300 are reaped; the two long children are all that is live. */
+	wait_tasks_live(base.tasks_live + 2);
+	CHECK_EQ(atomic_load(&reaped_hooks), 300);
+	CHECK_OK(keel_scope_close(s));
+	CHECK_LOG(&lg, "cleanup-3 child-b cleanup-2 child-a cleanup-1");
+}
+
+/* A reaped child's failure is still the scope's result, and a detached
+ * child cannot be joined; once reaped, its handle is stale. */
+static int fail_eio(void *arg)
+{
+	(void)arg;
+	return -EIO;
+}
+
+static int wait_event_child(void *arg)
+{
+	event_wait(arg);
+	return 0;
+}
+
+TEST(reaped_children_keep_every_status_rule)
+{
+	harness_event go;
+	keel_stats base;
+	keel_scope_t *s;
+	keel_task_t d;
+	char name[32];
+
+	event_init(&go);
+	atomic_store(&reaped_hooks, 0);
+	stats_now(&base);
+	CHECK_OK(keel_scope_open(&s, &(keel_scope_opts){
+					     .policy = KEEL_SUPERVISE,
+					     .on_exit = count_hook}));
+	CHECK_OK(keel_spawn(s, fail_eio, NULL, NULL, NULL));
+	CHECK_OK(keel_spawn(s, wait_event_child, &go,
+			    &(keel_spawn_opts){.detached = 1}, &d));
+	CHECK_RC(keel_join(d, NULL, KEEL_FOREVER), -EINVAL);
+	CHECK_INT(keel_task_name(d, name, sizeof name), >, 0);
+	event_set(&go);
+	wait_tasks_live(base.tasks_live);
+	CHECK_EQ(atomic_load(&reaped_hooks), 2);
+	CHECK_RC(keel_join(d, NULL, KEEL_FOREVER), -ESRCH);
+	CHECK_RC(keel_task_cancel(d), -ESRCH);
+	CHECK_RC(keel_task_name(d, name, sizeof name), -ESRCH);
+	/* Reaped long before the close, its failure is the result. */
+	CHECK_RC(keel_scope_close(s), -EIO);
+}
+
+/* ---- keel_task_cancel ---- */
+
+struct tc_child {
+	harness_event started, release;
+	int result, cause, checkpoint_after;
+};
+
+static int tc_wait(void *arg)
+{
+	struct tc_child *c = arg;
+
+	event_set(&c->started);
+	c->result = keel_sleep_until(KEEL_FOREVER);
+	c->cause = keel_cancel_cause();
+	return c->result;
+}
+
+static int tc_sibling(void *arg)
+{
+	struct tc_child *c = arg;
+
+	event_set(&c->started);
+	event_wait(&c->release);
+	c->checkpoint_after = keel_checkpoint();
+	return 0;
+}
+
+static void record_status(keel_task_t child, int status, void *arg)
+{
+	char buf[64];
+
+	(void)child;
+	snprintf(buf, sizeof buf, "exit:%d", status);
+	log_add(arg, buf);
+}
+
+/* One task cancelled: it alone is woken, with the cause EXPLICIT; its
+ * siblings go on under KEEL_SUPERVISE, and its -ECANCELED is no failure. */
+TEST(task_cancel_cancels_one_child_and_leaves_its_siblings)
+{
+	static harness_log exits;
+	struct tc_child victim, left, right;
+	keel_scope_t *s;
+	keel_task_t t;
+
+	memset(&victim, 0, sizeof victim);
+	memset(&left, 0, sizeof left);
+	memset(&right, 0, sizeof right);
+	event_init(&victim.started);
+	event_init(&left.started);
+	event_init(&left.release);
+	event_init(&right.started);
+	event_init(&right.release);
+	log_init(&exits);
+	CHECK_OK(keel_scope_open(&s, &(keel_scope_opts){
+					     .policy = KEEL_SUPERVISE,
+					     .on_exit = record_status,
+					     .on_exit_arg = &exits}));
+	CHECK_OK(keel_spawn(s, tc_sibling, &left, NULL, NULL));
+	CHECK_OK(keel_spawn(s, tc_wait, &victim, NULL, &t));
+	CHECK_OK(keel_spawn(s, tc_sibling, &right, NULL, NULL));
+	event_wait(&victim.started);
+	event_wait(&left.started);
+	event_wait(&right.started);
+	CHECK_OK(keel_task_cancel(t));
+	CHECK_OK(keel_task_cancel(t)); /* idempotent */
+	CHECK_OK(keel_join(t, NULL, KEEL_FOREVER));
+	CHECK_RC(victim.result, -ECANCELED);
+	CHECK_EQ(victim.cause, KEEL_CANCEL_EXPLICIT);
+	CHECK_RC(keel_task_cancel(t), -ESRCH); /* joined */
+	CHECK_OK(keel_checkpoint()); /* the owner is not cancelled */
+	event_set(&left.release);
+	event_set(&right.release);
+	CHECK_OK(keel_scope_join(s, KEEL_FOREVER));
+	CHECK_OK(left.checkpoint_after);
+	CHECK_OK(right.checkpoint_after);
+	CHECK_OK(keel_scope_close(s)); /* a cancelled child is no failure */
+	CHECK_LOG(&exits, "exit:-125 exit:0 exit:0");
+}
+
+static int tc_nested(void *arg)
+{
+	struct tc_child *c = arg;
+	keel_scope_t *inner;
+	struct tc_child grand;
+	int rc;
+
+	memset(&grand, 0, sizeof grand);
+	event_init(&grand.started);
+	CHECK_OK(keel_scope_open(&inner, NULL));
+	CHECK_OK(keel_spawn(inner, tc_wait, &grand, NULL, NULL));
+	event_wait(&grand.started);
+	event_set(&c->started);
+	c->result = keel_sleep_until(KEEL_FOREVER);
+	rc = keel_scope_close(inner);
+	/* The grandchild heard it too. */
+	c->checkpoint_after = grand.result == -ECANCELED &&
+			      grand.cause == KEEL_CANCEL_EXPLICIT;
+	return rc;
+}
+
+TEST(task_cancel_reaches_the_scopes_nested_in_it)
+{
+	struct tc_child c;
+	keel_scope_t *s;
+	keel_task_t t;
+	int st = 0;
+
+	memset(&c, 0, sizeof c);
+	event_init(&c.started);
+	CHECK_OK(keel_scope_open(&s, NULL));
+	CHECK_OK(keel_spawn(s, tc_nested, &c, NULL, &t));
+	event_wait(&c.started);
+	CHECK_OK(keel_task_cancel(t));
+	CHECK_OK(keel_join(t, &st, KEEL_FOREVER));
+	CHECK_RC(c.result, -ECANCELED);
+	CHECK_RC(st, -ECANCELED);
+	CHECK_EQ(c.checkpoint_after, 1);
+	CHECK_OK(keel_scope_close(s));
+}
+
+TEST(task_cancel_of_a_bad_handle_is_esrch)
+{
+	keel_scope_t *s;
+	keel_task_t t;
+
+	CHECK_RC(keel_task_cancel(KEEL_TASK_NONE), -ESRCH);
+	CHECK_RC(keel_task_cancel(~(keel_task_t)0), -ESRCH);
+	CHECK_RC(keel_task_cancel((keel_task_t)1 << 40 | 5), -ESRCH);
+	CHECK_OK(keel_scope_open(&s, NULL));
+	CHECK_OK(keel_spawn(s, churn_child, NULL, NULL, &t));
+	CHECK_OK(keel_join(t, NULL, KEEL_FOREVER));
+	CHECK_RC(keel_task_cancel(t), -ESRCH);
+	CHECK_OK(keel_scope_close(s));
 }

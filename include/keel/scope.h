@@ -49,7 +49,7 @@ typedef enum keel_policy {
 /* Why a task is cancelled. */
 typedef enum keel_cause {
 	KEEL_CANCEL_NONE = 0,
-	KEEL_CANCEL_EXPLICIT = 1, /* keel_scope_cancel() */
+	KEEL_CANCEL_EXPLICIT = 1, /* keel_scope_cancel(), keel_task_cancel() */
 	KEEL_CANCEL_DEADLINE = 2, /* a scope's or shield's deadline passed */
 	KEEL_CANCEL_SIBLING = 3,  /* a sibling failed (KEEL_FAIL_FAST) */
 	KEEL_CANCEL_SIGNAL = 4,   /* SIGINT or SIGTERM (keel_main) */
@@ -99,11 +99,16 @@ typedef int (*keel_setup_fn)(void *arg, void **resource);
  * @background: nonzero for a background child: keel_scope_join() does not
  *              wait for it, and keel_scope_run() cancels it when the body
  *              and the foreground children are done.
+ * @detached:   nonzero: the child cannot be joined even though its handle
+ *              is taken (to name it, to cancel it with keel_task_cancel()
+ *              or to send to it); it gives back its slot when it ends, as
+ *              a child spawned without a handle does.
  */
 typedef struct keel_spawn_opts {
 	const char *name;
 	size_t stack_size;
 	int background;
+	int detached;
 } keel_spawn_opts;
 
 /**
@@ -133,6 +138,15 @@ KEEL_API int keel_scope_open(keel_scope_t **out, const keel_scope_opts *opts);
  * and @s's deadline applies to its waits. It ends when @fn returns; its
  * mailbox closes, then its own open scopes are closed, then @s's on_exit
  * hook runs. A status below 0 other than -ECANCELED is a failure.
+ *
+ * Memory follows what is live. A child spawned with @out NULL, or with
+ * @opts->detached, is reaped as soon as it ends: its status goes to the
+ * on_exit hook and into @s's result, and its entry and task slot are given
+ * back, so a scope that runs a million short children 200 at a time holds
+ * memory for about 200. A child whose handle was taken (and that is not
+ * detached) stays joinable: its entry and slot are kept until keel_join()
+ * takes its status or keel_scope_close() does. The handle of a reaped
+ * child is stale, like that of any task that has ended.
  *
  * Context: any task; never blocks.
  * Return: 0; -EINVAL if @fn is NULL or @s is not a scope; -ECANCELED if @s
@@ -199,6 +213,25 @@ KEEL_API int keel_scope_join(keel_scope_t *s, keel_time_t deadline);
  * Return: 0; -EINVAL if @s is not (or no longer) a scope.
  */
 KEEL_API int keel_scope_cancel(keel_scope_t *s);
+
+/**
+ * keel_task_cancel() - cancel one task, and every scope nested in it.
+ * @t: any task: a child of any scope, or a thread keel adopted.
+ *
+ * Only @t and what runs inside it (the children of the scopes it opened,
+ * recursively) are cancelled: its siblings and its scope go on, and a
+ * child that then returns -ECANCELED is not a failure of its scope, under
+ * either policy. Its waits return -ECANCELED and keel_cancel_cause() says
+ * KEEL_CANCEL_EXPLICIT. Sticky and idempotent: the first cause stays. A
+ * child that has finished but not been joined yet is cancelled harmlessly
+ * (0): its status does not change.
+ *
+ * Context: any thread, including threads keel did not start; never blocks.
+ * May run @t's keel_on_cancel() callbacks on the calling thread.
+ * Return: 0; -ESRCH if @t does not name a task that exists (it ended and
+ * was reaped, or never was).
+ */
+KEEL_API int keel_task_cancel(keel_task_t t);
 
 /**
  * keel_scope_close() - tear a scope down and free it.
@@ -298,7 +331,9 @@ KEEL_API int keel_main_opts(keel_body_fn body, void *arg,
  *
  * Context: the owner of @t's scope; blocks; a cancellation point.
  * Return: 0; -ETIMEDOUT; -ECANCELED (the caller was cancelled; the child
- * stays joinable); -ESRCH if @t is not a live child or was joined already;
+ * stays joinable); -EINVAL if @t was spawned without keeping its handle
+ * joinable (keel_spawn_opts.detached): it is reaped when it ends;
+ * -ESRCH if @t is not a live child or was joined already;
  * -EPERM if the caller does not own @t's scope.
  */
 KEEL_API int keel_join(keel_task_t t, int *status, keel_time_t deadline);

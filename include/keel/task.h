@@ -69,6 +69,35 @@ KEEL_API int keel_task_name(keel_task_t t, char *buf, size_t size);
  */
 KEEL_API int keel_set_name(const char *name);
 
+/**
+ * struct keel_stats - what keel's runtime holds, for a long-running
+ * program's monitoring and for tests of its bounds.
+ * @tasks_live:  task slots in use: tasks running, or ended and not yet
+ *               reaped (joinable children awaiting keel_join(), say).
+ * @task_slots:  task slots ever created: the high-water mark of
+ *               @tasks_live. Slots are never freed, only reused.
+ * @scopes_live: scopes open (or closing).
+ * @scope_slots: scope slots ever created.
+ */
+typedef struct keel_stats {
+	size_t tasks_live;
+	size_t task_slots;
+	size_t scopes_live;
+	size_t scope_slots;
+} keel_stats;
+
+/**
+ * keel_stats_get() - read the runtime's counters.
+ * @out: where they are written.
+ *
+ * Each counter is read on its own: they are consistent with each other
+ * only in a quiet process.
+ *
+ * Context: any thread; never blocks (takes keel's table locks briefly).
+ * Return: 0; -EINVAL if @out is NULL.
+ */
+KEEL_API int keel_stats_get(keel_stats *out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -429,9 +429,12 @@ static void op_spawn(struct worker *w, int as_task)
 	pthread_mutex_unlock(&mu);
 	w->is_task = as_task;
 	w->gen++;
-	if (as_task)
-		FZ_ASSERT(keel_spawn(input_scope, worker_task, w, NULL, NULL) == 0);
-	else
+	if (as_task) {
+		keel_task_t t; /* taken, so that it stays joinable */
+
+		FZ_ASSERT(keel_spawn(input_scope, worker_task, w, NULL, &t) ==
+			  0);
+	} else
 		FZ_ASSERT(pthread_create(&w->created, NULL, worker_thread, w) == 0);
 	pthread_mutex_lock(&mu);
 	while (!w->up)

@@ -39,6 +39,21 @@
  *   cleanup_deadline, 5 s): keel's own bookkeeping must not hold the
  *   exiting children up. Prints the time from the cancel to the last
  *   child's exit and to the close's return.
+ *
+ * stress_churn_cancels_and_closes: a long-lived scope under churn. Two
+ *   foreign threads spawn short children into it without keeping them
+ *   joinable (reaped as they end, their slots reused at once): victims,
+ *   which wait to be cancelled, and bystanders, which must never be.
+ *   A third thread cancels victims by handle with keel_task_cancel(),
+ *   often after they ended and their slot went to a bystander. Children
+ *   end by every route (return, pthread_exit from the body, pthread_exit
+ *   from the on_exit hook). The owner closes the scope at a random
+ *   moment with the spawners still going. Every spawn that succeeded
+ *   gets exactly one on_exit call; no bystander is ever cancelled before
+ *   the close; when the close returns, every task slot is back; and the
+ *   races happened both ways (cancels that hit, and stale ones refused
+ *   with -ESRCH; children reaped before the close, and during it; every
+ *   end route). KEEL_ITERS rounds (20; 300 long).
  */
 #include <poll.h>
 #include <signal.h>
@@ -815,4 +830,191 @@ TEST(stress_spawners_race_the_owner)
 	       "%ld refused after the cancel\n",
 	       atomic_load(&r.spawned), joined, cancelled_one,
 	       atomic_load(&r.refused));
+}
+
+/* ---- stress_churn_cancels_and_closes ---- */
+
+#define CHURN_RING 64
+
+enum { ROUTE_RETURN, ROUTE_EXIT_BODY, ROUTE_EXIT_HOOK, ROUTES };
+
+struct churn_round {
+	keel_scope_t *s;
+	pthread_mutex_t mu;
+	keel_task_t ring[CHURN_RING];
+	unsigned long pushed;
+	uint64_t seed;
+	atomic_int stop, closing;
+	atomic_long spawned, refused, hooks, ended_open, ended_closing;
+	atomic_long hit, stale, wrongly_cancelled;
+	atomic_long route[ROUTES];
+};
+
+static _Thread_local int churn_route;
+static _Thread_local struct churn_round *churn_me;
+
+struct churn_arg {
+	struct churn_round *r;
+	int victim, route;
+};
+
+static void churn_hook(keel_task_t child, int status, void *arg)
+{
+	struct churn_round *r = arg;
+
+	(void)child;
+	(void)status;
+	atomic_fetch_add(&r->hooks, 1);
+	atomic_fetch_add(atomic_load(&r->closing) ? &r->ended_closing
+						  : &r->ended_open,
+			 1);
+	if (churn_me == r && churn_route == ROUTE_EXIT_HOOK) {
+		churn_me = NULL;
+		pthread_exit(NULL);
+	}
+}
+
+static int churn_body(void *p)
+{
+	struct churn_arg a = *(struct churn_arg *)p;
+	struct churn_round *r = a.r;
+
+	free(p);
+	atomic_fetch_add(&r->route[a.route], 1);
+	if (a.victim) {
+		keel_sleep_until(KEEL_FOREVER);
+	} else {
+		for (int i = 0; i < 4; i++) {
+			if (keel_checkpoint() == -ECANCELED &&
+			    !atomic_load(&r->closing))
+				atomic_fetch_add(&r->wrongly_cancelled, 1);
+			sched_yield();
+		}
+	}
+	churn_route = a.route;
+	churn_me = r;
+	if (a.route == ROUTE_EXIT_BODY)
+		pthread_exit(NULL);
+	return 0;
+}
+
+static void *churn_spawner(void *p)
+{
+	struct churn_round *r = p;
+	uint64_t rng = r->seed ^ (uint64_t)(uintptr_t)&rng;
+
+	while (!atomic_load(&r->stop)) {
+		struct churn_arg *a = malloc(sizeof *a);
+		keel_task_t t;
+		uint64_t x = rng_next(&rng);
+		int rc;
+
+		CHECK(a != NULL);
+		*a = (struct churn_arg){r, (int)(x & 1), (int)((x >> 1) % ROUTES)};
+		rc = keel_spawn(r->s, churn_body, a,
+				&(keel_spawn_opts){.detached = 1}, &t);
+		if (rc == -ECANCELED) {
+			free(a);
+			atomic_fetch_add(&r->refused, 1);
+			continue;
+		}
+		CHECK_OK(rc);
+		atomic_fetch_add(&r->spawned, 1);
+		if (x & 1) {
+			pthread_mutex_lock(&r->mu);
+			r->ring[r->pushed++ % CHURN_RING] = t;
+			pthread_mutex_unlock(&r->mu);
+		}
+	}
+	return NULL;
+}
+
+static void *churn_canceller(void *p)
+{
+	struct churn_round *r = p;
+	uint64_t rng = r->seed * 31 + 7;
+
+	while (!atomic_load(&r->stop)) {
+		keel_task_t t = KEEL_TASK_NONE;
+		int rc;
+
+		pthread_mutex_lock(&r->mu);
+		if (r->pushed)
+			t = r->ring[rng_next(&rng) %
+				    (r->pushed < CHURN_RING ? r->pushed
+							    : CHURN_RING)];
+		pthread_mutex_unlock(&r->mu);
+		if (t == KEEL_TASK_NONE) {
+			sched_yield();
+			continue;
+		}
+		rc = keel_task_cancel(t);
+		if (rc == 0)
+			atomic_fetch_add(&r->hit, 1);
+		else if (rc == -ESRCH)
+			atomic_fetch_add(&r->stale, 1);
+		else
+			CHECK_OK(rc);
+	}
+	return NULL;
+}
+
+TEST(stress_churn_cancels_and_closes)
+{
+	long rounds = harness_param("KEEL_ITERS", 20, 300);
+	uint64_t rng = harness_seed();
+	long total[ROUTES] = {0}, hit = 0, stale = 0, open_ = 0, closing = 0,
+	     spawned = 0;
+	keel_stats base, after;
+
+	CHECK(keel_self() != KEEL_TASK_NONE);
+	CHECK_OK(keel_stats_get(&base));
+	for (long round = 0; round < rounds; round++) {
+		static struct churn_round r;
+		pthread_t th[3];
+		long want = 200 + (long)(rng_next(&rng) % 2000);
+
+		memset(&r, 0, sizeof r);
+		pthread_mutex_init(&r.mu, NULL);
+		r.seed = rng_next(&rng);
+		CHECK_OK(keel_scope_open(&r.s, &(keel_scope_opts){
+						       .policy = KEEL_SUPERVISE,
+						       .on_exit = churn_hook,
+						       .on_exit_arg = &r}));
+		th[0] = harness_thread(churn_spawner, &r);
+		th[1] = harness_thread(churn_spawner, &r);
+		th[2] = harness_thread(churn_canceller, &r);
+		while (atomic_load(&r.spawned) < want)
+			sched_yield();
+		atomic_store(&r.closing, 1);
+		CHECK_OK(keel_scope_cancel(r.s));
+		CHECK_RC(keel_scope_close(r.s), -ECANCELED);
+		CHECK_OK(keel_stats_get(&after));
+		CHECK_EQ(after.tasks_live, base.tasks_live);
+		while (atomic_load(&r.refused) == 0)
+			sched_yield();
+		atomic_store(&r.stop, 1);
+		for (int i = 0; i < 3; i++)
+			harness_join(th[i]);
+		CHECK_EQ(atomic_load(&r.hooks), atomic_load(&r.spawned));
+		CHECK_EQ(atomic_load(&r.wrongly_cancelled), 0);
+		for (int i = 0; i < ROUTES; i++)
+			total[i] += atomic_load(&r.route[i]);
+		hit += atomic_load(&r.hit);
+		stale += atomic_load(&r.stale);
+		open_ += atomic_load(&r.ended_open);
+		closing += atomic_load(&r.ended_closing);
+		spawned += atomic_load(&r.spawned);
+	}
+	printf("%ld children in %ld rounds; cancels: %ld hit, %ld stale; "
+	       "ended before the close %ld, during it %ld; routes: return "
+	       "%ld, pthread_exit in body %ld, in hook %ld\n",
+	       spawned, rounds, hit, stale, open_, closing, total[0],
+	       total[1], total[2]);
+	CHECK_INT(hit, >, 0);
+	CHECK_INT(stale, >, 0);
+	CHECK_INT(open_, >, 0);
+	CHECK_INT(closing, >, 0);
+	for (int i = 0; i < ROUTES; i++)
+		CHECK_INT(total[i], >, 0);
 }
