@@ -16,8 +16,8 @@
  * opens `total` connections (default 10000), `at-once` at a time (default
  * 200), each a short echo exchange, and checks that the server's fd count
  * returns to where it was and its RSS to its band: within `band` KiB
- * (default 4096; 0: not checked) of what it was after the first `at-once`
- * connections.
+ * (default 4096; 0: not checked) of what it was after a warm-up of the
+ * first 10 x `at-once` connections.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -167,6 +167,8 @@ static pid_t start_server(const char *path, const char *idle, FILE **out)
 
 /* Stop the server with SIGINT; its exit status (-1 if it did not exit),
  * and its last report's counts. */
+static long task_slots = -1;
+
 static int stop_server(pid_t pid, FILE *out, long counts[3])
 {
 	char line[256];
@@ -174,11 +176,13 @@ static int stop_server(pid_t pid, FILE *out, long counts[3])
 
 	kill(pid, SIGINT);
 	counts[0] = counts[1] = counts[2] = -1;
-	while (fgets(line, sizeof line, out))
+	while (fgets(line, sizeof line, out)) {
 		sscanf(line,
 		       "accepted %ld connections, closed %ld with a goodbye "
 		       "(%ld idle)",
 		       &counts[0], &counts[1], &counts[2]);
+		sscanf(line, "task slots: %ld", &task_slots);
+	}
 	fclose(out);
 	waitpid(pid, &status, 0);
 	return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
@@ -309,21 +313,6 @@ static void show_fds(pid_t pid)
 	closedir(d);
 }
 
-static long server_rss_kib(pid_t pid)
-{
-	char path[64], line[256];
-	long kib = -1;
-	FILE *f;
-
-	snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
-	if (!(f = fopen(path, "r")))
-		return -1;
-	while (fgets(line, sizeof line, f))
-		if (sscanf(line, "VmRSS: %ld", &kib) == 1)
-			break;
-	fclose(f);
-	return kib;
-}
 
 static void run_clients(long total, int at_once)
 {
@@ -337,15 +326,39 @@ static void run_clients(long total, int at_once)
 	free(th);
 }
 
-/* The server's fd count once only its listening socket is left, or 5 s
- * passed: connection tasks close their sockets a moment after the client
- * saw its echo. */
+/* The server's RSS in KiB, and its thread count. */
+static long server_rss_kib(pid_t pid, int *threads)
+{
+	char path[64], line[256];
+	long kib = -1;
+	FILE *f;
+
+	*threads = -1;
+	snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+	if (!(f = fopen(path, "r")))
+		return -1;
+	while (fgets(line, sizeof line, f)) {
+		sscanf(line, "VmRSS: %ld", &kib);
+		sscanf(line, "Threads: %d", threads);
+	}
+	fclose(f);
+	return kib;
+}
+
+/* The server's fd count once only its listening socket is left and its
+ * threads are back to what its thread cache keeps idle (64, keel's
+ * MAX_IDLE, and a few of its own), or 5 s passed: connection tasks close
+ * their sockets a moment after the client saw its echo, and their threads
+ * end a moment after that. */
 static int settled_fds(pid_t pid, int *sockets)
 {
 	struct timespec pause = {0, 10 * 1000 * 1000};
-	int n = server_fds(pid, sockets);
+	int n = server_fds(pid, sockets), threads;
 
-	for (int i = 0; i < 500 && *sockets > 1; i++) {
+	for (int i = 0; i < 500; i++) {
+		server_rss_kib(pid, &threads);
+		if (*sockets <= 1 && threads <= 64 + 8)
+			break;
 		nanosleep(&pause, NULL);
 		n = server_fds(pid, sockets);
 	}
@@ -356,31 +369,36 @@ static int run_load(const char *path, long total, int at_once, long band)
 {
 	FILE *out;
 	pid_t pid = start_server(path, NULL, &out);
-	int sockets, fds0 = server_fds(pid, &sockets), fds1, status;
-	long rss0, rss1, counts[3];
+	int sockets, fds0 = server_fds(pid, &sockets), fds1, status, th0, th1;
+	long rss0, rss1, counts[3], warmup = 10L * at_once;
 
 	printf("server up on port %d; %ld connections, %d at a time\n", port,
 	       total, at_once);
-	/* The band is taken after a first wave, which brings the thread
-	 * cache and the allocator to their working size. */
-	run_clients(at_once, at_once);
+	/* The band is taken after a warm-up of ten waves, which brings the
+	 * thread cache, the task table and the allocator's arenas to their
+	 * working size (set by the peak of tasks alive at once, which is
+	 * above at-once: a task ends a moment after its client has gone). */
+	if (warmup > total)
+		warmup = total;
+	run_clients(warmup, at_once);
 	settled_fds(pid, &sockets);
-	rss0 = server_rss_kib(pid);
-	run_clients(total - at_once, at_once);
+	rss0 = server_rss_kib(pid, &th0);
+	run_clients(total - warmup, at_once);
 	fds1 = settled_fds(pid, &sockets);
-	rss1 = server_rss_kib(pid);
+	rss1 = server_rss_kib(pid, &th1);
 	/* The band: the fds it started with, and the wake fd its acceptor
 	 * makes on its first wait if it had not waited yet (an eventfd, or
 	 * a pipe's two ends in the portable layer). */
 	if (sockets != 1 || fds1 > fds0 + 2)
 		show_fds(pid);
 	status = stop_server(pid, out, counts);
-	printf("server: %d fds at the start; %ld KiB RSS after the first %d "
-	       "connections; %d fds (%d a socket) and %ld KiB after %ld\n",
-	       fds0, rss0, at_once, fds1, sockets, rss1, total);
+	printf("server: %d fds at the start; %ld KiB RSS and %d threads after "
+	       "the first %ld connections; %d fds (%d a socket), %ld KiB and %d "
+	       "threads after %ld\n",
+	       fds0, rss0, th0, warmup, fds1, sockets, rss1, th1, total);
 	printf("server exited with status %d; accepted %ld connections; %ld "
-	       "exchanges failed\n",
-	       status, counts[0], atomic_load(&load_failed));
+	       "exchanges failed; at most %ld tasks alive at once\n",
+	       status, counts[0], atomic_load(&load_failed), task_slots);
 	if (status != 130 || counts[0] != total ||
 	    atomic_load(&load_failed) != 0 || sockets != 1 || fds1 > fds0 + 2 ||
 	    (band > 0 && rss1 - rss0 > band)) {

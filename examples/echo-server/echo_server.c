@@ -170,6 +170,7 @@ static int server(keel_scope_t *s, void *arg)
 int main(int argc, char **argv)
 {
 	int port = argc > 1 ? atoi(argv[1]) : 0, status;
+	keel_stats stats;
 	keel_scope_opts opts = {
 		.name = "echo-server",
 		.policy = KEEL_SUPERVISE,
@@ -183,5 +184,10 @@ int main(int argc, char **argv)
 	       "idle)\n",
 	       atomic_load(&accepted), atomic_load(&goodbyes),
 	       atomic_load(&idle_closed));
+	/* Finished connections gave back their task slots: the high-water
+	 * mark is the most that were alive at once, not the total. */
+	if (keel_stats_get(&stats) == 0)
+		printf("task slots: %zu at most in use at once\n",
+		       stats.task_slots);
 	return status;
 }
