@@ -243,6 +243,36 @@ TEST(read_cancelled_while_blocked)
 	close(p[1]);
 }
 
+TEST(read_woken_by_keel_task_cancel)
+{
+	struct op op = {0}, other = {0};
+	keel_scope_t *s;
+	keel_task_t c, c2;
+	int sv[2], sv2[2];
+
+	pair(sv);
+	pair(sv2);
+	op.fd = sv[0];
+	other.fd = sv2[0];
+	CHECK_OK(keel_scope_open(&s, NULL));
+	CHECK_OK(keel_spawn(s, do_read, &op, NULL, &c));
+	CHECK_OK(keel_spawn(s, do_read, &other, NULL, &c2));
+	wait_blocked(c, "fd_wait");
+	wait_blocked(c2, "fd_wait");
+	/* One task is cancelled; its sibling goes on reading. */
+	CHECK_OK(keel_task_cancel(c));
+	CHECK_OK(keel_join(c, NULL, KEEL_FOREVER));
+	CHECK_RC(op.rc, -ECANCELED);
+	CHECK_EQ(write(sv2[1], "y", 1), 1);
+	CHECK_OK(keel_join(c2, NULL, KEEL_FOREVER));
+	CHECK_EQ(other.rc, 1);
+	CHECK_OK(keel_scope_close(s));
+	close(sv[0]);
+	close(sv[1]);
+	close(sv2[0]);
+	close(sv2[1]);
+}
+
 static int read_when_cancelled(keel_scope_t *s, void *p)
 {
 	struct op *op = p;

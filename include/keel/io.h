@@ -146,9 +146,10 @@ typedef int (*keel_fd_fn)(int fd, void *arg);
  * @opts: as keel_spawn(); may be NULL.
  * @out:  where the child's handle is stored; may be NULL.
  *
- * As keel_spawn(), plus: @fd is closed when @fn returns or the child's
- * thread exits inside it (pthread_exit()), before the child counts as
- * ended. @fn must not close @fd itself (it may dup2() over it or hand it
+ * As keel_spawn() (with @out NULL or @opts->detached, the child is reaped
+ * when it ends: what a server wants for a connection), plus: @fd is closed
+ * when @fn returns or the child's thread exits inside it (pthread_exit()),
+ * before the child counts as ended. @fn must not close @fd itself (it may dup2() over it or hand it
  * on with dup(); the fd number stays reserved until @fn returns).
  *
  * Context: any task; never blocks.
