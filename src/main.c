@@ -42,19 +42,24 @@ static struct {
 	_Atomic int signal; /* the first signal, 0 if none */
 	_Atomic int seen;   /* signals received */
 	_Atomic int stop;   /* the watcher is to leave */
+	_Atomic int wfd;    /* -1 once keel_main is done with it */
 	keel_scope_t *_Atomic scope;
-	int rfd, wfd;
+	int rfd;
 } m = {.rfd = -1, .wfd = -1};
 
 static void main_on_signal(int sig)
 {
-	int saved = errno;
+	int saved = errno, fd;
 
 	/* The second signal ends the process at once. */
 	if (atomic_fetch_add(&m.seen, 1) > 0)
 		_exit(128 + sig);
 	atomic_store(&m.signal, sig);
-	keel__notify_signal(m.wfd);
+	/* A handler running on another thread as keel_main returns reads
+	 * -1 (a harmless EBADF), not a closed fd's number reused. */
+	fd = atomic_load(&m.wfd);
+	if (fd >= 0)
+		keel__notify_signal(fd);
 	errno = saved;
 }
 
@@ -119,7 +124,7 @@ int keel_main_opts(keel_body_fn body, void *arg, const keel_scope_opts *opts)
 	keel_scope_opts o = {0};
 	sigset_t all, old_mask;
 	pthread_t watcher;
-	int rc, sig;
+	int rc, sig, wfd;
 
 	if (!body) {
 		report_error("no body", -EINVAL);
@@ -132,17 +137,19 @@ int keel_main_opts(keel_body_fn body, void *arg, const keel_scope_opts *opts)
 	atomic_store(&m.signal, 0);
 	atomic_store(&m.seen, 0);
 	atomic_store(&m.stop, 0);
-	if ((rc = keel__notify_open(&m.rfd, &m.wfd)) < 0) {
+	if ((rc = keel__notify_open(&m.rfd, &wfd)) < 0) {
 		report_error("cannot make its signal fd", rc);
 		return 1;
 	}
+	atomic_store(&m.wfd, wfd);
 	sigfillset(&all);
 	pthread_sigmask(SIG_SETMASK, &all, &old_mask);
 	rc = pthread_create(&watcher, NULL, main_watcher, NULL);
 	pthread_sigmask(SIG_SETMASK, &old_mask, NULL);
 	if (rc != 0) {
-		keel__notify_close(m.rfd, m.wfd);
-		m.rfd = m.wfd = -1;
+		atomic_store(&m.wfd, -1);
+		keel__notify_close(m.rfd, wfd);
+		m.rfd = -1;
 		report_error("cannot start its signal thread", -rc);
 		return 1;
 	}
@@ -158,10 +165,11 @@ int keel_main_opts(keel_body_fn body, void *arg, const keel_scope_opts *opts)
 	sigaction(SIGTERM, &old_term, NULL);
 	atomic_store(&m.scope, NULL);
 	atomic_store(&m.stop, 1);
-	keel__notify_signal(m.wfd);
+	keel__notify_signal(wfd);
 	pthread_join(watcher, NULL);
-	keel__notify_close(m.rfd, m.wfd);
-	m.rfd = m.wfd = -1;
+	atomic_store(&m.wfd, -1);
+	keel__notify_close(m.rfd, wfd);
+	m.rfd = -1;
 	keel__task_retire_self();
 
 	sig = atomic_load(&m.signal);
