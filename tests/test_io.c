@@ -427,6 +427,28 @@ TEST(write_all_through_a_blocking_pipe)
 	close(p[0]);
 }
 
+TEST(read_and_write_all_on_a_nonblocking_pipe)
+{
+	char buf[8];
+	size_t written;
+	int p[2];
+
+	CHECK_EQ(pipe2(p, O_NONBLOCK | O_CLOEXEC), 0);
+	CHECK_RC(keel_read(p[0], buf, sizeof buf, keel_after(KEEL_MS(10))),
+		 -ETIMEDOUT);
+	CHECK_OK(keel_write_all(p[1], "abc", 3, &written, KEEL_FOREVER));
+	CHECK_EQ(written, 3);
+	CHECK_EQ(keel_read(p[0], buf, sizeof buf, KEEL_FOREVER), 3);
+	CHECK(memcmp(buf, "abc", 3) == 0);
+	/* Full: the rest waits for room until the deadline. */
+	CHECK_RC(keel_write_all(p[1], big, sizeof big, &written,
+				keel_after(KEEL_MS(10))),
+		 -ETIMEDOUT);
+	CHECK(written > 0 && written < sizeof big);
+	close(p[1]);
+	close(p[0]);
+}
+
 /* ---- keel_accept and keel_connect ---- */
 
 static void accept_and_talk(int nonblocking_listener)
