@@ -1,6 +1,7 @@
 # The commands users type. CMake is the build; this file only drives it.
 #
-#   make demo         build and run the demonstrations
+#   make demo         build the library and the demonstrations only, quietly
+#                     (the build's output shows if it fails), and run them
 #   make test         build and run the whole test suite (CTest)
 #   make bench        optimised build, run the benchmarks, write
 #                     build/bench/results.json
@@ -40,7 +41,18 @@ build:
 	@$(call CONFIGURE,$(BUILD)/default,-DCMAKE_BUILD_TYPE=RelWithDebInfo)
 	$(CMAKE) --build $(BUILD)/default -j $(JOBS)
 
-demo: build
+# The target `demos` (examples/CMakeLists.txt) is the library and what the
+# demonstrations run. The build's output goes to a log: shown whole if the
+# build fails, and its warnings shown if it succeeds.
+DEMO_LOG = $(BUILD)/default/demo-build.log
+
+demo:
+	@$(call CONFIGURE,$(BUILD)/default,-DCMAKE_BUILD_TYPE=RelWithDebInfo)
+	@echo "building the library and the demonstrations (log: $(DEMO_LOG))"
+	@$(CMAKE) --build $(BUILD)/default -j $(JOBS) --target demos \
+		>$(DEMO_LOG) 2>&1 || \
+		{ cat $(DEMO_LOG); echo "make demo: the build failed"; exit 1; }
+	@grep -E "warning:" $(DEMO_LOG) || true
 	@sh examples/run-demos.sh $(BUILD)/default/examples
 
 test: build
@@ -79,6 +91,13 @@ install:
 	@$(call CONFIGURE,$(BUILD)/install,-DCMAKE_BUILD_TYPE=Release -DKEEL_BUILD_TESTS=OFF -DKEEL_BUILD_EXAMPLES=OFF -DCMAKE_INSTALL_PREFIX=$(PREFIX))
 	$(CMAKE) --build $(BUILD)/install -j $(JOBS)
 	$(CMAKE) --install $(BUILD)/install
+	@libdir=$(PREFIX)/$$(sed -n 's/^CMAKE_INSTALL_LIBDIR:PATH=//p' $(BUILD)/install/CMakeCache.txt); \
+	echo; \
+	echo "keel is installed; the library is in $$libdir. To build against it:"; \
+	echo "  export PKG_CONFIG_PATH=$$libdir/pkgconfig"; \
+	echo "  cc app.c \$$(pkg-config --cflags --libs keel) -Wl,-rpath,$$libdir"; \
+	echo "For a system prefix, run ldconfig (as root) once instead of the rpath."; \
+	echo "See README.md, \"Using it\"."
 
 clean:
 	rm -rf $(BUILD)

@@ -13,5 +13,6 @@
 #include "keel/scope.h"
 #include "keel/lock.h"
 #include "keel/once.h"
+#include "keel/io.h"
 
 #endif /* KEEL_H */

@@ -503,6 +503,13 @@ void keel__on_cancel_fork_child(struct keel__task *t);
 /* A task is ending: close what it left open (reported), close its wake
  * fd. Called on its own thread by keel__task_end(). */
 void keel__scope_task_end(struct keel__task *t);
+/* Cancel a scope with cause KEEL_CANCEL_SIGNAL (keel_main's watcher). */
+int keel__scope_cancel_signal(keel_scope_t *s);
+/* keel_main() returns: end the calling thread's adopted task as a thread
+ * exit would (mailbox drained, its fds closed); the thread is adopted
+ * afresh by its next keel call. Does nothing for a task keel started or
+ * one with a scope, shield or message still open. */
+void keel__task_retire_self(void);
 /* A spawned task has ended with status: tell its scope (its on_exit
  * hook, then the rest). */
 /* keel_stats_get()'s scope counters (scope.c). */

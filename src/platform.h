@@ -45,6 +45,14 @@ void keel__notify_close(int rfd, int wfd);
 void keel__notify_signal(int wfd);
 void keel__notify_drain(int rfd);
 
+/* accept(2) whose new fd is close-on-exec and non-blocking from the start:
+ * accept4() on Linux; accept() then fcntl() in the portable layer, where an
+ * exec on another thread between the two may still inherit the fd. The
+ * peer's address goes to *peer unless it is NULL. Returns the new fd, or a
+ * negative errno value (EINTR included). */
+struct sockaddr_storage;
+int keel__accept(int lfd, struct sockaddr_storage *peer);
+
 /* CLOCK_MONOTONIC in nanoseconds. */
 keel_time_t keel__clock_now(void);
 

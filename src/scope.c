@@ -1127,102 +1127,11 @@ int keel_scope_run(keel_body_fn body, void *arg, const keel_scope_opts *opts)
 	return keel_scope_close(s);
 }
 
-static _Atomic int main_signal;
-static _Atomic int main_signals_seen;
-static int main_pipe[2] = {-1, -1};
-static keel_scope_t *_Atomic main_scope;
-
-static void main_on_signal(int sig)
+/* keel_main()'s signal watcher (main.c) cancels the root scope with its
+ * own cause. */
+int keel__scope_cancel_signal(keel_scope_t *s)
 {
-	char c = (char)sig;
-	ssize_t n;
-
-	/* The second signal ends the process at once. */
-	if (atomic_fetch_add(&main_signals_seen, 1) > 0)
-		_exit(128 + sig);
-	atomic_store(&main_signal, sig);
-	n = write(main_pipe[1], &c, 1);
-	(void)n;
-}
-
-/* Turns the first signal into a cancellation, outside the handler. */
-static void *main_watcher(void *p)
-{
-	char c;
-
-	(void)p;
-	while (read(main_pipe[0], &c, 1) == 1 && c != 0) {
-		keel_scope_t *s = atomic_load(&main_scope);
-
-		if (s)
-			scope_cancel_cause(s, KEEL_CANCEL_SIGNAL);
-	}
-	return NULL;
-}
-
-struct main_call {
-	keel_body_fn body;
-	void *arg;
-};
-
-static int main_body(keel_scope_t *s, void *p)
-{
-	struct main_call *mc = p;
-
-	atomic_store(&main_scope, s);
-	/* A signal that came before the scope was known. */
-	if (atomic_load(&main_signal))
-		scope_cancel_cause(s, KEEL_CANCEL_SIGNAL);
-	return mc->body(s, mc->arg);
-}
-
-int keel_main(keel_body_fn body, void *arg)
-{
-	struct main_call mc = {body, arg};
-	struct sigaction sa, old_int, old_term;
-	keel_scope_opts opts = {.name = "main"};
-	sigset_t all, old_mask;
-	pthread_t watcher;
-	int rc, sig;
-	char stop = 0;
-
-	if (!body)
-		return 1;
-	if (pipe(main_pipe) < 0) {
-		keel__report("keel_main: pipe: %s", keel_strerror(-errno));
-		return 1;
-	}
-	sigfillset(&all);
-	pthread_sigmask(SIG_SETMASK, &all, &old_mask);
-	rc = pthread_create(&watcher, NULL, main_watcher, NULL);
-	pthread_sigmask(SIG_SETMASK, &old_mask, NULL);
-	if (rc != 0) {
-		keel__report("keel_main: cannot start its signal thread");
-		return 1;
-	}
-	memset(&sa, 0, sizeof sa);
-	sa.sa_handler = main_on_signal;
-	sigemptyset(&sa.sa_mask);
-	sigaction(SIGINT, &sa, &old_int);
-	sigaction(SIGTERM, &sa, &old_term);
-
-	rc = keel_scope_run(main_body, &mc, &opts);
-
-	sigaction(SIGINT, &old_int, NULL);
-	sigaction(SIGTERM, &old_term, NULL);
-	atomic_store(&main_scope, NULL);
-	if (write(main_pipe[1], &stop, 1) == 1)
-		pthread_join(watcher, NULL);
-	close(main_pipe[0]);
-	close(main_pipe[1]);
-	sig = atomic_load(&main_signal);
-	if (sig)
-		return 128 + sig;
-	if (rc < 0) {
-		keel__report("keel_main: %s", keel_strerror(rc));
-		return 1;
-	}
-	return 0;
+	return scope_cancel_cause(s, KEEL_CANCEL_SIGNAL);
 }
 
 /* ---- Dumping the tree ---------------------------------------------------------------- */

@@ -298,6 +298,17 @@ static void on_thread_exit(void *value)
 	keel__msg_flush();
 }
 
+void keel__task_retire_self(void)
+{
+	struct keel__task *t = keel__tls.self;
+
+	if (!t || !t->adopted || t->cur != &t->base || t->running)
+		return;
+	keel__task_end(t, 0);
+	keel__tls.self = NULL;
+	keel__task_release(t);
+}
+
 static void make_key(void)
 {
 	if (pthread_key_create(&exit_key, on_thread_exit) != 0)

@@ -279,17 +279,45 @@ KEEL_API int keel_scope_run(keel_body_fn body, void *arg,
  * @body: the program; runs in the root scope on the calling thread.
  * @arg:  passed to @body.
  *
+ * keel_main_opts() with the default options: the root scope is named
+ * "main", fails fast, and has no deadline.
+ *
+ * Context: the program's main thread, once at a time; blocks.
+ * Return: an exit status for main(), as keel_main_opts().
+ */
+KEEL_API int keel_main(keel_body_fn body, void *arg);
+
+/**
+ * keel_main_opts() - keel_main() with options for the root scope.
+ * @body: the program; runs in the root scope on the calling thread.
+ * @arg:  passed to @body.
+ * @opts: the root scope's options (name, deadline, cleanup_deadline,
+ *        policy, on_exit), as keel_scope_open(); NULL or a NULL name:
+ *        "main".
+ *
  * Like keel_scope_run(), plus: the first SIGINT or SIGTERM cancels the root
  * scope (cause KEEL_CANCEL_SIGNAL) so everything tears down in order; a
  * second one ends the process at once with _exit(128 + signal). keel
  * installs handlers for the two signals for the duration of the call.
  *
- * Context: the program's main thread, once; blocks.
- * Return: an exit status for main(): 0 if the scope closed without error,
- * 128 + the signal number (130 for SIGINT, 143 for SIGTERM) if a signal
- * cancelled it, else 1 (after writing the error to stderr).
+ * When it returns, no fd of keel's is open: its signal fd is closed, and
+ * the calling thread's task is ended as a thread exit would end it
+ * (messages still queued to it are cancelled; the fds of
+ * keel_mailbox_fd() and keel_fd_wait() are closed). A keel call made on
+ * the thread afterwards adopts it as a new task.
+ *
+ * Context: the program's main thread, once at a time; blocks.
+ * Return: an exit status for main(): 128 + the signal number (130 for
+ * SIGINT, 143 for SIGTERM) if a signal cancelled the scope; else @body's
+ * return value if it is positive (255 if above); else 1 if the scope
+ * failed (@body's negative errno, a child's failure, -ETIMEDOUT for the
+ * scope's deadline, -EINVAL for bad @opts); else 0. A failure is also
+ * written to stderr, one line naming the error ("keel_main: body failed:
+ * ECONNREFUSED (connection refused)"). A cancellation by other means (the
+ * body cancelling its own scope) is a clean end, not a failure.
  */
-KEEL_API int keel_main(keel_body_fn body, void *arg);
+KEEL_API int keel_main_opts(keel_body_fn body, void *arg,
+			    const keel_scope_opts *opts);
 
 /**
  * keel_join() - wait for one child to end and take its status.

@@ -14,6 +14,7 @@
 #include <pthread.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -102,6 +103,15 @@ void keel__notify_drain(int rfd)
 	do
 		n = read(rfd, &v, sizeof v);
 	while (n < 0 && errno == EINTR);
+}
+
+int keel__accept(int lfd, struct sockaddr_storage *peer)
+{
+	socklen_t sl = sizeof *peer;
+	int fd = accept4(lfd, (struct sockaddr *)peer, peer ? &sl : NULL,
+			 SOCK_CLOEXEC | SOCK_NONBLOCK);
+
+	return fd < 0 ? -errno : fd;
 }
 
 keel_time_t keel__clock_now(void)

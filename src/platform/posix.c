@@ -20,6 +20,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -175,6 +176,27 @@ void keel__notify_drain(int rfd)
 	do
 		n = read(rfd, buf, sizeof buf);
 	while (n > 0 || (n < 0 && errno == EINTR));
+}
+
+int keel__accept(int lfd, struct sockaddr_storage *peer)
+{
+	socklen_t sl = sizeof *peer;
+	int fd = accept(lfd, (struct sockaddr *)peer, peer ? &sl : NULL), fl;
+
+	if (fd < 0)
+		return -errno;
+	/* Not atomic with the accept: an exec on another thread in between
+	 * inherits the fd. POSIX.1-2024's accept4() closes that window
+	 * where the system has it. */
+	fl = fcntl(fd, F_GETFL);
+	if (fcntl(fd, F_SETFD, FD_CLOEXEC) < 0 || fl < 0 ||
+	    fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+		int e = errno;
+
+		close(fd);
+		return -e;
+	}
+	return fd;
 }
 
 keel_time_t keel__clock_now(void)

@@ -45,10 +45,12 @@ pkg-config)
 	fi
 	export PKG_CONFIG_PATH="$libdir/pkgconfig"
 	pkg-config --exists keel
+	# The README's command for a non-system prefix: the rpath lets the
+	# program start with no LD_LIBRARY_PATH.
 	# shellcheck disable=SC2046
 	"$cc" $cflags "$src/tests/install/consumer/main.c" -o "$work/consumer" \
-		$(pkg-config --cflags --libs keel)
-	LD_LIBRARY_PATH=$libdir "$work/consumer"
+		$(pkg-config --cflags --libs keel) -Wl,-rpath,"$libdir"
+	env -u LD_LIBRARY_PATH "$work/consumer"
 	;;
 *)
 	echo "unknown mode: $mode"
