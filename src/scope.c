@@ -1,6 +1,6 @@
 /*
  * scope.c: scopes: structured concurrency with exact reverse-order
- * teardown, keel_main(), and the task-tree dump.
+ * teardown, and the task-tree dump (keel_main() is in main.c).
  *
  * DESIGN
  * A scope is a cancellation frame (cancel.c) plus one stack of entries in
