@@ -554,6 +554,8 @@ int keel__mbox_send_wait(keel_task_t id, struct keel__msg *m,
 			 keel_time_t deadline);
 /* Send a reply the caller is owed: never refused for want of room. */
 int keel__mbox_reply(keel_task_t id, struct keel__msg *m);
+/* Tests: sends that waited for room and were then accepted. */
+extern _Atomic uint64_t keel__room_waits_ok;
 /* Close (if not yet) and drain the owner's mailbox; resolve its calls. */
 void keel__mbox_shutdown(struct keel__task *t);
 /* Close the owner's event-loop fd, if any; after keel__mbox_shutdown(). */

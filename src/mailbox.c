@@ -260,7 +260,8 @@ static void room_dequeue(struct keel__task *t, struct keel__qnode *n)
 }
 
 /* The send to id found its mailbox full: wait for room, the deadline, a
- * cancel, or the target's close or end. 0: try the send again. */
+ * cancel, or the target's close or end. 1 (it slept) or 0: try the send
+ * again. */
 static int wait_room(keel_task_t id, keel_time_t deadline)
 {
 	struct keel__task *c = keel__self(), *t = keel__task_slot(id);
@@ -286,8 +287,9 @@ static int wait_room(keel_task_t id, keel_time_t deadline)
 		rc = -ESHUTDOWN;
 	else if (has_room(t))
 		rc = 0;
-	else
-		rc = keel__wait(c, deadline, 1, "post: waiting for room");
+	else if ((rc = keel__wait(c, deadline, 1, "post: waiting for room")) ==
+		 0)
+		rc = 1;
 	keel__qlock(&t->room_ql);
 	room_dequeue(t, &n);
 	keel__qunlock(&t->room_ql);
@@ -298,15 +300,20 @@ static int wait_room(keel_task_t id, keel_time_t deadline)
 	return rc;
 }
 
+_Atomic uint64_t keel__room_waits_ok;
+
 int keel__mbox_send_wait(keel_task_t id, struct keel__msg *m,
 			 keel_time_t deadline)
 {
-	int rc;
+	int rc, waited = 0;
 
 	while ((rc = send_msg(id, m, SEND_REQUEST)) == -EAGAIN) {
 		if ((rc = wait_room(id, deadline)) < 0)
 			return rc;
+		waited |= rc;
 	}
+	if (waited && rc == 0)
+		fetch_add_relaxed(&keel__room_waits_ok, 1);
 	return rc;
 }
 

@@ -12,6 +12,12 @@
  *
  * Sizes: KEEL_THREADS senders (4), KEEL_ITERS messages each (100,000;
  * 2,500,000 under KEEL_STRESS=long, 10^7 in all), KEEL_SEED.
+ *
+ * The _bounded variants run the same chaos with small mailbox limits that
+ * the targets set (and change) at random: sends are also refused with
+ * -EAGAIN, blocking sends (keel_post_until, keel_call) wait for room and
+ * race the close and the end, and the callers' own mailboxes are kept
+ * full so that every reply arrives at a full mailbox.
  */
 #include <stdatomic.h>
 #include <string.h>
@@ -37,6 +43,8 @@ struct lane {
 
 static struct msg_rec *msgs;
 static struct lane lanes[LANES];
+/* The _bounded variants: targets bound their mailboxes. */
+static int bounded;
 static atomic_int stop_lanes;
 /* Senders start once every lane has published its first target. */
 static harness_barrier lanes_up;
@@ -77,6 +85,8 @@ static int target_fn(void *p)
 	long budget = (long)(r % 3000);
 	long ran = 0;
 
+	if (bounded)
+		CHECK_OK(keel_mailbox_limit(1 + (r >> 12) % 8));
 	/* Serve a random number of messages, with random short deadlines,
 	 * then close while senders keep sending. */
 	while (ran < budget && !atomic_load(&stop_lanes)) {
@@ -86,6 +96,9 @@ static int target_fn(void *p)
 			ran += rc;
 		else
 			CHECK_RC(rc, -ETIMEDOUT);
+		/* Now and then another limit, smaller or larger. */
+		if (bounded && (rng_next(&l->rng) & 63) == 0)
+			CHECK_OK(keel_mailbox_limit(1 + rng_next(&l->rng) % 8));
 	}
 	CHECK_OK(keel_mailbox_close());
 	atomic_store(&close_returned[keel_self() & (MAX_SLOTS - 1)],
@@ -116,6 +129,8 @@ struct sender {
 	pthread_t th;
 };
 
+static atomic_long refused_full;
+
 static void *sender_main(void *p)
 {
 	struct sender *s = p;
@@ -125,19 +140,35 @@ static void *sender_main(void *p)
 		struct lane *l = &lanes[rng_next(&s->rng) % LANES];
 		int rc;
 
+		uint64_t r = rng_next(&s->rng);
+
 		m->target = atomic_load(&l->current);
-		rc = keel_post(m->target, chaos_work, chaos_cancel, m);
+		if (bounded && (r & 1)) {
+			/* Wait for room: forever, or up to 100 us. */
+			keel_time_t d = (r >> 1) & 1 ? KEEL_FOREVER
+					 : keel_after((keel_time_t)(r >> 8) %
+						      100000);
+
+			rc = keel_post_until(m->target, chaos_work,
+					     chaos_cancel, m, d);
+			CHECK(rc != -EAGAIN && rc != -ECANCELED);
+		} else {
+			rc = keel_post(m->target, chaos_work, chaos_cancel, m);
+		}
 		if (rc == 0) {
 			m->accepted = 1;
 		} else {
-			CHECK(rc == -ESHUTDOWN || rc == -ESRCH);
+			CHECK(rc == -ESHUTDOWN || rc == -ESRCH ||
+			      (bounded && (rc == -EAGAIN || rc == -ETIMEDOUT)));
 			m->refused = 1;
+			if (rc == -EAGAIN)
+				atomic_fetch_add(&refused_full, 1);
 		}
 	}
 	return NULL;
 }
 
-TEST(stress_exactly_once_chaos)
+static void exactly_once_chaos(int bound)
 {
 	long nthreads = harness_param("KEEL_THREADS", 4, 4);
 	long iters = harness_param("KEEL_ITERS", 100000, 2500000);
@@ -147,7 +178,12 @@ TEST(stress_exactly_once_chaos)
 	long cancelled = 0, spawned = 0;
 	keel_time_t start = keel_now();
 
+	uint64_t waits_before = atomic_load(&keel__room_waits_ok);
+
 	CHECK_INT(nthreads, >=, 4);
+	bounded = bound;
+	atomic_store(&stop_lanes, 0);
+	atomic_store(&refused_full, 0);
 	msgs = calloc((size_t)total, sizeof *msgs);
 	CHECK(msgs && senders);
 	barrier_init(&lanes_up, LANES + 1);
@@ -195,8 +231,29 @@ TEST(stress_exactly_once_chaos)
 	CHECK_INT(ran, >, 0);
 	CHECK_INT(cancelled, >, 0);
 	CHECK_INT(refused, >, 0);
+	CHECK_EQ(ran + cancelled, accepted);
+	if (bound) {
+		long waited = (long)(atomic_load(&keel__room_waits_ok) -
+				     waits_before);
+
+		printf("bounded: %ld refused as full (-EAGAIN), %ld blocking "
+		       "sends waited for room and were accepted\n",
+		       (long)atomic_load(&refused_full), waited);
+		CHECK_INT(atomic_load(&refused_full), >, 0);
+		CHECK_INT(waited, >, 0);
+	}
 	free(msgs);
 	free(senders);
+}
+
+TEST(stress_exactly_once_chaos)
+{
+	exactly_once_chaos(0);
+}
+
+TEST(stress_exactly_once_chaos_bounded)
+{
+	exactly_once_chaos(1);
 }
 
 /* ---- Calls under chaos ---- */
@@ -234,10 +291,31 @@ static void op_cancel(void *p)
 
 static struct op_rec *ops;
 
+static atomic_long filler_sent, filler_outcomes, then_full;
+
+static void filler_outcome(void *p)
+{
+	(void)p;
+	atomic_fetch_add(&filler_outcomes, 1);
+}
+
+/* Bounded: keep the caller's own mailbox full of a filler message, so
+ * that replies arrive at a full mailbox (they must never be refused). */
+static void refill(void)
+{
+	if (keel_post(keel_self(), filler_outcome, filler_outcome, NULL) == 0)
+		atomic_fetch_add(&filler_sent, 1);
+}
+
 static void *caller_main(void *p)
 {
 	struct sender *s = p;
 	keel_task_t self = keel_self();
+
+	if (bounded) {
+		CHECK_OK(keel_mailbox_limit(1));
+		refill();
+	}
 
 	for (long i = s->first; i < s->first + s->count; i++) {
 		struct op_rec *o = &ops[i];
@@ -253,10 +331,14 @@ static void *caller_main(void *p)
 		else
 			o->rc = keel_call_then(t, op_work, op_done, op_cancel,
 					       o);
+		if (o->rc == -EAGAIN)
+			atomic_fetch_add(&then_full, 1);
 		if ((r >> 16) % 8 == 0) {
 			int rc = keel_serve(0);
 
 			CHECK(rc >= 1 || rc == -ETIMEDOUT);
+			if (bounded)
+				refill();
 		}
 	}
 	/* Whatever replies are still owed arrive as cancels here. */
@@ -264,7 +346,7 @@ static void *caller_main(void *p)
 	return NULL;
 }
 
-TEST(stress_calls_under_chaos)
+static void calls_under_chaos(int bound)
 {
 	long nthreads = harness_param("KEEL_THREADS", 4, 4);
 	long iters = harness_param("KEEL_ITERS", 20000, 500000);
@@ -272,8 +354,14 @@ TEST(stress_calls_under_chaos)
 	struct sender *callers = calloc((size_t)nthreads, sizeof *callers);
 	long total = nthreads * iters, n[6] = {0};
 
+	uint64_t waits_before = atomic_load(&keel__room_waits_ok);
+
 	ops = calloc((size_t)total, sizeof *ops);
 	CHECK(ops && callers);
+	bounded = bound;
+	atomic_store(&filler_sent, 0);
+	atomic_store(&filler_outcomes, 0);
+	atomic_store(&then_full, 0);
 	atomic_store(&stop_lanes, 0);
 	barrier_init(&lanes_up, LANES + 1);
 	for (int i = 0; i < LANES; i++) {
@@ -324,6 +412,29 @@ TEST(stress_calls_under_chaos)
 	       n[0], n[1], n[2], n[3], n[4]);
 	CHECK_INT(n[0], >, 0);
 	CHECK_INT(n[2], >, 0);
+	CHECK_EQ(atomic_load(&filler_outcomes), atomic_load(&filler_sent));
+	if (bound) {
+		long waited = (long)(atomic_load(&keel__room_waits_ok) -
+				     waits_before);
+
+		printf("bounded: %ld call_then refused as full, %ld calls "
+		       "waited for room and were accepted, %ld fillers\n",
+		       (long)atomic_load(&then_full), waited,
+		       (long)atomic_load(&filler_sent));
+		CHECK_INT(atomic_load(&then_full), >, 0);
+		CHECK_INT(waited, >, 0);
+		CHECK_INT(atomic_load(&filler_sent), >, 0);
+	}
 	free(ops);
 	free(callers);
+}
+
+TEST(stress_calls_under_chaos)
+{
+	calls_under_chaos(0);
+}
+
+TEST(stress_calls_under_chaos_bounded)
+{
+	calls_under_chaos(1);
 }
