@@ -34,6 +34,25 @@
  * queue link otherwise, and both uses stay in the record's first cache
  * line, the only one a post touches); a batch's first record keeps the
  * batch's length in `caller_id` and the next batch in `oprev`.
+ *
+ * GIVING MEMORY BACK
+ * A burst (a consumer that fell behind by a million messages) would leave
+ * the table at its high-water mark for good. So the pool is trimmed once
+ * it holds more than `trim_at` free records: the trimmer takes the whole
+ * pool out (under pool_lock), counts its records per chunk outside the
+ * lock, picks the chunks all of whose records are in it (none is in use
+ * or in any cache then), the highest first, until MSG_POOL_KEEP free
+ * records are left, and puts the rest back as batches. The picked chunks'
+ * pages go back to the system (keel__pages_release) but stay mapped: a
+ * stale ctx reads zeros there (no target: -ESTALE), never a hole, so the
+ * table stays type-stable. Such a chunk is carved again, before any new
+ * one, with every record's generation above the highest it had, so no
+ * stale ctx can match a record reborn there. trim_at is then twice what
+ * was kept (at least 2 * MSG_POOL_KEEP), so the walks cost O(1) per freed
+ * record amortised, and it comes down again as the pool empties. Records
+ * freed in FIFO order (a queue drained) free whole chunks in order, which
+ * is the case that matters; a pool fragmented by long-lived records keeps
+ * what it cannot release and only raises trim_at.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -44,10 +63,31 @@
 #define MSG_CHUNK ((uint32_t)1 << MSG_CHUNK_SHIFT)
 #define MSG_MAX_CHUNKS ((uint32_t)1 << (24 - MSG_CHUNK_SHIFT))
 
+/* Free records the pool keeps at least, before giving memory back. */
+#define MSG_POOL_KEEP ((uint32_t)8 * MSG_CHUNK)
+#define MSG_CHUNK_BYTES (sizeof(struct keel__msg) * MSG_CHUNK)
+
 static _Atomic(struct keel__msg *) msg_chunks[MSG_MAX_CHUNKS];
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static uint32_t msg_count;         /* records carved so far */
 static struct keel__msg *batches;  /* global pool, under pool_lock */
+/* Under pool_lock: records in the pool, the count that starts a trim, and
+ * whether one runs. */
+static uint32_t pool_free;
+static uint32_t trim_at = 2 * MSG_POOL_KEEP;
+static int trimming;
+/* Chunks whose pages were given back, to carve again first (a stack,
+ * under pool_lock), and per chunk the highest generation its records had
+ * (written by the trimmer before the chunk is on the stack). */
+static uint16_t released[MSG_MAX_CHUNKS];
+static uint32_t nreleased;
+static uint64_t released_gen[MSG_MAX_CHUNKS];
+/* The trimmer's per-chunk counts and the chunks it picked (only one trim
+ * runs at a time). */
+static uint16_t trim_count[MSG_MAX_CHUNKS];
+static uint16_t picked[MSG_MAX_CHUNKS];
+/* Tests: chunks given back so far. */
+_Atomic uint64_t keel__msg_chunks_released;
 
 struct keel__msg *keel__msg_at(uint32_t idx)
 {
@@ -60,21 +100,61 @@ struct keel__msg *keel__msg_at(uint32_t idx)
 	return chunk ? &chunk[idx & (MSG_CHUNK - 1)] : NULL;
 }
 
+/* Under pool_lock: put a batch of n records, linked by next, in the pool. */
+static void pool_push(struct keel__msg *head, uint32_t n)
+{
+	head->caller_id = n;
+	head->oprev = batches;
+	batches = head;
+	pool_free += n;
+}
+
+/* Under pool_lock: carve a chunk whose pages were given back again. Its
+ * records read as zeros: each gets its index and a generation above any it
+ * had. All but the first batch go to the pool; returns that one. */
+static struct keel__msg *carve_released(uint32_t *n)
+{
+	uint32_t ci = released[--nreleased];
+	struct keel__msg *c = load_relaxed(&msg_chunks[ci]), *first = NULL;
+	uint64_t gen = released_gen[ci] + 1;
+
+	if ((gen & (((uint64_t)1 << 40) - 1)) == 0)
+		gen++;
+	for (uint32_t b = MSG_CHUNK / MSG_CACHE_BATCH; b-- > 0;) {
+		struct keel__msg *head = NULL;
+
+		for (uint32_t i = MSG_CACHE_BATCH; i-- > 0;) {
+			struct keel__msg *m = &c[b * MSG_CACHE_BATCH + i];
+
+			m->idx = ci << MSG_CHUNK_SHIFT | (b * MSG_CACHE_BATCH + i);
+			store_relaxed(&m->state, gen << MSG_STATE_BITS | ST_FREE);
+			store_relaxed(&m->next, head);
+			head = m;
+		}
+		if (b == 0)
+			first = head;
+		else
+			pool_push(head, MSG_CACHE_BATCH);
+	}
+	*n = MSG_CACHE_BATCH;
+	return first;
+}
+
 /* Under pool_lock: a new batch of never-used records, or NULL. */
 static struct keel__msg *carve(uint32_t *n)
 {
 	struct keel__msg *c, *head = NULL;
 	uint32_t first = msg_count;
 
+	if (nreleased)
+		return carve_released(n);
 	if (first >> MSG_CHUNK_SHIFT >= MSG_MAX_CHUNKS)
 		return NULL;
 	c = load_relaxed(&msg_chunks[first >> MSG_CHUNK_SHIFT]);
 	if (!c) {
-		size_t bytes = sizeof(struct keel__msg) * MSG_CHUNK;
-
-		if (!(c = aligned_alloc(KEEL_CACHELINE, bytes)))
+		/* Zero-filled. */
+		if (!(c = keel__pages_alloc(MSG_CHUNK_BYTES)))
 			return NULL;
-		memset(c, 0, bytes);
 		for (uint32_t i = 0; i < MSG_CHUNK; i++) {
 			c[i].idx = first + i;
 			/* Generation 1: no ctx handle is ever NULL. */
@@ -105,6 +185,10 @@ struct keel__msg *keel__msg_refill(void)
 	if ((b = batches) != NULL) {
 		batches = b->oprev;
 		n = (uint32_t)b->caller_id;
+		pool_free -= n;
+		/* The pool is emptying: the next trim may come sooner. */
+		if (pool_free < trim_at / 4 && trim_at > 2 * MSG_POOL_KEEP)
+			trim_at /= 2;
 	} else {
 		b = carve(&n);
 	}
@@ -116,12 +200,109 @@ struct keel__msg *keel__msg_refill(void)
 	return b;
 }
 
+/* Append the records of list (batches linked by oprev) that are not in a
+ * chunk being released to the batches being built in *out; note the
+ * highest generation of those that are. */
+static void rebatch(struct keel__msg *list, struct keel__msg **out,
+		    uint32_t *kept)
+{
+	struct keel__msg *cur = NULL;
+	uint32_t ncur = 0;
+
+	for (struct keel__msg *b = list, *nb; b; b = nb) {
+		struct keel__msg *m = b, *next;
+
+		nb = b->oprev;
+		for (; m; m = next) {
+			uint32_t ci = m->idx >> MSG_CHUNK_SHIFT;
+
+			next = load_relaxed(&m->next);
+			if (trim_count[ci] == UINT16_MAX) {
+				uint64_t gen = load_relaxed(&m->state) >>
+					       MSG_STATE_BITS;
+
+				if (gen > released_gen[ci])
+					released_gen[ci] = gen;
+				continue;
+			}
+			store_relaxed(&m->next, cur);
+			cur = m;
+			(*kept)++;
+			if (++ncur == MSG_CACHE_BATCH) {
+				cur->caller_id = ncur;
+				cur->oprev = *out;
+				*out = cur;
+				cur = NULL;
+				ncur = 0;
+			}
+		}
+	}
+	if (ncur) {
+		cur->caller_id = ncur;
+		cur->oprev = *out;
+		*out = cur;
+	}
+}
+
+/* Give back the pages of the pool's wholly free chunks beyond
+ * MSG_POOL_KEEP records (see GIVING MEMORY BACK). Called with pool_lock
+ * held and `trimming` set by the caller; returns with it held. */
+static void trim(void)
+{
+	struct keel__msg *list = batches, *out = NULL, *tail;
+	uint32_t total = pool_free, nchunks, kept = 0, left, nrel = 0;
+
+	batches = NULL;
+	pool_free = 0;
+	nchunks = (msg_count + MSG_CHUNK - 1) >> MSG_CHUNK_SHIFT;
+	pthread_mutex_unlock(&pool_lock);
+
+	/* The records are ours alone now: count them per chunk. */
+	for (struct keel__msg *b = list; b; b = b->oprev)
+		for (struct keel__msg *m = b; m; m = load_relaxed(&m->next))
+			trim_count[m->idx >> MSG_CHUNK_SHIFT]++;
+	left = total;
+	for (uint32_t ci = nchunks; ci-- > 0 && left > MSG_POOL_KEEP;) {
+		if (trim_count[ci] != MSG_CHUNK)
+			continue;
+		trim_count[ci] = UINT16_MAX; /* picked */
+		released_gen[ci] = 0;
+		picked[nrel++] = (uint16_t)ci;
+		left -= MSG_CHUNK;
+	}
+	rebatch(list, &out, &kept);
+	for (uint32_t i = 0; i < nrel; i++) {
+		struct keel__msg *c = load_relaxed(&msg_chunks[picked[i]]);
+
+		/* If the platform cannot, the memory stays; the chunk is
+		 * carved again all the same, as if it read zeros. */
+		(void)keel__pages_release(c, MSG_CHUNK_BYTES);
+	}
+	memset(trim_count, 0, nchunks * sizeof trim_count[0]);
+
+	pthread_mutex_lock(&pool_lock);
+	if (out) {
+		for (tail = out; tail->oprev; tail = tail->oprev)
+			;
+		tail->oprev = batches;
+		batches = out;
+		pool_free += kept;
+	}
+	for (uint32_t i = 0; i < nrel; i++)
+		released[nreleased++] = picked[i];
+	fetch_add_relaxed(&keel__msg_chunks_released, nrel);
+	trim_at = 2 * (kept > MSG_POOL_KEEP ? kept : MSG_POOL_KEEP);
+	trimming = 0;
+}
+
 static void give_back(struct keel__msg *head, uint32_t n)
 {
-	head->caller_id = n;
 	pthread_mutex_lock(&pool_lock);
-	head->oprev = batches;
-	batches = head;
+	pool_push(head, n);
+	if (unlikely(pool_free > trim_at) && !trimming) {
+		trimming = 1;
+		trim();
+	}
 	pthread_mutex_unlock(&pool_lock);
 }
 
