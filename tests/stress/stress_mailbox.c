@@ -438,3 +438,160 @@ TEST(stress_calls_under_chaos_bounded)
 {
 	calls_under_chaos(1);
 }
+
+/* ---- Message memory given back under load ---- */
+
+extern _Atomic uint64_t keel__msg_chunks_released;
+
+#define TRIM_TARGETS 2
+#define TRIM_STALE 512
+
+static harness_barrier trim_round;
+static atomic_long trim_ran[TRIM_TARGETS];
+static keel_task_t trim_target_id[TRIM_TARGETS];
+static harness_event trim_targets_up[TRIM_TARGETS];
+static keel_ctx_t *stale_ctx[TRIM_STALE];
+static atomic_int trim_stop;
+static atomic_long stale_checked;
+
+static void trim_count_run(void *p)
+{
+	atomic_fetch_add((atomic_long *)p, 1);
+}
+
+static void trim_count_cancel(void *p)
+{
+	(void)p;
+	CHECK(!"a message was cancelled");
+}
+
+struct trim_target {
+	int idx;
+	long rounds, per_round;
+};
+
+static void *trim_target_main(void *p)
+{
+	struct trim_target *tt = p;
+
+	trim_target_id[tt->idx] = keel_self();
+	event_set(&trim_targets_up[tt->idx]);
+	for (long r = 0; r < tt->rounds; r++) {
+		barrier_wait(&trim_round); /* the burst is queued */
+		while (atomic_load(&trim_ran[tt->idx]) < tt->per_round * (r + 1))
+			CHECK(keel_serve(KEEL_FOREVER) > 0);
+		barrier_wait(&trim_round); /* drained */
+	}
+	return NULL;
+}
+
+struct trim_producer {
+	long burst, rounds;
+	int idx;
+};
+
+static void *trim_producer_main(void *p)
+{
+	struct trim_producer *tp = p;
+	int t = tp->idx % TRIM_TARGETS;
+
+	for (long r = 0; r < tp->rounds; r++) {
+		for (long i = 0; i < tp->burst; i++)
+			CHECK_OK(keel_post(trim_target_id[t], trim_count_run,
+					   trim_count_cancel, &trim_ran[t]));
+		barrier_wait(&trim_round);
+		barrier_wait(&trim_round);
+	}
+	return NULL;
+}
+
+/* Stale ctx handles stay stale while their records' chunks are given
+ * back and carved again (the table stays type-stable). */
+static void *stale_checker_main(void *p)
+{
+	(void)p;
+	while (!atomic_load(&trim_stop))
+		for (int i = 0; i < TRIM_STALE; i++) {
+			CHECK_RC(keel_ctx_finish(stale_ctx[i]), -ESTALE);
+			atomic_fetch_add(&stale_checked, 1);
+		}
+	return NULL;
+}
+
+static void save_and_finish(keel_ctx_t *ctx, void *arg)
+{
+	*(keel_ctx_t **)arg = ctx;
+	CHECK_OK(keel_ctx_finish(ctx));
+}
+
+static keel_task_t stale_helper_id;
+static harness_event stale_helper_up, stale_helper_stop;
+
+static void *stale_helper(void *p)
+{
+	(void)p;
+	stale_helper_id = keel_self();
+	event_set(&stale_helper_up);
+	while (!event_is_set(&stale_helper_stop))
+		(void)keel_serve(keel_now() + KEEL_MS(1));
+	return NULL;
+}
+
+/* Producers post bursts that queue up (the targets drain only once a
+ * round's bursts are in), so that the drains free whole chunks and the
+ * pool gives them back while other threads allocate, carve released
+ * chunks again, and look up stale ctx handles. Every message runs once. */
+TEST(stress_message_memory_given_back)
+{
+	long rounds = harness_param("KEEL_ITERS", 6, 40);
+	long burst = harness_param("KEEL_BURST", 40000, 100000);
+	uint64_t released = atomic_load(&keel__msg_chunks_released);
+	struct trim_target tt[TRIM_TARGETS];
+	struct trim_producer tp[2 * TRIM_TARGETS];
+	pthread_t tth[TRIM_TARGETS], pth[2 * TRIM_TARGETS], checker, helper;
+
+	printf("seed: none (the schedule is the OS's); rounds %ld, burst %ld\n",
+	       rounds, burst);
+	event_init(&stale_helper_up);
+	event_init(&stale_helper_stop);
+	helper = harness_thread(stale_helper, NULL);
+	event_wait(&stale_helper_up);
+	for (int i = 0; i < TRIM_STALE; i++)
+		CHECK_OK(keel_call_ctx(stale_helper_id, save_and_finish,
+				       &stale_ctx[i], KEEL_FOREVER));
+	event_set(&stale_helper_stop);
+	harness_join(helper);
+	checker = harness_thread(stale_checker_main, NULL);
+
+	barrier_init(&trim_round, 3 * TRIM_TARGETS);
+	for (int i = 0; i < TRIM_TARGETS; i++) {
+		tt[i].idx = i;
+		tt[i].rounds = rounds;
+		tt[i].per_round = 2 * burst; /* two producers each */
+		event_init(&trim_targets_up[i]);
+		tth[i] = harness_thread(trim_target_main, &tt[i]);
+		event_wait(&trim_targets_up[i]);
+	}
+	for (int i = 0; i < 2 * TRIM_TARGETS; i++) {
+		tp[i].idx = i;
+		tp[i].burst = burst;
+		tp[i].rounds = rounds;
+	}
+	for (int i = 0; i < 2 * TRIM_TARGETS; i++)
+		pth[i] = harness_thread(trim_producer_main, &tp[i]);
+	for (int i = 0; i < 2 * TRIM_TARGETS; i++)
+		harness_join(pth[i]);
+	for (int i = 0; i < TRIM_TARGETS; i++)
+		harness_join(tth[i]);
+	atomic_store(&trim_stop, 1);
+	harness_join(checker);
+	released = atomic_load(&keel__msg_chunks_released) - released;
+	printf("%ld messages in bursts; %lu chunks given back; %ld stale ctx "
+	       "checks\n",
+	       2 * TRIM_TARGETS * burst * rounds, (unsigned long)released,
+	       (long)atomic_load(&stale_checked));
+	for (int i = 0; i < TRIM_TARGETS; i++)
+		CHECK_EQ(atomic_load(&trim_ran[i]), 2 * burst * rounds);
+	CHECK_INT(released, >, 0);
+	CHECK_INT(atomic_load(&stale_checked), >, 0);
+}
