@@ -133,6 +133,10 @@ void keel__msg_free_home(struct keel__msg *m);
 void keel__msg_flush(void);
 /* The record at index idx, or NULL if idx was never handed out. */
 struct keel__msg *keel__msg_at(uint32_t idx);
+/* Tests: chunks whose memory was given back; how long free records must
+ * stay unused before they may be (msg.c, GIVING MEMORY BACK). */
+extern _Atomic uint64_t keel__msg_chunks_released;
+extern _Atomic keel_time_t keel__msg_decay_ns;
 
 /* ---- Thread-local state ------------------------------------------------ */
 #define MSG_HOMES 4 /* home batches a thread gathers records of at once */

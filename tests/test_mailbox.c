@@ -1250,6 +1250,14 @@ static void bp_reply_target(struct target *t)
 		(void)keel_serve(keel_now() + KEEL_MS(1));
 }
 
+static atomic_int bp_done_ran;
+
+static void bp_done(void *p)
+{
+	(void)p;
+	atomic_fetch_add(&bp_done_ran, 1);
+}
+
 TEST(reply_is_never_refused_for_room)
 {
 	struct counters c = {0}, r = {0};
@@ -1259,18 +1267,19 @@ TEST(reply_is_never_refused_for_room)
 	event_init(&stop);
 	start_target(&t, bp_reply_target, &stop);
 	CHECK_OK(keel_mailbox_limit(1));
-	CHECK_OK(keel_call_then(t.id, count_run, count_run, count_cancel, &r));
+	CHECK_OK(keel_call_then(t.id, count_run, bp_done, count_cancel, &r));
 	CHECK_OK(keel_post(keel_self(), count_run, count_cancel, &c));
 	/* Full: the reply comes all the same. */
-	while (atomic_load(&r.ran) == 0)
+	while (atomic_load(&bp_done_ran) == 0)
 		(void)keel_serve(KEEL_FOREVER);
-	CHECK_EQ(atomic_load(&r.ran), 2); /* work, then done */
+	CHECK_EQ(atomic_load(&r.ran), 1); /* the work */
 	CHECK_EQ(atomic_load(&r.cancelled), 0);
 	event_set(&stop);
 	harness_join(t.th);
 	while (keel_serve(0) > 0)
 		;
 	CHECK_EQ(atomic_load(&c.ran), 1);
+	CHECK_EQ(atomic_load(&bp_done_ran), 1);
 }
 
 /* The consumer's side makes no system call for room nobody waits for. */
@@ -1292,7 +1301,6 @@ TEST(bounded_serve_makes_no_syscall_without_waiters)
 
 /* ---- Message memory after a burst ---- */
 
-extern _Atomic uint64_t keel__msg_chunks_released;
 
 static long bp_rss_kib(void)
 {
@@ -1319,7 +1327,9 @@ static void bp_serve_when_told(struct target *t)
 /* A consumer that fell behind by KEEL_BURST messages (100,000; 10^6 with
  * KEEL_STRESS=long) drains them: the message table gives the memory of
  * the records beyond a small pool back (chunks released), where it used
- * to stay at its high-water mark. RSS is printed, not asserted. */
+ * to stay at its high-water mark. The decay epoch is set to 0 so that this
+ * happens during the drain (by default the memory must first stay unused
+ * for a second). RSS is printed, not asserted. */
 TEST(message_memory_goes_back_after_a_burst)
 {
 	long burst = harness_param("KEEL_BURST", 100000, 1000000);
@@ -1330,6 +1340,7 @@ TEST(message_memory_goes_back_after_a_burst)
 	long before, peak, after;
 
 	keel_self();
+	atomic_store(&keel__msg_decay_ns, 0);
 	event_init(&go);
 	start_target(&t, bp_serve_when_told, &go);
 	before = bp_rss_kib();
@@ -1346,7 +1357,8 @@ TEST(message_memory_goes_back_after_a_burst)
 	       burst, before, peak, after, (unsigned long)released,
 	       sizeof(struct keel__msg) * 1024 / 1024);
 	fflush(stdout);
-	/* All went but what the pool keeps (below twice 8 chunks) and what
-	 * the threads' caches hold. */
-	CHECK_INT((long)released * 1024, >=, burst - 18 * 1024);
+	/* All went but what the pool keeps (below twice 8 chunks), what the
+	 * last 16 give_backs before the end brought, and what the threads'
+	 * caches hold. */
+	CHECK_INT((long)released * 1024, >=, burst - 20 * 1024);
 }
