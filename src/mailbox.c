@@ -12,10 +12,10 @@
  *
  * The mailbox word admits senders:
  *
- *     63          24   23      22       21        20         0
- *     +-------------+-------+--------+----------+------------+
- *     | generation  | ENDED | CLOSED | SLEEPING | in flight  |
- *     +-------------+-------+--------+----------+------------+
+ *     63          24   23      22       21        20        19        0
+ *     +-------------+-------+--------+----------+---------+-----------+
+ *     | generation  | ENDED | CLOSED | SLEEPING | BOUNDED | in flight |
+ *     +-------------+-------+--------+----------+---------+-----------+
  *
  * A send starts with one fetch_add of 1, registering as in flight, and reads
  * the old value: a generation other than the handle's, or ENDED, means the
