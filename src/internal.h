@@ -107,6 +107,9 @@ struct keel__msg {
 	keel_work_fn done;
 	uint32_t idx;
 	uint8_t kind;
+	/* It took one of a bounded mailbox's places (mailbox.c); 0 while
+	 * free, so a send to an unbounded mailbox need not write it. */
+	uint8_t counted;
 
 	/* Line 1: calls only. */
 	struct keel__task *caller; /* who waits or gets the reply */
@@ -130,6 +133,10 @@ void keel__msg_free_home(struct keel__msg *m);
 void keel__msg_flush(void);
 /* The record at index idx, or NULL if idx was never handed out. */
 struct keel__msg *keel__msg_at(uint32_t idx);
+/* Tests: chunks whose memory was given back; how long free records must
+ * stay unused before they may be (msg.c, GIVING MEMORY BACK). */
+extern _Atomic uint64_t keel__msg_chunks_released;
+extern _Atomic keel_time_t keel__msg_decay_ns;
 
 /* ---- Thread-local state ------------------------------------------------ */
 #define MSG_HOMES 4 /* home batches a thread gathers records of at once */
@@ -206,7 +213,8 @@ static inline void keel__msg_free(struct keel__msg *m)
 
 /* ---- Tasks -------------------------------------------------------------
  * Mailbox word layout, see mailbox.c. */
-#define MB_COUNT_MASK (((uint64_t)1 << 21) - 1)
+#define MB_COUNT_MASK (((uint64_t)1 << 20) - 1)
+#define MB_BOUNDED ((uint64_t)1 << 20)
 #define MB_SLEEPING ((uint64_t)1 << 21)
 #define MB_CLOSED ((uint64_t)1 << 22)
 #define MB_ENDED ((uint64_t)1 << 23)
@@ -272,7 +280,12 @@ struct keel__task {
 	 * the queue, together so that a send moves one line. */
 	_Atomic uint64_t mword;
 	_Atomic(struct keel__msg *) tail;
-	char pad0[KEEL_CACHELINE - 16];
+	/* Backpressure (mailbox.c): the count of messages holding a place,
+	 * with ROOM_WAITERS; and the limit, 0 if unbounded. Touched by
+	 * senders only while MB_BOUNDED is set. */
+	_Atomic uint64_t mb_queued;
+	_Atomic uint32_t mb_limit;
+	char pad0[KEEL_CACHELINE - 28];
 
 	/* Line 1, owner only: the head of the queue. */
 	struct keel__msg *head;
@@ -297,6 +310,12 @@ struct keel__task {
 	uint8_t closed;
 	uint8_t fd_mode;
 	uint8_t in_exit_hook; /* its scope's on_exit hook runs on it */
+
+	/* Senders waiting for room in this mailbox (keel__qnode list, under
+	 * room_ql); not reset with an incarnation: each waiter takes itself
+	 * off before it returns. */
+	uint32_t room_ql;
+	void *room_q;
 
 	/* Exit status: written by the owner before `ended` is released. */
 	int status;
@@ -538,9 +557,19 @@ static inline void keel__spin_adapt(int64_t *budget, int success)
 }
 
 /* ---- Mailbox and proxying ------------------------------------------------ */
-/* Send m to the task named id: 0, -ESRCH or -ESHUTDOWN. On success the
- * record belongs to the target. */
+/* Send a request m (a post, a call) to the task named id: 0, -ESRCH,
+ * -ESHUTDOWN, or -EAGAIN if its mailbox is bounded and full. On success
+ * the record belongs to the target. */
 int keel__mbox_send(keel_task_t id, struct keel__msg *m);
+/* The same, waiting for room until the deadline: a cancellation point
+ * while it waits (-ECANCELED, -ETIMEDOUT; -EDEADLK if id is the caller,
+ * -ENOMEM if the thread could not be adopted). */
+int keel__mbox_send_wait(keel_task_t id, struct keel__msg *m,
+			 keel_time_t deadline);
+/* Send a reply the caller is owed: never refused for want of room. */
+int keel__mbox_reply(keel_task_t id, struct keel__msg *m);
+/* Tests: sends that waited for room and were then accepted. */
+extern _Atomic uint64_t keel__room_waits_ok;
 /* Close (if not yet) and drain the owner's mailbox; resolve its calls. */
 void keel__mbox_shutdown(struct keel__task *t);
 /* Close the owner's event-loop fd, if any; after keel__mbox_shutdown(). */

@@ -12,10 +12,10 @@
  *
  * The mailbox word admits senders:
  *
- *     63          24   23      22       21        20         0
- *     +-------------+-------+--------+----------+------------+
- *     | generation  | ENDED | CLOSED | SLEEPING | in flight  |
- *     +-------------+-------+--------+----------+------------+
+ *     63          24   23      22       21        20        19        0
+ *     +-------------+-------+--------+----------+---------+-----------+
+ *     | generation  | ENDED | CLOSED | SLEEPING | BOUNDED | in flight |
+ *     +-------------+-------+--------+----------+---------+-----------+
  *
  * A send starts with one fetch_add of 1, registering as in flight, and reads
  * the old value: a generation other than the handle's, or ENDED, means the
@@ -44,6 +44,44 @@
  *     waits for those.
  * The last sender to leave a CLOSED mailbox unparks the owner, which waits
  * for the in-flight count to reach 0.
+ *
+ * BACKPRESSURE
+ * A bounded mailbox (keel_mailbox_limit) sets MB_BOUNDED in the word, so
+ * the sender's one fetch_add already tells it whether to count: an
+ * unbounded send reads the bit in the value it has anyway and does
+ * nothing more. A bounded send, still counted in flight and past the
+ * CLOSED/ENDED check, takes a place: a compare-and-swap of `mb_queued`
+ * from n to n + 1 while n < the limit, and marks its record `counted`.
+ * No place: it takes its in-flight count back and the send is refused
+ * with -EAGAIN, having touched nothing. The owner gives the place back
+ * when it pops a counted record (serve or drain): one fetch_sub, and
+ * ROOM_WAITERS in the old value says whether anyone waits for room; with
+ * nobody waiting, that is all, no system call. Replies the owner is owed
+ * (keel_call_then's done/cancel) take no place and are never refused:
+ * their number is bounded by the owner's own calls, and refusing one
+ * would lose its outcome.
+ *
+ * `mb_queued` = count | ROOM_WAITERS. The waiter list (room_q, under the
+ * room_ql spin lock) has a node per sender waiting for room, on its stack;
+ * ROOM_WAITERS is set or cleared only under room_ql, and is set whenever
+ * the list is not empty (the lock queue of lock.c, the same way):
+ *   waiter:  lock; append; fetch_or ROOM_WAITERS; unlock; look at the word
+ *            (CLOSED, ENDED, a new generation: leave) and for room (retry
+ *            the send); else sleep until woken, the deadline or a cancel;
+ *            lock; take its node off unless a waker did; clear the bit if
+ *            the list is empty; unlock.
+ *   owner:   a pop of a counted record: fetch_sub; if the old value had
+ *            ROOM_WAITERS, wake the first waiter (taken off the list).
+ *            Closing: after CLOSED is set, wake every waiter.
+ *   No lost wake-up for room: the waiter's fetch_or and the owner's
+ *   fetch_sub are in one modification order; if the fetch_sub is first,
+ *   the waiter's look sees the room; if it is second, it sees the bit.
+ *   The same holds for close: the waiter appends under room_ql and looks
+ *   at the word after; the closer sets CLOSED before it takes room_ql.
+ *   A waiter woken for room that gives up (deadline, cancel) wakes the
+ *   next one if room is left, so that no place is lost on it.
+ * Slots are never freed, so a waiter may touch room_q whatever became of
+ * the task; it checks the generation after every wake.
  */
 #include <stdlib.h>
 
@@ -52,11 +90,19 @@
 /* Messages run per keel_serve() call before it returns, at most. */
 #define SERVE_BATCH 1024
 
+/* mb_queued: the count of places taken, and a flag (see BACKPRESSURE). */
+#define ROOM_WAITERS ((uint64_t)1 << 32)
+#define ROOM_COUNT_MASK (ROOM_WAITERS - 1)
+
 void keel__mbox_reset(struct keel__task *t)
 {
 	store_relaxed(&t->stub.next, NULL);
 	t->head = &t->stub;
 	store_relaxed(&t->tail, &t->stub);
+	/* Every counted record was popped by the last incarnation's drain;
+	 * ROOM_WAITERS belongs to the waiters, who clear it themselves. */
+	store_relaxed(&t->mb_limit, 0);
+	fetch_and_acq_rel(&t->mb_queued, ROOM_WAITERS);
 }
 
 /* ---- Sending ------------------------------------------------------------- */
@@ -120,7 +166,27 @@ static void leave_linked(struct keel__task *t, keel_task_t id)
 		notify_sleeper(t, id);
 }
 
-int keel__mbox_send(keel_task_t id, struct keel__msg *m)
+/* Take a place in t's bounded mailbox, if one is free. */
+static int take_place(struct keel__task *t)
+{
+	uint64_t q = load_relaxed(&t->mb_queued);
+	uint32_t lim = load_relaxed(&t->mb_limit);
+
+	do {
+		/* A limit of 0 here: the mailbox is being unbounded; the
+		 * record is still counted, since its pop gives a place back. */
+		if (lim && (q & ROOM_COUNT_MASK) >= lim)
+			return 0;
+	} while (!cas_weak_acq_rel(&t->mb_queued, &q, q + 1));
+	return 1;
+}
+
+/* Modes of a send. */
+#define SEND_REQUEST 0 /* a new message: takes a place if bounded */
+#define SEND_REPLY 1   /* a reply its target is owed: never refused */
+
+static inline __attribute__((always_inline)) int
+send_msg(keel_task_t id, struct keel__msg *m, int mode)
 {
 	struct keel__task *t = keel__task_slot(id);
 	struct keel__msg *prev;
@@ -132,14 +198,22 @@ int keel__mbox_send(keel_task_t id, struct keel__msg *m)
 	 * (keel__task_alloc), which published its empty queue. */
 	old = fetch_add_acquire(&t->mword, 1);
 	if (unlikely((old >> MB_GEN_SHIFT) != (id >> MB_GEN_SHIFT) ||
-		     (old & (MB_CLOSED | MB_ENDED)))) {
-		int rc = (old >> MB_GEN_SHIFT) != (id >> MB_GEN_SHIFT) ||
-				 (old & MB_ENDED)
-			 ? -ESRCH
-			 : -ESHUTDOWN;
+		     (old & (MB_CLOSED | MB_ENDED | MB_BOUNDED)))) {
+		int rc = 0;
 
-		leave_refused(t);
-		return rc;
+		if ((old >> MB_GEN_SHIFT) != (id >> MB_GEN_SHIFT) ||
+		    (old & MB_ENDED))
+			rc = -ESRCH;
+		else if (old & MB_CLOSED)
+			rc = -ESHUTDOWN;
+		else if (mode == SEND_REQUEST && !take_place(t))
+			rc = -EAGAIN;
+		if (rc < 0) {
+			leave_refused(t);
+			return rc;
+		}
+		if (mode == SEND_REQUEST)
+			m->counted = 1;
 	}
 	KEEL_YIELD();
 	store_relaxed(&m->next, NULL);
@@ -149,6 +223,109 @@ int keel__mbox_send(keel_task_t id, struct keel__msg *m)
 	store_release(&prev->next, m);
 	leave_linked(t, id);
 	return 0;
+}
+
+int keel__mbox_send(keel_task_t id, struct keel__msg *m)
+{
+	return send_msg(id, m, SEND_REQUEST);
+}
+
+int keel__mbox_reply(keel_task_t id, struct keel__msg *m)
+{
+	return send_msg(id, m, SEND_REPLY);
+}
+
+/* Is there room in t's mailbox now (a hint: the send decides)? */
+static int has_room(struct keel__task *t)
+{
+	uint32_t lim = load_relaxed(&t->mb_limit);
+
+	return !lim || (load_relaxed(&t->mb_queued) & ROOM_COUNT_MASK) < lim;
+}
+
+/* Wake the first sender waiting for room in t's mailbox (or all). */
+static void wake_room(struct keel__task *t, int all)
+{
+	keel__q_wake(&t->room_q, &t->room_ql, all);
+}
+
+/* Under room_ql: a waiter leaves the list (if a waker has not taken it
+ * off); the last one out clears ROOM_WAITERS. */
+static void room_dequeue(struct keel__task *t, struct keel__qnode *n)
+{
+	if (!__atomic_load_n(&n->woken, __ATOMIC_RELAXED))
+		keel__q_remove(&t->room_q, n);
+	if (!__atomic_load_n(&t->room_q, __ATOMIC_RELAXED))
+		fetch_and_acq_rel(&t->mb_queued, ~ROOM_WAITERS);
+}
+
+/* The send to id found its mailbox full: wait for room, the deadline, a
+ * cancel, or the target's close or end. 1 (it slept) or 0: try the send
+ * again. */
+static int wait_room(keel_task_t id, keel_time_t deadline)
+{
+	struct keel__task *c = keel__self(), *t = keel__task_slot(id);
+	struct keel__qnode n = {.t = c};
+	uint64_t w;
+	int rc;
+
+	if (deadline != KEEL_FOREVER && keel__clock_now() >= deadline)
+		return -ETIMEDOUT;
+	if (!c)
+		return -ENOMEM;
+	if (id == c->id)
+		return -EDEADLK; /* only this task could make the room */
+	keel__qlock(&t->room_ql);
+	keel__q_append(&t->room_q, &n);
+	fetch_or_acq_rel(&t->mb_queued, ROOM_WAITERS);
+	keel__qunlock(&t->room_ql);
+	KEEL_YIELD();
+	w = load_acquire(&t->mword);
+	if ((w >> MB_GEN_SHIFT) != (id >> MB_GEN_SHIFT) || (w & MB_ENDED))
+		rc = -ESRCH;
+	else if (w & MB_CLOSED)
+		rc = -ESHUTDOWN;
+	else if (has_room(t))
+		rc = 0;
+	else if ((rc = keel__wait(c, deadline, 1, "post: waiting for room")) ==
+		 0)
+		rc = 1;
+	keel__qlock(&t->room_ql);
+	room_dequeue(t, &n);
+	keel__qunlock(&t->room_ql);
+	/* Woken for a place we will not take: pass it on. */
+	if (rc < 0 && __atomic_load_n(&n.woken, __ATOMIC_ACQUIRE) &&
+	    has_room(t))
+		wake_room(t, 0);
+	return rc;
+}
+
+_Atomic uint64_t keel__room_waits_ok;
+
+int keel__mbox_send_wait(keel_task_t id, struct keel__msg *m,
+			 keel_time_t deadline)
+{
+	int rc, waited = 0;
+
+	while ((rc = send_msg(id, m, SEND_REQUEST)) == -EAGAIN) {
+		if ((rc = wait_room(id, deadline)) < 0)
+			return rc;
+		waited |= rc;
+	}
+	if (waited && rc == 0)
+		fetch_add_relaxed(&keel__room_waits_ok, 1);
+	return rc;
+}
+
+/* The owner popped m: if it held a place, give the place back and wake a
+ * sender waiting for it, if any. */
+static inline void room_freed(struct keel__task *t, struct keel__msg *m)
+{
+	if (likely(!m->counted))
+		return;
+	m->counted = 0;
+	if (fetch_sub_acq_rel(&t->mb_queued, 1) & ROOM_WAITERS)
+		wake_room(t, 0);
 }
 
 int keel_post(keel_task_t target, keel_work_fn work, keel_work_fn cancel,
@@ -166,6 +343,26 @@ int keel_post(keel_task_t target, keel_work_fn work, keel_work_fn cancel,
 	m->cancel = cancel;
 	m->arg = arg;
 	if ((rc = keel__mbox_send(target, m)) < 0)
+		keel__msg_free(m);
+	return rc;
+}
+
+int keel_post_until(keel_task_t target, keel_work_fn work, keel_work_fn cancel,
+		    void *arg, keel_time_t deadline)
+{
+	struct keel__msg *m;
+	int rc;
+
+	if (!work)
+		return -EINVAL;
+	keel__lock_check_blocking("keel_post_until()");
+	if (!(m = keel__msg_alloc()))
+		return -ENOMEM;
+	m->kind = MSG_POST;
+	m->fn.work = work;
+	m->cancel = cancel;
+	m->arg = arg;
+	if ((rc = keel__mbox_send_wait(target, m, deadline)) < 0)
 		keel__msg_free(m);
 	return rc;
 }
@@ -258,6 +455,7 @@ static int run_batch(struct keel__task *t)
 
 	/* A message may close the mailbox; the rest were drained then. */
 	while (n < SERVE_BATCH && !t->closed && (m = pop(t))) {
+		room_freed(t, m);
 		run_msg(t, m);
 		n++;
 	}
@@ -379,6 +577,8 @@ static void close_and_wait(struct keel__task *t)
 
 	t->closed = 1;
 	fetch_or_acq_rel(&t->mword, MB_CLOSED);
+	/* Senders waiting for room leave with -ESHUTDOWN. */
+	wake_room(t, 1);
 	/* Wait out the senders that registered before CLOSED. The acquire
 	 * pairs with each sender's release of its count, so their links are
 	 * visible once the count is 0. */
@@ -399,8 +599,10 @@ void keel__mbox_shutdown(struct keel__task *t)
 		close_and_wait(t);
 	/* Cancel handlers run one at a time, so if one of them exits the
 	 * thread, the exit hook comes back here and finishes the drain. */
-	while ((m = pop(t)) != NULL)
+	while ((m = pop(t)) != NULL) {
+		room_freed(t, m);
 		cancel_msg(t, m);
+	}
 	keel__proxy_close(t);
 }
 
@@ -416,6 +618,59 @@ void keel__mbox_close_fd(struct keel__task *t)
 	keel__notify_close(t->notify_rfd, wfd);
 	t->notify_rfd = -1;
 	t->fd_mode = 0;
+}
+
+/* ---- Bounding ------------------------------------------------------------ */
+
+/* A limit is set on an unbounded mailbox: the messages queued so far take
+ * their places too (owner only; replies excepted, as when they are sent).
+ * Records stay in the queue until the owner pops them, so walking it from
+ * head is safe; it stops at a send still linking, whose record then holds
+ * no place. */
+static void count_queued(struct keel__task *t)
+{
+	struct keel__msg *m = t->head;
+	uint64_t n = 0;
+
+	for (; m; m = load_acquire(&m->next)) {
+		uint64_t st = load_relaxed(&m->state) & MSG_STATE_MASK;
+
+		if (m == &t->stub || m->counted)
+			continue;
+		if (m->kind != MSG_POST &&
+		    (st == ST_REPLY_DONE || st == ST_REPLY_CANCEL))
+			continue;
+		m->counted = 1;
+		n++;
+	}
+	if (n)
+		fetch_add_acq_rel(&t->mb_queued, n);
+}
+
+int keel_mailbox_limit(size_t max)
+{
+	struct keel__task *t = keel__self();
+	uint32_t old;
+
+	if (!t)
+		return -ENOMEM;
+	if (max > UINT32_MAX)
+		return -EINVAL;
+	if (t->closed)
+		return -ESHUTDOWN;
+	old = load_relaxed(&t->mb_limit);
+	if (max && !old)
+		count_queued(t);
+	store_relaxed(&t->mb_limit, (uint32_t)max);
+	/* Senders read the limit after their fetch_add on the word, which
+	 * these acq_rel updates order after the store above. */
+	if (max)
+		fetch_or_acq_rel(&t->mword, MB_BOUNDED);
+	else
+		fetch_and_acq_rel(&t->mword, ~MB_BOUNDED);
+	if (!max || max > old)
+		wake_room(t, 1);
+	return 0;
 }
 
 int keel_mailbox_close(void)

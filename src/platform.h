@@ -15,6 +15,7 @@
 #define KEEL_PLATFORM_H
 
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "keel/common.h"
@@ -52,6 +53,15 @@ void keel__notify_drain(int rfd);
  * negative errno value (EINTR included). */
 struct sockaddr_storage;
 int keel__accept(int lfd, struct sockaddr_storage *peer);
+
+/* Memory for tables that only grow (message records): `bytes`, a multiple
+ * of the page size, zero-filled and page-aligned; NULL if none. Never
+ * unmapped. keel__pages_release() gives the pages of such a range back to
+ * the system while keeping it mapped: it reads as zeros afterwards, and
+ * costs memory again only once written. 0, or a negative errno value if
+ * the platform cannot (the memory then simply stays). */
+void *keel__pages_alloc(size_t bytes);
+int keel__pages_release(void *p, size_t bytes);
 
 /* CLOCK_MONOTONIC in nanoseconds. */
 keel_time_t keel__clock_now(void);

@@ -39,7 +39,8 @@
  *   RESOLVING  owned by whoever set it; nobody else touches the record.
  *   DONE, SHUT C, waiting in keel_call*, sees it and frees the record.
  *   Replies: the resolver stores REPLY_DONE or REPLY_CANCEL and sends the
- *              record to C's mailbox. If C's mailbox refuses it (C is
+ *              record to C's mailbox (as a reply: it takes no place in a
+ *              bounded mailbox and is never refused for want of room). If C's mailbox refuses it (C is
  *              closing), the resolver stores ORPHANED and unparks C.
  *   REPLY_*    in C's queue: C's serve runs done or cancel; C's drain runs
  *              cancel. Either way C frees the record.
@@ -112,7 +113,7 @@ static void reply(struct keel__msg *m, enum keel__msg_state st)
 
 	/* Published to C by the send's release. */
 	store_relaxed(&m->state, with_st(w, st));
-	if (keel__mbox_send(m->caller_id, m) == 0)
+	if (keel__mbox_reply(m->caller_id, m) == 0)
 		return;
 	store_release(&m->state, with_st(w, ST_ORPHANED));
 	keel__unpark(c);
@@ -422,7 +423,9 @@ static int call_common(keel_task_t target, enum keel__msg_kind kind,
 		return -ENOMEM;
 	m->fn = fn;
 	m->arg = arg;
-	if ((rc = keel__mbox_send(target, m)) < 0) {
+	/* A bounded target's full mailbox: wait for room within the same
+	 * deadline, as for the work to start. */
+	if ((rc = keel__mbox_send_wait(target, m, deadline)) < 0) {
 		keel__msg_free(m);
 		return rc;
 	}

@@ -3,6 +3,8 @@
  *
  * Every task has a mailbox: a multi-producer, single-consumer queue of
  * messages {work, cancel, arg}. Sending is lock-free and never blocks.
+ * A task may bound its mailbox (keel_mailbox_limit()): a send to a full
+ * one is refused with -EAGAIN, or waits for room (keel_post_until()).
  *
  * The guarantee: every message a mailbox accepts gets exactly one outcome.
  * Its work runs on the target, or its cancel handler runs on the target
@@ -58,10 +60,69 @@ typedef void (*keel_ctx_work_fn)(keel_ctx_t *ctx, void *arg);
  * locks may be held.
  * Return: 0 if the message was accepted; -EINVAL if @work is NULL; -ESRCH
  * if @target is not a live task (never was, or has ended); -ESHUTDOWN if
- * its mailbox is closed; -ENOMEM if no memory was left for the message.
+ * its mailbox is closed; -EAGAIN if its mailbox is bounded
+ * (keel_mailbox_limit()) and full; -ENOMEM if no memory was left for the
+ * message.
  */
 KEEL_API int keel_post(keel_task_t target, keel_work_fn work,
 		       keel_work_fn cancel, void *arg);
+
+/**
+ * keel_post_until() - send a message, waiting for room in a bounded mailbox.
+ * @target:   the task to run it.
+ * @work:     as for keel_post(); must not be NULL.
+ * @cancel:   as for keel_post(); may be NULL.
+ * @arg:      passed to @work or @cancel.
+ * @deadline: absolute time to stop waiting for room; 0 does not wait.
+ *
+ * keel_post() that, instead of failing with -EAGAIN when @target's mailbox
+ * is full, waits until @target's serving makes room. With room at once
+ * (and always for an unbounded mailbox) it sends without waiting, even in
+ * a cancelled task. Waiting senders are woken one per place freed, in the
+ * order they began to wait. If the call returns 0, exactly one of @work or
+ * @cancel will run; if it returns an error, neither runs.
+ *
+ * Context: any thread (a thread keel did not start is adopted if it has to
+ * wait); blocks until there is room or @deadline; a cancellation point
+ * while it waits. Must not hold a no-block lock.
+ * Return: 0 if the message was accepted; -EINVAL if @work is NULL; -ESRCH
+ * if @target is not a live task, or ended while the caller waited;
+ * -ESHUTDOWN if its mailbox is or became closed; -ETIMEDOUT if @deadline
+ * passed with the mailbox still full; -ECANCELED if the caller was
+ * cancelled while it waited; -EDEADLK if @target is the calling task, its
+ * mailbox is full and @deadline is still ahead (only it could make room);
+ * -ENOMEM.
+ */
+KEEL_API int keel_post_until(keel_task_t target, keel_work_fn work,
+			     keel_work_fn cancel, void *arg,
+			     keel_time_t deadline);
+
+/**
+ * keel_mailbox_limit() - bound the calling task's mailbox.
+ * @max: the most messages its queue may hold; 0 for no bound (the default).
+ *
+ * While @max messages are queued (accepted, not yet run), a keel_post() or
+ * keel_call_then() to this task is refused with -EAGAIN and runs nothing;
+ * keel_post_until(), keel_call() and keel_call_ctx() wait for room within
+ * their deadline. Each message this task pops to run (or to cancel, in the
+ * drain) gives its place back and wakes one waiting sender. Replies this
+ * task is owed (the done or cancel of its own keel_call_then()) take no
+ * place and are never refused: their number is bounded by its own calls.
+ * Work that has started (a _ctx call in flight) holds no place.
+ *
+ * A new limit never drops or refuses anything already queued. Setting a
+ * limit on an unbounded mailbox counts the messages already queued (a send
+ * still under way as the limit is set may escape the count); if they are
+ * @max or more, sends are refused until serving brings them below @max.
+ * Raising the limit or removing it wakes the waiting senders. The limit
+ * lasts until the task ends.
+ *
+ * Context: the calling task (adopted if needed); never blocks; not a
+ * cancellation point; may be called from inside a message.
+ * Return: 0; -EINVAL if @max is above UINT32_MAX; -ESHUTDOWN if the
+ * mailbox is closed; -ENOMEM if the thread could not be adopted.
+ */
+KEEL_API int keel_mailbox_limit(size_t max);
 
 /**
  * keel_serve() - run the calling task's pending messages.
@@ -136,13 +197,17 @@ KEEL_API int keel_mailbox_close(void);
  * so @arg may live on the caller's stack. Once @work has started, the call
  * waits for it to finish regardless of the deadline or cancellation.
  *
+ * If @target's mailbox is bounded and full, the call first waits for
+ * room, within the same @deadline, as keel_post_until() does.
+ *
  * Context: the calling task (adopted if needed); blocks; a cancellation
  * point (until @work starts). The calling task does not serve its own
  * mailbox while it waits.
  * Return: 0 when @work ran; -EINVAL if @work is NULL; -EDEADLK if @target is
  * the calling task; -ESRCH if @target is not a live task; -ESHUTDOWN if its
  * mailbox closed before @work ran; -ETIMEDOUT if the deadline passed, or
- * -ECANCELED if the caller was cancelled, before @work started; -ENOMEM.
+ * -ECANCELED if the caller was cancelled, before @work started (including
+ * while waiting for room in a full mailbox); -ENOMEM.
  */
 KEEL_API int keel_call(keel_task_t target, keel_work_fn work, void *arg,
 		       keel_time_t deadline);
@@ -166,7 +231,8 @@ KEEL_API int keel_call(keel_task_t target, keel_work_fn work, void *arg,
  * Context: the calling task (adopted if needed); never blocks.
  * Return: 0 if accepted; -EINVAL if @work is NULL; -ESRCH if @target is
  * not a live task; -ESHUTDOWN if @target's mailbox or the caller's own
- * mailbox is closed; -ENOMEM.
+ * mailbox is closed; -EAGAIN if @target's mailbox is bounded and full
+ * (the reply, when it comes, is never refused); -ENOMEM.
  */
 KEEL_API int keel_call_then(keel_task_t target, keel_work_fn work,
 			    keel_work_fn done, keel_work_fn cancel, void *arg);

@@ -15,6 +15,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -139,4 +140,18 @@ int keel__thread_is_initial(void)
 void keel__platform_fork(int phase)
 {
 	(void)phase; /* futexes and eventfds hold no lock of keel's */
+}
+
+void *keel__pages_alloc(size_t bytes)
+{
+	void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	return p == MAP_FAILED ? NULL : p;
+}
+
+int keel__pages_release(void *p, size_t bytes)
+{
+	/* Private anonymous memory reads as zeros after MADV_DONTNEED. */
+	return madvise(p, bytes, MADV_DONTNEED) == 0 ? 0 : -errno;
 }

@@ -19,8 +19,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -232,4 +234,45 @@ __attribute__((constructor)) static void record_initial_thread(void)
 int keel__thread_is_initial(void)
 {
 	return pthread_equal(initial_thread, pthread_self());
+}
+
+#if !defined(MAP_ANONYMOUS) && defined(MAP_ANON)
+#define MAP_ANONYMOUS MAP_ANON
+#endif
+
+void *keel__pages_alloc(size_t bytes)
+{
+#ifdef MAP_ANONYMOUS
+	void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	return p == MAP_FAILED ? NULL : p;
+#else
+	/* No anonymous mappings: heap memory, never given back. */
+	long page = sysconf(_SC_PAGESIZE);
+	void *q = NULL;
+
+	if (page <= 0 || posix_memalign(&q, (size_t)page, bytes) != 0)
+		return NULL;
+	memset(q, 0, bytes);
+	return q;
+#endif
+}
+
+int keel__pages_release(void *p, size_t bytes)
+{
+#ifdef MAP_ANONYMOUS
+	/* POSIX's madvise(DONTNEED) need neither free nor zero anything, so
+	 * map fresh anonymous pages over the range instead: the old ones go
+	 * back to the system and the range stays mapped (a stale reader
+	 * sees the old contents or zeros, never a hole). */
+	void *q = mmap(p, bytes, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+
+	return q == MAP_FAILED ? -errno : 0;
+#else
+	(void)p;
+	(void)bytes;
+	return -ENOTSUP;
+#endif
 }

@@ -15,12 +15,18 @@
  * its end through a plain condition variable instead. The driver also
  * posts from its own thread, finishes pending ctxs (twice, sometimes),
  * joins ended workers (keel_join, pthread_join), starts new ones into the
- * freed slots, and checks the live ones. Families for FUZZ_NO: ctx, exit.
+ * freed slots, and checks the live ones. A worker may bound its mailbox
+ * (keel_mailbox_limit, 0 to 4) and post with keel_post_until (deadline
+ * 0, 100 us or forever). Families for FUZZ_NO: ctx, exit, bound.
  *
  * THE MODEL
  * Each worker is OPEN, CLOSED (its mailbox), ENDING (told to end; not
  * yet joined) or GONE (joined). A send to OPEN is accepted; to CLOSED
  * refused with -ESHUTDOWN; to GONE refused with -ESRCH; to ENDING either.
+ * A bounded worker's queue depth is not modelled (it serves meanwhile):
+ * a non-blocking send to it may also get -EAGAIN, a blocking one
+ * -ETIMEDOUT (finite deadline) or -EDEADLK (to itself); an unbounded one
+ * never gives those.
  * Every message carries a token that counts its outcomes and where they
  * ran. Checks:
  *   mailbox.one-outcome   an accepted message gets exactly one of work or
@@ -59,6 +65,7 @@ static const char *rnames[] = {"return", "pthread_exit from the body",
 
 struct worker {
 	int idx, state, is_task, route;
+	int limit; /* its mailbox's bound, 0 if none */
 	int gen; /* incarnations of this slot */
 	keel_task_t task;
 	pthread_t th;      /* the thread it runs on (set by itself) */
@@ -191,6 +198,9 @@ static void ctx_work_later(keel_ctx_t *ctx, void *p)
 /* The return codes a send to worker y may get, by its state. */
 static int send_ok(int y, int rc)
 {
+	if (rc == -EAGAIN && W[y].limit &&
+	    (W[y].state == W_OPEN || W[y].state == W_ENDING))
+		return 1;
 	switch (W[y].state) {
 	case W_OPEN: return rc == 0;
 	case W_CLOSED: return rc == -ESHUTDOWN;
@@ -202,9 +212,30 @@ static int send_ok(int y, int rc)
 /* ---- Commands run on a worker --------------------------------------------- */
 
 enum { C_POST, C_CALL, C_THEN, C_CALL_CTX, C_THEN_CTX, C_CLOSE, C_EXIT,
-       C_WHOAMI, C_KINDS };
-static const char *cnames[] = {"post", "call", "call_then", "call_ctx",
-			       "call_then_ctx", "close", "exit", "whoami"};
+       C_WHOAMI, C_LIMIT, C_POST_UNTIL, C_KINDS };
+static const char *cnames[] = {"post",  "call",   "call_then",
+			       "call_ctx", "call_then_ctx", "close",
+			       "exit",  "whoami", "mailbox_limit",
+			       "post_until"};
+
+/* The deadlines of a C_POST_UNTIL, by its count. */
+static keel_time_t until_deadline(int count)
+{
+	return count == 0 ? 0 : count == 1 ? keel_after(KEEL_USEC(100))
+					   : KEEL_FOREVER;
+}
+
+/* What a keel_post_until() from worker x to worker y may return. */
+static int until_ok(int x, int y, int count, int rc)
+{
+	if (!W[y].limit || W[y].state != W_OPEN)
+		return rc != -EAGAIN && send_ok(y, rc);
+	if (rc == -ETIMEDOUT)
+		return count < 2;
+	if (rc == -EDEADLK)
+		return x == y && count > 0;
+	return rc == 0;
+}
 
 struct cmd {
 	int kind, self, target, count, route;
@@ -264,6 +295,29 @@ static void command(void *p)
 			 "worker %d: %s to %s worker %d: %d (%s)", c->self,
 			 cnames[c->kind], wnames[W[c->target].state], c->target,
 			 rc, keel_strerror(rc));
+		break;
+	case C_POST_UNTIL:
+		/* To itself, one more than its bound: it is not serving now,
+		 * so the last finds no room (-ETIMEDOUT or -EDEADLK). */
+		for (int i = 0; i < (c->target == c->self ? w->limit + 1 : 1);
+		     i++) {
+			t = new_token(C_POST, c->target, c->self);
+			rc = keel_post_until(W[c->target].task, tok_work,
+					     tok_cancel, t,
+					     until_deadline(c->count));
+			t->accepted = rc == 0;
+			FZ_CHECK(until_ok(c->self, c->target, c->count, rc),
+				 "mailbox.rc",
+				 "worker %d: post_until (%d) to %s worker %d "
+				 "(limit %d): %d (%s)", c->self, c->count,
+				 wnames[W[c->target].state], c->target,
+				 W[c->target].limit, rc, keel_strerror(rc));
+		}
+		break;
+	case C_LIMIT:
+		rc = keel_mailbox_limit((size_t)c->count);
+		FZ_CHECK(rc == 0, "mailbox.rc", "worker %d: limit %d: %d",
+			 c->self, c->count, rc);
 		break;
 	case C_CLOSE:
 		rc = keel_mailbox_close();
@@ -428,6 +482,7 @@ static void op_spawn(struct worker *w, int as_task)
 	w->up = w->leave = w->leave_plain = 0;
 	pthread_mutex_unlock(&mu);
 	w->is_task = as_task;
+	w->limit = 0;
 	w->gen++;
 	if (as_task) {
 		keel_task_t t; /* taken, so that it stays joinable */
@@ -613,6 +668,18 @@ static int run_input(const uint8_t *data, size_t size)
 			op_join(w);
 		} else if (op == 9) {
 			finish_ctxs(0, &f);
+		} else if (op >= 10 && w->state == W_OPEN && !fz_off("bound")) {
+			c.kind = op == 10 ? C_LIMIT : C_POST_UNTIL;
+			c.count = (int)fz_pick(&f, op == 10 ? 5 : 3);
+			fz_note("worker %d: %s %d to worker %d (%s, limit %d)",
+				w->idx, cnames[c.kind], c.count, y,
+				wnames[W[y].state], W[y].limit);
+			rc = run_cmd(w->idx, &c);
+			FZ_CHECK(rc == 0, "mailbox.rc",
+				 "the command call to open worker %d: %d (%s)",
+				 w->idx, rc, keel_strerror(rc));
+			if (c.kind == C_LIMIT)
+				w->limit = c.count;
 		} else {
 			op_check();
 		}

@@ -12,6 +12,12 @@
  *
  * Sizes: KEEL_THREADS senders (4), KEEL_ITERS messages each (100,000;
  * 2,500,000 under KEEL_STRESS=long, 10^7 in all), KEEL_SEED.
+ *
+ * The _bounded variants run the same chaos with small mailbox limits that
+ * the targets set (and change) at random: sends are also refused with
+ * -EAGAIN, blocking sends (keel_post_until, keel_call) wait for room and
+ * race the close and the end, and the callers' own mailboxes are kept
+ * full so that every reply arrives at a full mailbox.
  */
 #include <stdatomic.h>
 #include <string.h>
@@ -37,6 +43,8 @@ struct lane {
 
 static struct msg_rec *msgs;
 static struct lane lanes[LANES];
+/* The _bounded variants: targets bound their mailboxes. */
+static int bounded;
 static atomic_int stop_lanes;
 /* Senders start once every lane has published its first target. */
 static harness_barrier lanes_up;
@@ -77,6 +85,8 @@ static int target_fn(void *p)
 	long budget = (long)(r % 3000);
 	long ran = 0;
 
+	if (bounded)
+		CHECK_OK(keel_mailbox_limit(1 + (r >> 12) % 8));
 	/* Serve a random number of messages, with random short deadlines,
 	 * then close while senders keep sending. */
 	while (ran < budget && !atomic_load(&stop_lanes)) {
@@ -86,6 +96,20 @@ static int target_fn(void *p)
 			ran += rc;
 		else
 			CHECK_RC(rc, -ETIMEDOUT);
+		/* Now and then another limit, smaller or larger. */
+		if (bounded && (rng_next(&l->rng) & 63) == 0)
+			CHECK_OK(keel_mailbox_limit(1 + rng_next(&l->rng) % 8));
+	}
+	/* A bounded mailbox is seldom deep: half the time, let it fill (as
+	 * the senders go on) before closing, so the close has messages to
+	 * cancel and senders waiting for room to turn away. */
+	if (bounded && (r >> 30) % 2) {
+		struct keel__task *self = keel__self();
+
+		while (!atomic_load(&stop_lanes) &&
+		       (load_relaxed(&self->mb_queued) & 0xffffffffu) <
+			       load_relaxed(&self->mb_limit))
+			sched_yield();
 	}
 	CHECK_OK(keel_mailbox_close());
 	atomic_store(&close_returned[keel_self() & (MAX_SLOTS - 1)],
@@ -116,6 +140,8 @@ struct sender {
 	pthread_t th;
 };
 
+static atomic_long refused_full;
+
 static void *sender_main(void *p)
 {
 	struct sender *s = p;
@@ -125,19 +151,35 @@ static void *sender_main(void *p)
 		struct lane *l = &lanes[rng_next(&s->rng) % LANES];
 		int rc;
 
+		uint64_t r = rng_next(&s->rng);
+
 		m->target = atomic_load(&l->current);
-		rc = keel_post(m->target, chaos_work, chaos_cancel, m);
+		if (bounded && (r & 1)) {
+			/* Wait for room: forever, or up to 100 us. */
+			keel_time_t d = (r >> 1) & 1 ? KEEL_FOREVER
+					 : keel_after((keel_time_t)(r >> 8) %
+						      100000);
+
+			rc = keel_post_until(m->target, chaos_work,
+					     chaos_cancel, m, d);
+			CHECK(rc != -EAGAIN && rc != -ECANCELED);
+		} else {
+			rc = keel_post(m->target, chaos_work, chaos_cancel, m);
+		}
 		if (rc == 0) {
 			m->accepted = 1;
 		} else {
-			CHECK(rc == -ESHUTDOWN || rc == -ESRCH);
+			CHECK(rc == -ESHUTDOWN || rc == -ESRCH ||
+			      (bounded && (rc == -EAGAIN || rc == -ETIMEDOUT)));
 			m->refused = 1;
+			if (rc == -EAGAIN)
+				atomic_fetch_add(&refused_full, 1);
 		}
 	}
 	return NULL;
 }
 
-TEST(stress_exactly_once_chaos)
+static void exactly_once_chaos(int bound)
 {
 	long nthreads = harness_param("KEEL_THREADS", 4, 4);
 	long iters = harness_param("KEEL_ITERS", 100000, 2500000);
@@ -147,7 +189,12 @@ TEST(stress_exactly_once_chaos)
 	long cancelled = 0, spawned = 0;
 	keel_time_t start = keel_now();
 
+	uint64_t waits_before = atomic_load(&keel__room_waits_ok);
+
 	CHECK_INT(nthreads, >=, 4);
+	bounded = bound;
+	atomic_store(&stop_lanes, 0);
+	atomic_store(&refused_full, 0);
 	msgs = calloc((size_t)total, sizeof *msgs);
 	CHECK(msgs && senders);
 	barrier_init(&lanes_up, LANES + 1);
@@ -195,8 +242,29 @@ TEST(stress_exactly_once_chaos)
 	CHECK_INT(ran, >, 0);
 	CHECK_INT(cancelled, >, 0);
 	CHECK_INT(refused, >, 0);
+	CHECK_EQ(ran + cancelled, accepted);
+	if (bound) {
+		long waited = (long)(atomic_load(&keel__room_waits_ok) -
+				     waits_before);
+
+		printf("bounded: %ld refused as full (-EAGAIN), %ld blocking "
+		       "sends waited for room and were accepted\n",
+		       (long)atomic_load(&refused_full), waited);
+		CHECK_INT(atomic_load(&refused_full), >, 0);
+		CHECK_INT(waited, >, 0);
+	}
 	free(msgs);
 	free(senders);
+}
+
+TEST(stress_exactly_once_chaos)
+{
+	exactly_once_chaos(0);
+}
+
+TEST(stress_exactly_once_chaos_bounded)
+{
+	exactly_once_chaos(1);
 }
 
 /* ---- Calls under chaos ---- */
@@ -234,10 +302,31 @@ static void op_cancel(void *p)
 
 static struct op_rec *ops;
 
+static atomic_long filler_sent, filler_outcomes, then_full;
+
+static void filler_outcome(void *p)
+{
+	(void)p;
+	atomic_fetch_add(&filler_outcomes, 1);
+}
+
+/* Bounded: keep the caller's own mailbox full of a filler message, so
+ * that replies arrive at a full mailbox (they must never be refused). */
+static void refill(void)
+{
+	if (keel_post(keel_self(), filler_outcome, filler_outcome, NULL) == 0)
+		atomic_fetch_add(&filler_sent, 1);
+}
+
 static void *caller_main(void *p)
 {
 	struct sender *s = p;
 	keel_task_t self = keel_self();
+
+	if (bounded) {
+		CHECK_OK(keel_mailbox_limit(1));
+		refill();
+	}
 
 	for (long i = s->first; i < s->first + s->count; i++) {
 		struct op_rec *o = &ops[i];
@@ -253,10 +342,14 @@ static void *caller_main(void *p)
 		else
 			o->rc = keel_call_then(t, op_work, op_done, op_cancel,
 					       o);
+		if (o->rc == -EAGAIN)
+			atomic_fetch_add(&then_full, 1);
 		if ((r >> 16) % 8 == 0) {
 			int rc = keel_serve(0);
 
 			CHECK(rc >= 1 || rc == -ETIMEDOUT);
+			if (bounded)
+				refill();
 		}
 	}
 	/* Whatever replies are still owed arrive as cancels here. */
@@ -264,7 +357,7 @@ static void *caller_main(void *p)
 	return NULL;
 }
 
-TEST(stress_calls_under_chaos)
+static void calls_under_chaos(int bound)
 {
 	long nthreads = harness_param("KEEL_THREADS", 4, 4);
 	long iters = harness_param("KEEL_ITERS", 20000, 500000);
@@ -272,8 +365,14 @@ TEST(stress_calls_under_chaos)
 	struct sender *callers = calloc((size_t)nthreads, sizeof *callers);
 	long total = nthreads * iters, n[6] = {0};
 
+	uint64_t waits_before = atomic_load(&keel__room_waits_ok);
+
 	ops = calloc((size_t)total, sizeof *ops);
 	CHECK(ops && callers);
+	bounded = bound;
+	atomic_store(&filler_sent, 0);
+	atomic_store(&filler_outcomes, 0);
+	atomic_store(&then_full, 0);
 	atomic_store(&stop_lanes, 0);
 	barrier_init(&lanes_up, LANES + 1);
 	for (int i = 0; i < LANES; i++) {
@@ -324,6 +423,187 @@ TEST(stress_calls_under_chaos)
 	       n[0], n[1], n[2], n[3], n[4]);
 	CHECK_INT(n[0], >, 0);
 	CHECK_INT(n[2], >, 0);
+	CHECK_EQ(atomic_load(&filler_outcomes), atomic_load(&filler_sent));
+	if (bound) {
+		long waited = (long)(atomic_load(&keel__room_waits_ok) -
+				     waits_before);
+
+		printf("bounded: %ld call_then refused as full, %ld calls "
+		       "waited for room and were accepted, %ld fillers\n",
+		       (long)atomic_load(&then_full), waited,
+		       (long)atomic_load(&filler_sent));
+		CHECK_INT(atomic_load(&then_full), >, 0);
+		CHECK_INT(waited, >, 0);
+		CHECK_INT(atomic_load(&filler_sent), >, 0);
+	}
 	free(ops);
 	free(callers);
+}
+
+TEST(stress_calls_under_chaos)
+{
+	calls_under_chaos(0);
+}
+
+TEST(stress_calls_under_chaos_bounded)
+{
+	calls_under_chaos(1);
+}
+
+/* ---- Message memory given back under load ---- */
+
+
+#define TRIM_TARGETS 2
+#define TRIM_STALE 512
+
+static harness_barrier trim_round;
+static atomic_long trim_ran[TRIM_TARGETS];
+static keel_task_t trim_target_id[TRIM_TARGETS];
+static harness_event trim_targets_up[TRIM_TARGETS];
+static keel_ctx_t *stale_ctx[TRIM_STALE];
+static atomic_int trim_stop;
+static atomic_long stale_checked;
+
+static void trim_count_run(void *p)
+{
+	atomic_fetch_add((atomic_long *)p, 1);
+}
+
+static void trim_count_cancel(void *p)
+{
+	(void)p;
+	CHECK(!"a message was cancelled");
+}
+
+struct trim_target {
+	int idx;
+	long rounds, per_round;
+};
+
+static void *trim_target_main(void *p)
+{
+	struct trim_target *tt = p;
+
+	trim_target_id[tt->idx] = keel_self();
+	event_set(&trim_targets_up[tt->idx]);
+	for (long r = 0; r < tt->rounds; r++) {
+		barrier_wait(&trim_round); /* the burst is queued */
+		while (atomic_load(&trim_ran[tt->idx]) < tt->per_round * (r + 1))
+			CHECK(keel_serve(KEEL_FOREVER) > 0);
+		barrier_wait(&trim_round); /* drained */
+	}
+	return NULL;
+}
+
+struct trim_producer {
+	long burst, rounds;
+	int idx;
+};
+
+static void *trim_producer_main(void *p)
+{
+	struct trim_producer *tp = p;
+	int t = tp->idx % TRIM_TARGETS;
+
+	for (long r = 0; r < tp->rounds; r++) {
+		for (long i = 0; i < tp->burst; i++)
+			CHECK_OK(keel_post(trim_target_id[t], trim_count_run,
+					   trim_count_cancel, &trim_ran[t]));
+		barrier_wait(&trim_round);
+		barrier_wait(&trim_round);
+	}
+	return NULL;
+}
+
+/* Stale ctx handles stay stale while their records' chunks are given
+ * back and carved again (the table stays type-stable). */
+static void *stale_checker_main(void *p)
+{
+	(void)p;
+	while (!atomic_load(&trim_stop))
+		for (int i = 0; i < TRIM_STALE; i++) {
+			CHECK_RC(keel_ctx_finish(stale_ctx[i]), -ESTALE);
+			atomic_fetch_add(&stale_checked, 1);
+		}
+	return NULL;
+}
+
+static void save_and_finish(keel_ctx_t *ctx, void *arg)
+{
+	*(keel_ctx_t **)arg = ctx;
+	CHECK_OK(keel_ctx_finish(ctx));
+}
+
+static keel_task_t stale_helper_id;
+static harness_event stale_helper_up, stale_helper_stop;
+
+static void *stale_helper(void *p)
+{
+	(void)p;
+	stale_helper_id = keel_self();
+	event_set(&stale_helper_up);
+	while (!event_is_set(&stale_helper_stop))
+		(void)keel_serve(keel_now() + KEEL_MS(1));
+	return NULL;
+}
+
+/* Producers post bursts that queue up (the targets drain only once a
+ * round's bursts are in), so that the drains free whole chunks and the
+ * pool gives them back while other threads allocate, carve released
+ * chunks again, and look up stale ctx handles. Every message runs once. */
+TEST(stress_message_memory_given_back)
+{
+	long rounds = harness_param("KEEL_ITERS", 6, 40);
+	long burst = harness_param("KEEL_BURST", 40000, 100000);
+	uint64_t released = atomic_load(&keel__msg_chunks_released);
+	struct trim_target tt[TRIM_TARGETS];
+	struct trim_producer tp[2 * TRIM_TARGETS];
+	pthread_t tth[TRIM_TARGETS], pth[2 * TRIM_TARGETS], checker, helper;
+
+	printf("seed: none (the schedule is the OS's); rounds %ld, burst %ld\n",
+	       rounds, burst);
+	/* No decay: trim whenever the pool has grown. */
+	atomic_store(&keel__msg_decay_ns, 0);
+	event_init(&stale_helper_up);
+	event_init(&stale_helper_stop);
+	helper = harness_thread(stale_helper, NULL);
+	event_wait(&stale_helper_up);
+	for (int i = 0; i < TRIM_STALE; i++)
+		CHECK_OK(keel_call_ctx(stale_helper_id, save_and_finish,
+				       &stale_ctx[i], KEEL_FOREVER));
+	event_set(&stale_helper_stop);
+	harness_join(helper);
+	checker = harness_thread(stale_checker_main, NULL);
+
+	barrier_init(&trim_round, 3 * TRIM_TARGETS);
+	for (int i = 0; i < TRIM_TARGETS; i++) {
+		tt[i].idx = i;
+		tt[i].rounds = rounds;
+		tt[i].per_round = 2 * burst; /* two producers each */
+		event_init(&trim_targets_up[i]);
+		tth[i] = harness_thread(trim_target_main, &tt[i]);
+		event_wait(&trim_targets_up[i]);
+	}
+	for (int i = 0; i < 2 * TRIM_TARGETS; i++) {
+		tp[i].idx = i;
+		tp[i].burst = burst;
+		tp[i].rounds = rounds;
+	}
+	for (int i = 0; i < 2 * TRIM_TARGETS; i++)
+		pth[i] = harness_thread(trim_producer_main, &tp[i]);
+	for (int i = 0; i < 2 * TRIM_TARGETS; i++)
+		harness_join(pth[i]);
+	for (int i = 0; i < TRIM_TARGETS; i++)
+		harness_join(tth[i]);
+	atomic_store(&trim_stop, 1);
+	harness_join(checker);
+	released = atomic_load(&keel__msg_chunks_released) - released;
+	printf("%ld messages in bursts; %lu chunks given back; %ld stale ctx "
+	       "checks\n",
+	       2 * TRIM_TARGETS * burst * rounds, (unsigned long)released,
+	       (long)atomic_load(&stale_checked));
+	for (int i = 0; i < TRIM_TARGETS; i++)
+		CHECK_EQ(atomic_load(&trim_ran[i]), 2 * burst * rounds);
+	CHECK_INT(released, >, 0);
+	CHECK_INT(atomic_load(&stale_checked), >, 0);
 }
