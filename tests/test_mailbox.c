@@ -674,7 +674,8 @@ static int cloop_main(void *p)
 	return 0;
 }
 
-static void cancel_a_loop_in_epoll(int post_after_cancel)
+/* how: 0 cancels the loop's scope, 1 the loop task alone. */
+static void cancel_a_loop_in_epoll(int post_after_cancel, int how)
 {
 	keel_scope_t *s;
 	struct cloop l;
@@ -687,12 +688,16 @@ static void cancel_a_loop_in_epoll(int post_after_cancel)
 	CHECK_OK(keel_spawn(s, cloop_main, &l, NULL, &l.id));
 	event_wait(&l.ready);
 	wait_until_asleep(l.tid);
-	CHECK_OK(keel_scope_cancel(s));
+	if (how == 0)
+		CHECK_OK(keel_scope_cancel(s));
+	else
+		CHECK_OK(keel_task_cancel(l.id));
 	if (post_after_cancel) {
 		CHECK_OK(keel_post(l.id, count_run, count_cancel, &l.c));
 		event_set(&l.posted);
 	}
-	CHECK_RC(keel_scope_close(s), -ECANCELED);
+	/* A task cancelled alone ends without failing its scope. */
+	CHECK_RC(keel_scope_close(s), how == 0 ? -ECANCELED : 0);
 	CHECK_EQ(l.timed_out, 0);
 	CHECK_EQ(l.polls, 1); /* woken once, by the cancel, and it left */
 	CHECK_RC(l.last_rc, -ECANCELED);
@@ -702,12 +707,18 @@ static void cancel_a_loop_in_epoll(int post_after_cancel)
 
 TEST(fd_wakes_a_loop_cancelled_in_epoll)
 {
-	cancel_a_loop_in_epoll(0);
+	cancel_a_loop_in_epoll(0, 0);
 }
 
 TEST(fd_wakes_a_loop_cancelled_in_epoll_then_posted_to)
 {
-	cancel_a_loop_in_epoll(1);
+	cancel_a_loop_in_epoll(1, 0);
+}
+
+TEST(fd_wakes_a_loop_task_cancelled_alone)
+{
+	cancel_a_loop_in_epoll(0, 1);
+	cancel_a_loop_in_epoll(1, 1);
 }
 
 static int fd_readable(int fd)
