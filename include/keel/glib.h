@@ -64,7 +64,7 @@ static inline gboolean keel_glib__prepare(GSource *s, gint *timeout)
 {
 	(void)s;
 	*timeout = -1;
-	return keel_checkpoint() < 0;
+	return keel_checkpoint() == -ECANCELED;
 }
 
 static inline gboolean keel_glib__check(GSource *s)
@@ -72,7 +72,7 @@ static inline gboolean keel_glib__check(GSource *s)
 	keel_glib_t *a = (keel_glib_t *)s;
 
 	return (g_source_query_unix_fd(s, a->tag) & G_IO_IN) != 0 ||
-	       keel_checkpoint() < 0;
+	       keel_checkpoint() == -ECANCELED;
 }
 
 static inline gboolean keel_glib__dispatch(GSource *s, GSourceFunc cb,
