@@ -25,5 +25,17 @@ else
 fi
 
 run lazy-init "a shared cache whose first builder dies mid-build"
+
+# Built only where pkg-config found the library (keel/uv.h, keel/glib.h).
+loop_demo() {
+	if [ -x "$dir/$1" ]; then
+		run "$1" "$2"
+	else
+		echo
+		echo "== $1: skipped: $3 not found when keel was configured"
+	fi
+}
+loop_demo uv-loop "a libuv loop serves a mailbox; cancelling its scope stops it" libuv
+loop_demo glib-loop "a GLib main loop serves a mailbox; cancelling its scope quits it" glib-2.0
 echo
 echo "All demonstrations passed."

@@ -196,6 +196,9 @@ void keel__spread_task(struct keel__task *t, struct keel__frame *stop)
 			 * safe off t's thread too. */
 			cancelled = keel__cancelled(t);
 			epoch = load_relaxed(&t->cb_epoch);
+			/* An event loop hears it through its mailbox fd. */
+			if (cancelled)
+				keel__mbox_wake_cancelled(t);
 		}
 		/* The scopes t opened above `stop`, innermost first; none if
 		 * `stop` has left the chain (it was closed or ended, and all
@@ -520,8 +523,10 @@ uint32_t keel__shield_pop(struct keel__task *t)
 	pthread_mutex_unlock(&t->chain_lock);
 	keel__chain_changed(t);
 	/* A cancellation the shield hid takes effect now. */
-	if (keel__cancelled(t))
+	if (keel__cancelled(t)) {
+		keel__mbox_wake_cancelled(t);
 		run_callbacks(t, load_relaxed(&t->cb_epoch));
+	}
 	return cause;
 }
 

@@ -306,9 +306,11 @@ struct keel__task {
 	struct keel__msg *outstanding; /* then-kind records owed a reply */
 	int64_t spin_ns;               /* adaptive spin budget */
 	int notify_rfd;
+	uint32_t fd_owed; /* signals of the fd since its last drain (mailbox.c) */
 	uint8_t serving;
 	uint8_t closed;
 	uint8_t fd_mode;
+	uint8_t fd_armed; /* the owner set SLEEPING for the fd (mailbox.c) */
 	uint8_t in_exit_hook; /* its scope's on_exit hook runs on it */
 
 	/* Senders waiting for room in this mailbox (keel__qnode list, under
@@ -572,6 +574,9 @@ int keel__mbox_reply(keel_task_t id, struct keel__msg *m);
 extern _Atomic uint64_t keel__room_waits_ok;
 /* Close (if not yet) and drain the owner's mailbox; resolve its calls. */
 void keel__mbox_shutdown(struct keel__task *t);
+/* t is cancelled: make its event-loop fd readable, if it has one and no
+ * wake is outstanding. Any thread; under t's chain_lock off t's thread. */
+void keel__mbox_wake_cancelled(struct keel__task *t);
 /* Close the owner's event-loop fd, if any; after keel__mbox_shutdown(). */
 void keel__mbox_close_fd(struct keel__task *t);
 /* Initialise a fresh incarnation's queue. */

@@ -82,7 +82,35 @@
  *   next one if room is left, so that no place is lost on it.
  * Slots are never freed, so a waiter may touch room_q whatever became of
  * the task; it checks the generation after every wake.
+ *
+ * THE EVENT-LOOP FD. Once keel_mailbox_fd() has been called, a sender that
+ * clears SLEEPING also writes the fd. Its contract: after keel_serve()
+ * returns, the fd is readable exactly while messages are pending, the task
+ * is cancelled, or its mailbox is closed (the last two stay readable: the
+ * loop is to leave). The owner keeps it so with two owner-only fields:
+ * fd_armed (it set SLEEPING and has not seen it cleared since) and
+ * fd_owed (signals of the fd since its last drain, made or owed). Each
+ * arming gives at most one signal, by whoever clears SLEEPING: a sender,
+ * a canceller (keel__mbox_wake_cancelled), or the owner itself (fd_take).
+ *
+ *   not serving, armed    --sender/canceller clears--> not serving, owed
+ *   serve() starts        disarm: clear SLEEPING; if someone had, owed++
+ *   serve() ends          disarm again (a blocking serve arms), drain the
+ *                         fd until the owed signals have landed, arm, and
+ *                         if something is pending or the task cancelled,
+ *                         take the duty itself (clear SLEEPING, signal)
+ *   serve() -ECANCELED    make sure a signal is made or owed; no drain
+ *
+ * Draining after disarming, and before arming again, is what leaves no
+ * stale readiness: no signal can be owed for an arming that ended before
+ * the drain and land after it, because the drain waits for those (their
+ * signallers are counted in flight, so the wait ends even if the signal
+ * was read by someone else). Arming before the last look at the queue is
+ * what loses no wake-up, as for a sleeping owner. Disarming at the start
+ * keeps senders from writing the fd while the owner is busy serving
+ * (guarantee 6).
  */
+#include <sched.h>
 #include <stdlib.h>
 
 #include "internal.h"
@@ -103,6 +131,8 @@ void keel__mbox_reset(struct keel__task *t)
 	 * ROOM_WAITERS belongs to the waiters, who clear it themselves. */
 	store_relaxed(&t->mb_limit, 0);
 	fetch_and_acq_rel(&t->mb_queued, ROOM_WAITERS);
+	t->fd_armed = 0;
+	t->fd_owed = 0;
 }
 
 /* ---- Sending ------------------------------------------------------------- */
@@ -491,13 +521,117 @@ static int spin_for_message(struct keel__task *t, keel_time_t deadline)
 	return 0;
 }
 
-/* In fd mode, leave SLEEPING set so that the next send writes the fd, and
- * write it ourselves if something is already waiting. */
-static void arm_fd(struct keel__task *t)
+/* ---- The event-loop fd (owner only; see the top of the file) ---------- */
+
+static void fd_arm(struct keel__task *t)
 {
-	arm(t);
-	if (poppable(t))
+	uint64_t old = fetch_or_acq_rel(&t->mword, MB_SLEEPING);
+
+	if (t->fd_armed && !(old & MB_SLEEPING))
+		t->fd_owed++; /* the previous arming was taken */
+	t->fd_armed = 1;
+}
+
+static void fd_disarm(struct keel__task *t)
+{
+	uint64_t old;
+
+	if (!t->fd_armed)
+		return;
+	old = fetch_and_acq_rel(&t->mword, ~MB_SLEEPING);
+	if (!(old & MB_SLEEPING))
+		t->fd_owed++;
+	t->fd_armed = 0;
+}
+
+/* Something is pending, or the task is cancelled or closed: the fd must be
+ * readable. Clear SLEEPING ourselves and signal, unless a sender or a
+ * canceller cleared it first (then they signal). */
+static void fd_take(struct keel__task *t)
+{
+	uint64_t old = fetch_and_acq_rel(&t->mword, ~MB_SLEEPING);
+
+	t->fd_armed = 0;
+	t->fd_owed++;
+	if (old & MB_SLEEPING)
 		keel__notify_signal(load_relaxed(&t->notify_wfd));
+}
+
+/* Disarmed: consume every signal made so far, waiting for the owed ones
+ * still on their way. A signaller is counted in flight until its write is
+ * done, so once none is, whatever has not landed was read by someone else
+ * (the fd is keel's, but a program may read it): stop waiting then. */
+static void fd_drain(struct keel__task *t)
+{
+	uint64_t got = keel__notify_drain(t->notify_rfd);
+
+	for (unsigned i = 0; got < t->fd_owed; i++) {
+		if ((load_acquire(&t->mword) & MB_COUNT_MASK) == 0) {
+			keel__notify_drain(t->notify_rfd);
+			break;
+		}
+		if (i < 64)
+			keel__cpu_relax();
+		else
+			sched_yield();
+		got += keel__notify_drain(t->notify_rfd);
+	}
+	t->fd_owed = 0;
+}
+
+/* The fd must stay readable (cancelled, closed): see that a signal is made
+ * or owed, without a system call if one is. */
+static void fd_keep_readable(struct keel__task *t)
+{
+	if (t->fd_armed) {
+		fd_take(t);
+	} else if (t->fd_owed == 0) {
+		fd_arm(t);
+		fd_take(t);
+	}
+}
+
+/* The end of a serve: no stale readiness, no lost wake-up. */
+static void fd_settle(struct keel__task *t)
+{
+	fd_disarm(t);
+	fd_drain(t);
+	fd_arm(t);
+	/* The acquire of fd_arm's fetch_or pairs with the release of a
+	 * sender's (or canceller's) count that came before it in the word's
+	 * order, so its message (or its cancellation) is seen here; one that
+	 * came after saw SLEEPING and signals. */
+	if (poppable(t) || keel__cancelled(t))
+		fd_take(t);
+}
+
+void keel__mbox_wake_cancelled(struct keel__task *t)
+{
+	keel_task_t id = load_acquire(&t->live);
+	uint64_t old;
+
+	if (!id)
+		return;
+	/* Counted in flight, like a sender, so that the fd cannot be closed
+	 * under us. The release pairs with the acquire of the owner's next
+	 * arming (fd_arm), which then sees the cancellation; if the owner
+	 * armed first, we see SLEEPING and its fd (published before). */
+	old = fetch_add_acq_rel(&t->mword, 1);
+	if ((old >> MB_GEN_SHIFT) == (id >> MB_GEN_SHIFT) &&
+	    !(old & (MB_CLOSED | MB_ENDED)) &&
+	    load_acquire(&t->notify_wfd) >= 0) {
+		old++;
+		while (old & MB_SLEEPING) {
+			if (cas_weak_acq_rel(&t->mword, &old,
+					     old & ~MB_SLEEPING)) {
+				KEEL_YIELD();
+				keel__notify_signal(
+					load_relaxed(&t->notify_wfd));
+				break;
+			}
+		}
+	}
+	leave_refused(t);
 }
 
 int keel_serve(keel_time_t deadline)
@@ -513,11 +647,14 @@ int keel_serve(keel_time_t deadline)
 	keel__lock_check_blocking("keel_serve()");
 	if (t->closed)
 		return -ESHUTDOWN;
-	if ((rc = keel__check(t)) < 0)
+	if ((rc = keel__check(t)) < 0) {
+		if (t->fd_mode)
+			fd_keep_readable(t); /* the loop is to leave */
 		return rc;
+	}
 	t->serving = 1;
 	if (t->fd_mode)
-		keel__notify_drain(t->notify_rfd);
+		fd_disarm(t);
 	n = run_batch(t);
 	while (n == 0) {
 		if (t->closed) {
@@ -534,7 +671,10 @@ int keel_serve(keel_time_t deadline)
 			n = run_batch(t);
 			continue;
 		}
-		arm(t);
+		if (t->fd_mode)
+			fd_arm(t);
+		else
+			arm(t);
 		if ((n = run_batch(t)) > 0)
 			break;
 		rc = keel__wait(t, deadline, 1, "serve");
@@ -543,7 +683,7 @@ int keel_serve(keel_time_t deadline)
 			break;
 	}
 	if (t->fd_mode && !t->closed)
-		arm_fd(t);
+		fd_settle(t);
 	t->serving = 0;
 	return n > 0 ? n : rc;
 }
@@ -564,8 +704,14 @@ int keel_mailbox_fd(void)
 		/* Pairs with the acquire in notify(). */
 		store_release(&t->notify_wfd, wfd);
 	}
+	/* Armed from now on, outside a serve; inside one (called from a
+	 * message), the serve's end arms it. */
+	if (!t->fd_mode && !t->serving) {
+		fd_arm(t);
+		if (poppable(t) || keel__cancelled(t))
+			fd_take(t);
+	}
 	t->fd_mode = 1;
-	arm_fd(t);
 	return t->notify_rfd;
 }
 
@@ -684,5 +830,9 @@ int keel_mailbox_close(void)
 		return -ESHUTDOWN;
 	close_and_wait(t);
 	keel__mbox_shutdown(t);
+	/* A loop watching the fd wakes and sees -ESHUTDOWN from keel_serve():
+	 * closed, the fd stays readable. No sender writes it any more. */
+	if (t->fd_mode)
+		keel__notify_signal(load_relaxed(&t->notify_wfd));
 	return 0;
 }

@@ -40,11 +40,13 @@ int keel__futex_wait_shared(_Atomic uint32_t *addr, uint32_t expected,
 void keel__futex_wake_shared(_Atomic uint32_t *addr);
 
 /* A notification fd pair: rfd becomes readable after notify_signal(wfd)
- * until notify_drain(rfd). On Linux both are the same eventfd. */
+ * until notify_drain(rfd). On Linux both are the same eventfd.
+ * notify_drain() returns how many signals it consumed (0 if none had
+ * landed), so that a caller can tell whether a signal it expects has. */
 int keel__notify_open(int *rfd, int *wfd);
 void keel__notify_close(int rfd, int wfd);
 void keel__notify_signal(int wfd);
-void keel__notify_drain(int rfd);
+uint64_t keel__notify_drain(int rfd);
 
 /* accept(2) whose new fd is close-on-exec and non-blocking from the start:
  * accept4() on Linux; accept() then fcntl() in the portable layer, where an

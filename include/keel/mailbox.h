@@ -16,6 +16,10 @@
  * mailbox closes. They never run inside another keel call. One sender's
  * messages to one target run in the order they were sent.
  *
+ * Event loops: keel/uv.h and keel/glib.h (optional, header-only, not
+ * included here) attach a task's mailbox to a libuv or GLib loop and stop
+ * the loop when the task is cancelled.
+ *
  * See docs/mailbox.md.
  */
 #ifndef KEEL_MAILBOX_H
@@ -132,7 +136,15 @@ KEEL_API int keel_mailbox_limit(size_t max);
  * microseconds and then sleeps until one arrives, the deadline passes, or
  * the task is cancelled; a task asleep here uses no CPU. Returns after a
  * batch once the mailbox is empty, so a message that keeps posting to its
- * own task cannot trap the caller.
+ * own task cannot trap the caller. A cancelled task runs no message here
+ * (those queued are cancelled when its mailbox closes), but a batch under
+ * way when the cancel comes is finished.
+ *
+ * With keel_mailbox_fd(): when it returns, the fd is readable exactly
+ * while messages are pending (or the task is cancelled, or its mailbox
+ * closed): it leaves no stale readiness behind, so a loop that serves
+ * only when the fd fires never wakes for nothing and never spins. On
+ * -ECANCELED and -ESHUTDOWN the fd stays readable: the loop is to leave.
  *
  * Context: the calling task (adopted if needed); blocks until @deadline;
  * a cancellation point. Must not be called from inside a message.
@@ -146,12 +158,19 @@ KEEL_API int keel_serve(keel_time_t deadline);
 
 /**
  * keel_mailbox_fd() - a file descriptor that is readable while messages
- * are pending for the calling task.
+ * are pending for the calling task, or once it is cancelled.
  *
  * For a task with its own event loop (epoll, poll, libuv, GLib): watch the
- * fd for readability and call keel_serve(0) when it fires. The fd may
- * occasionally be readable with nothing pending; keel_serve(0) then returns
- * -ETIMEDOUT, which the loop ignores. The fd belongs to keel: do not read,
+ * fd for readability and call keel_serve(0) when it fires; leave the loop
+ * when that returns -ECANCELED (the task is cancelled) or -ESHUTDOWN (its
+ * mailbox is closed). The fd becomes readable when the task is cancelled,
+ * whether or not messages arrive, and stays readable (level-triggered)
+ * while it is, so the loop cannot miss it; a loop that goes on instead
+ * spins. After keel_serve(0) returns, the fd is readable only for messages
+ * pending, cancellation or close: no stale readiness. A wake-up can still
+ * find nothing to run while a sender is mid-send; keel_serve(0) then
+ * returns -ETIMEDOUT, which the loop ignores. keel/uv.h and keel/glib.h
+ * do all this for libuv and GLib. The fd belongs to keel: do not read,
  * write or close it. It is closed when the task ends, so take it out of
  * your poll set before then. Repeated calls return the same fd.
  *

@@ -96,14 +96,16 @@ void keel__notify_signal(int wfd)
 	while (n < 0 && errno == EINTR);
 }
 
-void keel__notify_drain(int rfd)
+uint64_t keel__notify_drain(int rfd)
 {
-	uint64_t v;
+	uint64_t v = 0;
 	ssize_t n;
 
+	/* The counter is the number of signals since the last read. */
 	do
 		n = read(rfd, &v, sizeof v);
 	while (n < 0 && errno == EINTR);
+	return n == (ssize_t)sizeof v ? v : 0;
 }
 
 int keel__accept(int lfd, struct sockaddr_storage *peer)

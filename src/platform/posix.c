@@ -170,14 +170,19 @@ void keel__notify_signal(int wfd)
 	while (n < 0 && errno == EINTR);
 }
 
-void keel__notify_drain(int rfd)
+uint64_t keel__notify_drain(int rfd)
 {
 	char buf[64];
+	uint64_t got = 0;
 	ssize_t n;
 
-	do
+	/* One byte per signal. */
+	do {
 		n = read(rfd, buf, sizeof buf);
-	while (n > 0 || (n < 0 && errno == EINTR));
+		if (n > 0)
+			got += (uint64_t)n;
+	} while (n > 0 || (n < 0 && errno == EINTR));
+	return got;
 }
 
 int keel__accept(int lfd, struct sockaddr_storage *peer)
