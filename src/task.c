@@ -48,6 +48,7 @@ static _Atomic(struct keel__task *) task_chunks[TASK_MAX_CHUNKS];
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static uint32_t task_count;            /* slots ever created */
 static uint32_t tasks_live;            /* slots in use */
+static uint32_t tasks_peak;            /* ... at most, since reset */
 static struct keel__task *free_slots;   /* LIFO, under registry_lock */
 static uint32_t adopted_seq;           /* for default names */
 
@@ -131,7 +132,8 @@ struct keel__task *keel__task_alloc(void)
 		gen = 1;
 	t->id = gen << MB_GEN_SHIFT | t->idx;
 	t->in_use = 1;
-	tasks_live++;
+	if (++tasks_live > tasks_peak)
+		tasks_peak = tasks_live;
 	t->joined = 0;
 	t->adopted = 0;
 	t->status = 0;
@@ -265,9 +267,17 @@ int keel_stats_get(keel_stats *out)
 	pthread_mutex_lock(&registry_lock);
 	out->tasks_live = tasks_live;
 	out->task_slots = task_count;
+	out->tasks_peak = tasks_peak;
 	pthread_mutex_unlock(&registry_lock);
 	keel__scope_stats(&out->scopes_live, &out->scope_slots);
 	return 0;
+}
+
+void keel_stats_reset_peak(void)
+{
+	pthread_mutex_lock(&registry_lock);
+	tasks_peak = tasks_live;
+	pthread_mutex_unlock(&registry_lock);
 }
 
 /* ---- Adoption and thread exit -------------------------------------------- */

@@ -1795,6 +1795,11 @@ TEST(children_give_back_their_slots_as_they_end)
 	CHECK_EQ(ch.failed, 0);
 	CHECK_INT(ch.max_live, <=, max);
 	CHECK_INT(after.task_slots - before.task_slots, <=, 2 * max);
+	CHECK_INT(after.tasks_peak - before.tasks_live, <=, 2 * max);
+	CHECK_INT(after.tasks_peak, >=, before.tasks_live + 1);
+	keel_stats_reset_peak();
+	CHECK_OK(keel_stats_get(&after));
+	CHECK_INT(after.tasks_peak, ==, after.tasks_live);
 	/* The last ones may still be between their hook and their release
 	 * when scope_join returns; after the close, none is left. */
 	CHECK_EQ(closed.tasks_live, before.tasks_live);

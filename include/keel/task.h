@@ -76,12 +76,15 @@ KEEL_API int keel_set_name(const char *name);
  *               reaped (joinable children awaiting keel_join(), say).
  * @task_slots:  task slots ever created: the high-water mark of
  *               @tasks_live. Slots are never freed, only reused.
+ * @tasks_peak:  the high-water mark of @tasks_live since the process
+ *               started or keel_stats_reset_peak() was last called.
  * @scopes_live: scopes open (or closing).
  * @scope_slots: scope slots ever created.
  */
 typedef struct keel_stats {
 	size_t tasks_live;
 	size_t task_slots;
+	size_t tasks_peak;
 	size_t scopes_live;
 	size_t scope_slots;
 } keel_stats;
@@ -97,6 +100,16 @@ typedef struct keel_stats {
  * Return: 0; -EINVAL if @out is NULL.
  */
 KEEL_API int keel_stats_get(keel_stats *out);
+
+/**
+ * keel_stats_reset_peak() - start a new period for keel_stats.tasks_peak.
+ *
+ * The peak becomes the number of tasks live now: a server can read and
+ * reset it each minute to see its busiest moment.
+ *
+ * Context: any thread; never blocks (takes keel's table lock briefly).
+ */
+KEEL_API void keel_stats_reset_peak(void);
 
 #ifdef __cplusplus
 }
