@@ -159,12 +159,22 @@ static void leave_refused(struct keel__task *t)
 /* A sender whose release found SLEEPING set: the owner asked to be told of
  * messages. Notify it, but only while counted in flight again, so that the
  * owner (which closes its eventfd only after close has waited out every
- * sender) can never have closed the fd under us. */
-static void notify_sleeper(struct keel__task *t, keel_task_t id)
+ * sender) can never have closed the fd under us.
+ * Between the release and the count taken again, the owner may have served
+ * the message, ended that serve and armed anew: clearing that new arming
+ * would leave the fd readable for a message already run. So a sender whose
+ * record has been freed since it linked it (its generation moved: the
+ * owner popped it and its outcome ran) leaves the arming alone; the owner
+ * looks at its queue after every arming, and whoever sends next signals. */
+static void notify_sleeper(struct keel__task *t, keel_task_t id,
+			   struct keel__msg *m, uint64_t mgen)
 {
 	uint64_t old = fetch_add_acquire(&t->mword, 1), new;
 
-	if ((old >> MB_GEN_SHIFT) == (id >> MB_GEN_SHIFT) &&
+	/* The record's memory is never unmapped: reading a recycled (or
+	 * released, all-zero) one is safe and tells the same. */
+	if ((load_acquire(&m->state) >> 8) == mgen &&
+	    (old >> MB_GEN_SHIFT) == (id >> MB_GEN_SHIFT) &&
 	    !(old & (MB_CLOSED | MB_ENDED))) {
 		old++;
 		for (;;) {
@@ -184,7 +194,8 @@ static void notify_sleeper(struct keel__task *t, keel_task_t id)
 /* Release the count of a send that linked its record. One fetch_sub: it is
  * ordered after the link (release), and if the owner had set SLEEPING
  * before it in the word's modification order, it sees the bit. */
-static void leave_linked(struct keel__task *t, keel_task_t id)
+static void leave_linked(struct keel__task *t, keel_task_t id,
+			 struct keel__msg *m, uint64_t mgen)
 {
 	uint64_t old = fetch_sub_acq_rel(&t->mword, 1);
 
@@ -193,7 +204,7 @@ static void leave_linked(struct keel__task *t, keel_task_t id)
 	if ((old & MB_CLOSED) && (old & MB_COUNT_MASK) == 1)
 		keel__unpark(t); /* the owner waits in close for us */
 	else if (old & MB_SLEEPING)
-		notify_sleeper(t, id);
+		notify_sleeper(t, id, m, mgen);
 }
 
 /* Take a place in t's bounded mailbox, if one is free. */
@@ -220,7 +231,7 @@ send_msg(keel_task_t id, struct keel__msg *m, int mode)
 {
 	struct keel__task *t = keel__task_slot(id);
 	struct keel__msg *prev;
-	uint64_t old;
+	uint64_t old, mgen;
 
 	if (!t || id == KEEL_TASK_NONE)
 		return -ESRCH;
@@ -246,12 +257,14 @@ send_msg(keel_task_t id, struct keel__msg *m, int mode)
 			m->counted = 1;
 	}
 	KEEL_YIELD();
+	mgen = load_relaxed(&m->state) >> 8; /* ours until it is linked */
 	store_relaxed(&m->next, NULL);
 	prev = xchg_acq_rel(&t->tail, m);
 	KEEL_YIELD();
 	/* Pairs with the acquire loads of `next` in pop() and poppable(). */
 	store_release(&prev->next, m);
-	leave_linked(t, id);
+	KEEL_YIELD();
+	leave_linked(t, id, m, mgen);
 	return 0;
 }
 
