@@ -39,8 +39,7 @@
 #define W_SLEEP 1u
 #define W_JOB 2u
 
-#define MAX_IDLE 256
-#define MAX_IDLE_BUSY 4096
+#define MAX_IDLE 64
 #define WORKER_SPIN_NS 20000
 
 struct worker {
@@ -93,17 +92,6 @@ void keel__thread_cache_fork(int phase)
 		nidle = 0;
 	}
 	pthread_mutex_unlock(&cache_lock);
-}
-
-/* Under cache_lock: threads running a job now. The cache keeps up to
- * MAX_IDLE idle threads, and beyond that as many as are busy (up to
- * MAX_IDLE_BUSY): a program that runs 200 short tasks at a time, each
- * started as another ends, finds a thread back on the list for each spawn
- * instead of creating one while the ending task's thread is still on its
- * way back. The idle timeout trims what a burst left. */
-static uint64_t busy_threads(void)
-{
-	return load_relaxed(&n_created) - load_relaxed(&n_exited) - nidle;
 }
 
 /* Wait for a job; 0 if one came, -1 if the worker should exit. */
@@ -162,8 +150,7 @@ static void *worker_main(void *p)
 		/* Pairs with the release exchange in keel__thread_start(). */
 		w->fn(w->arg);
 		pthread_mutex_lock(&cache_lock);
-		if (nidle >= MAX_IDLE &&
-		    (nidle >= busy_threads() || nidle >= MAX_IDLE_BUSY)) {
+		if (nidle >= MAX_IDLE) {
 			pthread_mutex_unlock(&cache_lock);
 			break;
 		}
