@@ -54,6 +54,7 @@
 #include <execinfo.h>
 #include <link.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -107,9 +108,18 @@ COMPAT(pthread_rwlock_unlock, int, (pthread_rwlock_t *))
 #define HAVE_COMPAT 1
 #endif
 
+/* The thread's record and flags, one TLS block: the fast paths reach
+ * both from one thread-pointer offset. */
 struct lc_thread {
+	struct keel__lockstate ls; /* the held record */
 	uint32_t busy; /* in the checker: lock calls go straight through */
 	uint32_t in_dlsym;
+	/* Nestings this thread knows are in the graph, by the held lock's
+	 * node and the taken lock's address (from << 48 | address), so a
+	 * known nesting skips the address table: direct-mapped, cleared
+	 * when lc_forgets moves (an address may now be another lock). */
+	uint32_t known_epoch;
+	uint64_t known[64];
 };
 static KEEL_TLS struct lc_thread lc_t;
 
@@ -168,14 +178,21 @@ static inline anyfn real_fn(int i)
 }
 
 #define REAL(f) ((__typeof__(&f))real_fn(F_##f))
+/* Once on() said yes: start() has resolved every function. */
+#define REAL_ON(f)                                                          \
+	((__typeof__(&f))atomic_load_explicit(&real[F_##f], memory_order_relaxed))
 
 /* ---- State ---------------------------------------------------------------- */
 
-/* The held record (lock.c defines keel's; this library has its own). */
+/* lockcheck.c's keel__locks (lock.c defines keel's): this library keeps
+ * its record in lc_t and never calls what reads this one. */
 KEEL_TLS struct keel__lockstate keel__locks;
 
-/* 1 once the policy is read and checking is on. */
-static _Atomic int lc_on;
+/* ST_NEW until start() has run (it resolves every real function and
+ * reads the policy), then ST_ON or ST_OFF: one load says both "started"
+ * and "checking". lc_started makes start() run once. */
+enum { ST_NEW, ST_ON, ST_OFF };
+static _Atomic int lc_state;
 static _Atomic int lc_started;
 static int bt_warm;        /* backtrace() has loaded what it needs */
 static void *self_base;    /* this library's load address */
@@ -251,12 +268,16 @@ static uint32_t node_of(void *lock)
 
 /* *_init and *_destroy: whatever was learned about this address is about
  * another lock. */
+static _Atomic uint32_t lc_forgets;
+
 static void forget(void *lock)
 {
 	struct slot *s = slot_of(lock, 0);
 
-	if (s && __atomic_load_n(&s->node, __ATOMIC_RELAXED))
+	if (s && __atomic_load_n(&s->node, __ATOMIC_RELAXED)) {
 		keel__graph_forget(&s->node);
+		atomic_fetch_add_explicit(&lc_forgets, 1, memory_order_relaxed);
+	}
 }
 
 /* ---- Edges' records ------------------------------------------------------- */
@@ -430,10 +451,21 @@ static inline void push(struct keel__lockstate *ls, void *lock, void *pc,
 	ls->depth = d + 1;
 	atomic_signal_fence(memory_order_seq_cst);
 	h->site = (const char *)pc;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+	{
+		/* min, node 0 (none yet), mode, bits: one store, as
+		 * held_tail() does for keel's locks. */
+		uint64_t w = (uint64_t)LEVEL_NONE | (uint64_t)mode << 48 |
+			     (uint64_t)(HELD_FOREIGN | bits) << 56;
+
+		memcpy((char *)h + offsetof(struct keel__held, min), &w, sizeof w);
+	}
+#else
 	h->min = LEVEL_NONE;
 	h->node = 0;
 	h->mode = (uint8_t)mode;
 	h->bits = (uint8_t)(HELD_FOREIGN | bits);
+#endif
 	atomic_signal_fence(memory_order_seq_cst);
 	h->lock = lock;
 }
@@ -462,7 +494,7 @@ static void report_self(void *lock, unsigned bits, int mode,
 	rb_frames(&r, frames, n, 10);
 	keel__rb_add(&r, "\n" P "    it was taken at ");
 	rb_pc(&r, (void *)(uintptr_t)held->site);
-	rb_held_list(&r, &keel__locks);
+	rb_held_list(&r, &lc_t.ls);
 	keel__lc_report_end(&r);
 }
 
@@ -483,7 +515,7 @@ static void report_not_held(void *lock, unsigned bits, void *pc)
 	rb_lock(&r, lock, bits);
 	keel__rb_add(&r, " at:");
 	rb_frames(&r, frames, n, 10);
-	rb_held_list(&r, &keel__locks);
+	rb_held_list(&r, &lc_t.ls);
 	keel__lc_report_end(&r);
 }
 
@@ -585,7 +617,7 @@ static void report_cycle(struct cycle *c, void *lock, unsigned bits,
 	}
 	if (c->n > n)
 		keel__rb_add(&r, "\n" P "  ... and %u more edges", c->n - n);
-	rb_held_list(&r, &keel__locks);
+	rb_held_list(&r, &lc_t.ls);
 	keel__lc_report_end(&r);
 }
 
@@ -602,14 +634,30 @@ static void learn(struct keel__lockstate *ls, struct keel__held *h, void *lock,
 	const char *known;
 	struct cycle c;
 
+	uint64_t key, *slot;
+	uint32_t forgets = atomic_load_explicit(&lc_forgets, memory_order_relaxed);
+
 	if (!h->node)
 		h->node = (uint16_t)node_of(h->lock);
 	from = h->node;
+	if (!from)
+		return;
+	key = (uint64_t)from << 48 | ((uint64_t)(uintptr_t)lock & 0xffffffffffffull);
+	if (unlikely(lc_t.known_epoch != forgets)) {
+		memset(lc_t.known, 0, sizeof lc_t.known);
+		lc_t.known_epoch = forgets;
+	}
+	slot = &lc_t.known[(key * 0x9E3779B97F4A7C15ull) >> 58];
+	if (*slot == key)
+		return;
 	to = node_of(lock);
-	if (!from || !to || from == to)
+	if (!to || from == to)
 		return;
-	if (keel__lc_edge_known(ls, from, to, lock))
+	if (keel__lc_edge_known(ls, from, to, lock)) {
+		*slot = key;
 		return;
+	}
+	*slot = key;
 	/* Known to the graph already (another thread learned it): only
 	 * its modes may grow. */
 	if ((known = keel__graph_site(from, to)) != NULL) {
@@ -706,7 +754,7 @@ static void start(void)
 	keel__lc_describe = describe;
 	/* report: see docs/lockcheck.md for why it is this tool's default. */
 	keel__lc_read_policy(KEEL_LOCKCHECK_REPORT);
-	atomic_store(&lc_on, keel__lc_checking());
+	atomic_store(&lc_state, keel__lc_checking() ? ST_ON : ST_OFF);
 	lc_t.busy--;
 }
 
@@ -730,7 +778,7 @@ __attribute__((destructor)) static void lc_fini(void)
 	uint32_t locks, edges;
 	static const char *const names[] = {"abort", "report", "off"};
 
-	if (!atomic_load(&lc_on))
+	if (atomic_load(&lc_state) != ST_ON)
 		return;
 	lc_t.busy++;
 	keel__graph_count(&locks, &edges);
@@ -746,13 +794,26 @@ __attribute__((destructor)) static void lc_fini(void)
 	lc_t.busy--;
 }
 
-/* Checking applies: started, on, and not inside the checker. */
+/* Checking is on (starting it if this is the first call). Lock and
+ * unlock calls then keep the record even inside the checker (the
+ * graph's own lock, a signal handler that interrupted the checker): a
+ * push and its pop are balanced, and what `busy` forbids is only the
+ * check, which would re-enter the graph. */
+static inline int on(void)
+{
+	int st = atomic_load_explicit(&lc_state, memory_order_relaxed);
+
+	if (unlikely(st == ST_NEW)) {
+		start();
+		st = atomic_load_explicit(&lc_state, memory_order_relaxed);
+	}
+	return likely(st == ST_ON);
+}
+
+/* On, and not inside the checker. */
 static inline int active(void)
 {
-	if (unlikely(!atomic_load_explicit(&lc_started, memory_order_relaxed)))
-		start();
-	return likely(atomic_load_explicit(&lc_on, memory_order_relaxed)) &&
-	       likely(!lc_t.busy);
+	return on() && likely(!lc_t.busy);
 }
 
 /* ---- Acquire and release, whatever the kind ------------------------------------ */
@@ -761,7 +822,7 @@ static inline int active(void)
  * nothing). */
 static inline void acquired(void *lock, void *pc, int mode, unsigned bits)
 {
-	push(&keel__locks, lock, pc, mode, bits);
+	push(&lc_t.ls, lock, pc, mode, bits);
 }
 
 /* Before a blocking acquisition with something held. 1: a permitted
@@ -772,7 +833,7 @@ static __attribute__((noinline)) int before(void *lock, unsigned bits,
 	int r;
 
 	lc_t.busy++;
-	r = check(&keel__locks, lock, bits, mode, recursive_ok, pc);
+	r = check(&lc_t.ls, lock, bits, mode, recursive_ok, pc);
 	lc_t.busy--;
 	return r;
 }
@@ -783,7 +844,7 @@ static __attribute__((noinline)) int before(void *lock, unsigned bits,
 static __attribute__((noinline)) void release_slow(void *lock, unsigned bits,
 						   void *pc)
 {
-	struct keel__lockstate *ls = &keel__locks;
+	struct keel__lockstate *ls = &lc_t.ls;
 	int d = (int)ls->depth;
 
 	lc_t.busy++;
@@ -795,14 +856,15 @@ static __attribute__((noinline)) void release_slow(void *lock, unsigned bits,
 		}
 	if (ls->unrec)
 		ls->unrec--;
-	else
+	else if (lc_t.busy == 1)
 		report_not_held(lock, bits, pc);
+	/* else: inside the checker, no report (nor a check). */
 	lc_t.busy--;
 }
 
 static inline void release(void *lock, unsigned bits, void *pc)
 {
-	struct keel__lockstate *ls = &keel__locks;
+	struct keel__lockstate *ls = &lc_t.ls;
 	uint32_t d = ls->depth;
 
 	if (likely(d - 1 < KEEL_LOCK_STACK && ls->stack[d - 1].lock == lock)) {
@@ -812,11 +874,15 @@ static inline void release(void *lock, unsigned bits, void *pc)
 	release_slow(lock, bits, pc);
 }
 
-/* A lock call made inside the checker, or with checking off: straight
- * through. Inside the checker (the graph's own lock, a signal handler
- * that interrupted it) lock and unlock both come while `busy`, so the
- * record never sees the unlock either. */
+/* A lock call with checking off: straight through. */
 #define PASS_LOCK(call) return (call)
+
+/* The check before a blocking acquisition applies: something is held,
+ * and the caller is not the checker itself. */
+static inline int must_check(void)
+{
+	return unlikely(lc_t.ls.depth != 0) && likely(!lc_t.busy);
+}
 
 /* ---- Mutexes --------------------------------------------------------------------- */
 
@@ -850,7 +916,7 @@ EXPORT int pthread_mutex_destroy(pthread_mutex_t *m)
 /* The checks before a blocking mutex acquisition; 1: relock, no edge. */
 static inline int mutex_before(pthread_mutex_t *m, void *pc)
 {
-	if (likely(keel__locks.depth == 0))
+	if (!must_check())
 		return 0;
 	return before(m, K_MUTEX, LM_EXCL,
 		      mutex_type(m) == PTHREAD_MUTEX_RECURSIVE, pc);
@@ -864,49 +930,88 @@ static inline int mutex_after(pthread_mutex_t *m, int rc, void *pc)
 	return rc;
 }
 
+/* A mutex of the default kind (normal, not robust, not priority-aware:
+ * __kind 0) cannot fail to lock: its entry is pushed first and the C
+ * library's lock is a tail call, no frame of ours around it. A signal
+ * handler that runs between the two and takes locks sees the mutex as
+ * held, which it may as well have been had the signal come a moment
+ * later: whatever it reports could happen. */
+static __attribute__((noinline)) int mutex_lock_slow(pthread_mutex_t *m,
+						     void *pc)
+{
+	if (unlikely(!on()))
+		return REAL(pthread_mutex_lock)(m);
+	mutex_before(m, pc);
+	if (likely(m->__data.__kind == 0)) {
+		acquired(m, pc, LM_EXCL, K_MUTEX);
+		return REAL_ON(pthread_mutex_lock)(m);
+	}
+	return mutex_after(m, REAL_ON(pthread_mutex_lock)(m), pc);
+}
+
+/* The common case inline: checking on, nothing held (nothing to check),
+ * a default mutex; the entry goes in the record's first slot. */
 EXPORT int pthread_mutex_lock(pthread_mutex_t *m)
 {
-	if (unlikely(!active()))
-		PASS_LOCK(REAL(pthread_mutex_lock)(m));
-	mutex_before(m, RET_ADDR());
-	return mutex_after(m, REAL(pthread_mutex_lock)(m), RET_ADDR());
+	if (likely(atomic_load_explicit(&lc_state, memory_order_relaxed) == ST_ON &&
+		   lc_t.ls.depth == 0 && m->__data.__kind == 0)) {
+		push(&lc_t.ls, m, RET_ADDR(), LM_EXCL, K_MUTEX);
+		return REAL_ON(pthread_mutex_lock)(m);
+	}
+	return mutex_lock_slow(m, RET_ADDR());
 }
 
 EXPORT int pthread_mutex_timedlock(pthread_mutex_t *m, const struct timespec *t)
 {
-	if (unlikely(!active()))
+	if (unlikely(!on()))
 		PASS_LOCK(REAL(pthread_mutex_timedlock)(m, t));
 	mutex_before(m, RET_ADDR());
-	return mutex_after(m, REAL(pthread_mutex_timedlock)(m, t), RET_ADDR());
+	return mutex_after(m, REAL_ON(pthread_mutex_timedlock)(m, t), RET_ADDR());
 }
 
 EXPORT int pthread_mutex_clocklock(pthread_mutex_t *m, clockid_t c,
 				   const struct timespec *t)
 {
-	if (unlikely(!active()))
+	if (unlikely(!on()))
 		PASS_LOCK(REAL(pthread_mutex_clocklock)(m, c, t));
 	mutex_before(m, RET_ADDR());
-	return mutex_after(m, REAL(pthread_mutex_clocklock)(m, c, t), RET_ADDR());
+	return mutex_after(m, REAL_ON(pthread_mutex_clocklock)(m, c, t), RET_ADDR());
 }
 
 EXPORT int pthread_mutex_trylock(pthread_mutex_t *m)
 {
 	int rc;
 
-	if (unlikely(!active()))
+	if (unlikely(!on()))
 		PASS_LOCK(REAL(pthread_mutex_trylock)(m));
 	/* No check and no edge to it: a trylock cannot wait. */
-	rc = REAL(pthread_mutex_trylock)(m);
+	rc = REAL_ON(pthread_mutex_trylock)(m);
 	if (rc == 0 || rc == EOWNERDEAD)
 		acquired(m, RET_ADDR(), LM_EXCL, K_MUTEX | K_TRY);
 	return rc;
 }
 
+static __attribute__((noinline)) int mutex_unlock_slow(pthread_mutex_t *m,
+						       void *pc)
+{
+	if (likely(on())) {
+		release(m, K_MUTEX, pc);
+		return REAL_ON(pthread_mutex_unlock)(m);
+	}
+	return REAL(pthread_mutex_unlock)(m);
+}
+
+/* The common case inline: the mutex on top of the record. */
 EXPORT int pthread_mutex_unlock(pthread_mutex_t *m)
 {
-	if (likely(active()))
-		release(m, K_MUTEX, RET_ADDR());
-	return REAL(pthread_mutex_unlock)(m);
+	uint32_t d = lc_t.ls.depth;
+
+	if (likely(atomic_load_explicit(&lc_state, memory_order_relaxed) == ST_ON &&
+		   d - 1 < KEEL_LOCK_STACK && lc_t.ls.stack[d - 1].lock == m)) {
+		lc_t.ls.depth = d - 1;
+		return REAL_ON(pthread_mutex_unlock)(m);
+	}
+	return mutex_unlock_slow(m, RET_ADDR());
 }
 
 /* ---- Reader-writer locks ------------------------------------------------------------ */
@@ -943,84 +1048,86 @@ static inline int rw_after(pthread_rwlock_t *l, int rc, int mode, void *pc,
 
 #define RW_BEFORE(l, mode)                                                  \
 	do {                                                                \
-		if (unlikely(keel__locks.depth != 0))                       \
+		if (must_check())                                           \
 			before((l), K_RW, (mode), 0, RET_ADDR());           \
 	} while (0)
 
 EXPORT int pthread_rwlock_rdlock(pthread_rwlock_t *l)
 {
-	if (unlikely(!active()))
+	if (unlikely(!on()))
 		PASS_LOCK(REAL(pthread_rwlock_rdlock)(l));
 	RW_BEFORE(l, LM_SHARED);
-	return rw_after(l, REAL(pthread_rwlock_rdlock)(l), LM_SHARED, RET_ADDR(), 0);
+	return rw_after(l, REAL_ON(pthread_rwlock_rdlock)(l), LM_SHARED, RET_ADDR(), 0);
 }
 
 EXPORT int pthread_rwlock_timedrdlock(pthread_rwlock_t *l, const struct timespec *t)
 {
-	if (unlikely(!active()))
+	if (unlikely(!on()))
 		PASS_LOCK(REAL(pthread_rwlock_timedrdlock)(l, t));
 	RW_BEFORE(l, LM_SHARED);
-	return rw_after(l, REAL(pthread_rwlock_timedrdlock)(l, t), LM_SHARED,
+	return rw_after(l, REAL_ON(pthread_rwlock_timedrdlock)(l, t), LM_SHARED,
 			RET_ADDR(), 0);
 }
 
 EXPORT int pthread_rwlock_clockrdlock(pthread_rwlock_t *l, clockid_t c,
 				      const struct timespec *t)
 {
-	if (unlikely(!active()))
+	if (unlikely(!on()))
 		PASS_LOCK(REAL(pthread_rwlock_clockrdlock)(l, c, t));
 	RW_BEFORE(l, LM_SHARED);
-	return rw_after(l, REAL(pthread_rwlock_clockrdlock)(l, c, t), LM_SHARED,
+	return rw_after(l, REAL_ON(pthread_rwlock_clockrdlock)(l, c, t), LM_SHARED,
 			RET_ADDR(), 0);
 }
 
 EXPORT int pthread_rwlock_tryrdlock(pthread_rwlock_t *l)
 {
-	if (unlikely(!active()))
+	if (unlikely(!on()))
 		PASS_LOCK(REAL(pthread_rwlock_tryrdlock)(l));
-	return rw_after(l, REAL(pthread_rwlock_tryrdlock)(l), LM_SHARED,
+	return rw_after(l, REAL_ON(pthread_rwlock_tryrdlock)(l), LM_SHARED,
 			RET_ADDR(), K_TRY);
 }
 
 EXPORT int pthread_rwlock_wrlock(pthread_rwlock_t *l)
 {
-	if (unlikely(!active()))
+	if (unlikely(!on()))
 		PASS_LOCK(REAL(pthread_rwlock_wrlock)(l));
 	RW_BEFORE(l, LM_EXCL);
-	return rw_after(l, REAL(pthread_rwlock_wrlock)(l), LM_EXCL, RET_ADDR(), 0);
+	return rw_after(l, REAL_ON(pthread_rwlock_wrlock)(l), LM_EXCL, RET_ADDR(), 0);
 }
 
 EXPORT int pthread_rwlock_timedwrlock(pthread_rwlock_t *l, const struct timespec *t)
 {
-	if (unlikely(!active()))
+	if (unlikely(!on()))
 		PASS_LOCK(REAL(pthread_rwlock_timedwrlock)(l, t));
 	RW_BEFORE(l, LM_EXCL);
-	return rw_after(l, REAL(pthread_rwlock_timedwrlock)(l, t), LM_EXCL,
+	return rw_after(l, REAL_ON(pthread_rwlock_timedwrlock)(l, t), LM_EXCL,
 			RET_ADDR(), 0);
 }
 
 EXPORT int pthread_rwlock_clockwrlock(pthread_rwlock_t *l, clockid_t c,
 				      const struct timespec *t)
 {
-	if (unlikely(!active()))
+	if (unlikely(!on()))
 		PASS_LOCK(REAL(pthread_rwlock_clockwrlock)(l, c, t));
 	RW_BEFORE(l, LM_EXCL);
-	return rw_after(l, REAL(pthread_rwlock_clockwrlock)(l, c, t), LM_EXCL,
+	return rw_after(l, REAL_ON(pthread_rwlock_clockwrlock)(l, c, t), LM_EXCL,
 			RET_ADDR(), 0);
 }
 
 EXPORT int pthread_rwlock_trywrlock(pthread_rwlock_t *l)
 {
-	if (unlikely(!active()))
+	if (unlikely(!on()))
 		PASS_LOCK(REAL(pthread_rwlock_trywrlock)(l));
-	return rw_after(l, REAL(pthread_rwlock_trywrlock)(l), LM_EXCL, RET_ADDR(),
+	return rw_after(l, REAL_ON(pthread_rwlock_trywrlock)(l), LM_EXCL, RET_ADDR(),
 			K_TRY);
 }
 
 EXPORT int pthread_rwlock_unlock(pthread_rwlock_t *l)
 {
-	if (likely(active()))
+	if (likely(on())) {
 		release(l, K_RW, RET_ADDR());
+		return REAL_ON(pthread_rwlock_unlock)(l);
+	}
 	return REAL(pthread_rwlock_unlock)(l);
 }
 
@@ -1052,11 +1159,11 @@ EXPORT int pthread_spin_lock(pthread_spinlock_t *s)
 {
 	void *lock = (void *)(uintptr_t)s;
 
-	if (unlikely(!active()))
+	if (unlikely(!on()))
 		PASS_LOCK(REAL(pthread_spin_lock)(s));
-	if (unlikely(keel__locks.depth != 0))
+	if (must_check())
 		before(lock, K_SPIN, LM_EXCL, 0, RET_ADDR());
-	if (REAL(pthread_spin_lock)(s) == 0) {
+	if (REAL_ON(pthread_spin_lock)(s) == 0) {
 		acquired(lock, RET_ADDR(), LM_EXCL, K_SPIN);
 		return 0;
 	}
@@ -1067,9 +1174,9 @@ EXPORT int pthread_spin_trylock(pthread_spinlock_t *s)
 {
 	int rc;
 
-	if (unlikely(!active()))
+	if (unlikely(!on()))
 		PASS_LOCK(REAL(pthread_spin_trylock)(s));
-	rc = REAL(pthread_spin_trylock)(s);
+	rc = REAL_ON(pthread_spin_trylock)(s);
 	if (rc == 0)
 		acquired((void *)(uintptr_t)s, RET_ADDR(), LM_EXCL, K_SPIN | K_TRY);
 	return rc;
@@ -1077,8 +1184,10 @@ EXPORT int pthread_spin_trylock(pthread_spinlock_t *s)
 
 EXPORT int pthread_spin_unlock(pthread_spinlock_t *s)
 {
-	if (likely(active()))
+	if (likely(on())) {
 		release((void *)(uintptr_t)s, K_SPIN, RET_ADDR());
+		return REAL_ON(pthread_spin_unlock)(s);
+	}
 	return REAL(pthread_spin_unlock)(s);
 }
 
@@ -1089,7 +1198,7 @@ EXPORT int pthread_spin_unlock(pthread_spinlock_t *s)
 
 static int cond_mark(pthread_mutex_t *m)
 {
-	struct keel__lockstate *ls = &keel__locks;
+	struct keel__lockstate *ls = &lc_t.ls;
 
 	for (int i = (int)ls->depth; i-- > 0;)
 		if (ls->stack[i].lock == m) {
@@ -1101,7 +1210,7 @@ static int cond_mark(pthread_mutex_t *m)
 
 static void cond_unmark(pthread_mutex_t *m)
 {
-	struct keel__lockstate *ls = &keel__locks;
+	struct keel__lockstate *ls = &lc_t.ls;
 
 	for (int i = (int)ls->depth; i-- > 0;)
 		if (ls->stack[i].lock == m && (ls->stack[i].bits & HELD_WAITING)) {
@@ -1112,7 +1221,7 @@ static void cond_unmark(pthread_mutex_t *m)
 
 EXPORT int pthread_cond_wait(pthread_cond_t *c, pthread_mutex_t *m)
 {
-	int rc, on = active(), i = on ? cond_mark(m) : -1;
+	int rc, i = active() ? cond_mark(m) : -1;
 
 	rc = REAL(pthread_cond_wait)(c, m);
 	if (i >= 0)
@@ -1123,7 +1232,7 @@ EXPORT int pthread_cond_wait(pthread_cond_t *c, pthread_mutex_t *m)
 EXPORT int pthread_cond_timedwait(pthread_cond_t *c, pthread_mutex_t *m,
 				  const struct timespec *t)
 {
-	int rc, on = active(), i = on ? cond_mark(m) : -1;
+	int rc, i = active() ? cond_mark(m) : -1;
 
 	rc = REAL(pthread_cond_timedwait)(c, m, t);
 	if (i >= 0)
@@ -1134,7 +1243,7 @@ EXPORT int pthread_cond_timedwait(pthread_cond_t *c, pthread_mutex_t *m,
 EXPORT int pthread_cond_clockwait(pthread_cond_t *c, pthread_mutex_t *m,
 				  clockid_t clk, const struct timespec *t)
 {
-	int rc, on = active(), i = on ? cond_mark(m) : -1;
+	int rc, i = active() ? cond_mark(m) : -1;
 
 	rc = REAL(pthread_cond_clockwait)(c, m, clk, t);
 	if (i >= 0)
