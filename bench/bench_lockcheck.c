@@ -7,6 +7,10 @@
  *   preloaded). Impls: keel_lockcheck, native. Target: at most 1.5x.
  * lockcheck_nested: the same for a nesting of two (lock A, lock B, unlock
  *   B, unlock A), the case where the checker consults the order.
+ * lockcheck_init: init, lock (under another lock), unlock, destroy: what
+ *   identifying locks by address with a generation per init costs (each
+ *   init and destroy forgets the lock's node and edges; the nesting is
+ *   learned anew each time, a backtrace() included).
  * lockheavy_checker (with bench_lock.c's impls): keel_lockcheck, the
  *   plain lockheavy build run under the preload: a whole lock-heavy
  *   process, beside keel's own checked locks, TSan and Helgrind.
@@ -91,7 +95,9 @@ static double pair(const char *mode, int preload)
 	char *argv[] = {(char *)(uintptr_t)LOCKCHECK_PAIR, (char *)(uintptr_t)mode,
 			count, NULL};
 
-	snprintf(count, sizeof count, "%ld", bench_count(20000000L, 100000L));
+	snprintf(count, sizeof count, "%ld",
+		 bench_count(strcmp(mode, "init") == 0 ? 1000000L : 20000000L,
+			     100000L));
 	return run(argv, preload, 1);
 }
 
@@ -115,6 +121,16 @@ BENCH(lockcheck_nested, native)
 	return pair("nested", 0);
 }
 
+BENCH(lockcheck_init, keel_lockcheck)
+{
+	return pair("init", 1);
+}
+
+BENCH(lockcheck_init, native)
+{
+	return pair("init", 0);
+}
+
 BENCH(lockheavy_checker, keel_lockcheck)
 {
 	char *argv[] = {(char *)(uintptr_t)LOCKHEAVY_PLAIN,
@@ -129,5 +145,6 @@ BENCH_TARGET_FOR(lockheavy_checker, keel_lockcheck, "unchecked", 1.2)
 #else
 BENCH_SKIP(lockcheck_pair, keel_lockcheck, "keel-lockcheck not built (Linux/glibc)")
 BENCH_SKIP(lockcheck_nested, keel_lockcheck, "keel-lockcheck not built (Linux/glibc)")
+BENCH_SKIP(lockcheck_init, keel_lockcheck, "keel-lockcheck not built (Linux/glibc)")
 BENCH_SKIP(lockheavy_checker, keel_lockcheck, "keel-lockcheck not built (Linux/glibc)")
 #endif

@@ -120,6 +120,12 @@ struct lc_thread {
 	 * when lc_forgets moves (an address may now be another lock). */
 	uint32_t known_epoch;
 	uint64_t known[64];
+	/* Stacks recently taken at a pair of call sites (where the held
+	 * lock was taken, where this one is): the index of the record
+	 * holding it, +1. An unwind costs microseconds; locks created and
+	 * destroyed under a long-lived one make a new edge at the same two
+	 * sites each time. */
+	uint32_t stack_at[16];
 };
 static KEEL_TLS struct lc_thread lc_t;
 
@@ -288,11 +294,18 @@ static void forget(void *lock)
 struct erec {
 	void *frames[EDGE_FRAMES];
 	void *held_at; /* where the first end had been taken */
+	void *pc;      /* where the second end was taken */
+	/* The edge it was made for (the ends' graph identities): the pool
+	 * is a ring, and a record reused for a newer edge says so. */
+	_Atomic uint64_t from_id, to_id;
 	uint8_t nframes;
 	_Atomic uint8_t modes;
 	uint8_t from_bits, to_bits; /* kinds */
 };
-#define NRECS 65536
+/* As many as the graph has edges: a program that learns more (locks
+ * made and destroyed under a long-lived one, over and over) wraps round,
+ * and the oldest edges' stacks are lost (their reports say so). */
+#define NRECS KEEL_GRAPH_EDGES
 static struct erec recs[NRECS];
 static _Atomic uint32_t nrecs;
 
@@ -300,7 +313,17 @@ static struct erec *erec_new(void)
 {
 	uint32_t i = atomic_fetch_add_explicit(&nrecs, 1, memory_order_relaxed);
 
-	return i < NRECS ? &recs[i] : NULL;
+	return &recs[i % NRECS];
+}
+
+/* 1 if e is still the record of the edge from -> to. */
+static int erec_is(const struct erec *e, uint32_t from, uint32_t to)
+{
+	return e &&
+	       atomic_load_explicit(&e->from_id, memory_order_relaxed) ==
+		       keel__graph_identity(from) &&
+	       atomic_load_explicit(&e->to_id, memory_order_relaxed) ==
+		       keel__graph_identity(to);
 }
 
 /* ---- Report text ----------------------------------------------------------- */
@@ -564,7 +587,9 @@ static int cycle_can_block(const struct cycle *c)
 	 * order). */
 	for (uint32_t i = 0; i < n; i++)
 		for (uint32_t j = 0; j < n; j++)
-			if (c->from[j] == c->to[i] && c->rec[i] && c->rec[j] &&
+			if (c->from[j] == c->to[i] &&
+			    erec_is(c->rec[i], c->from[i], c->to[i]) &&
+			    erec_is(c->rec[j], c->from[j], c->to[j]) &&
 			    !(atomic_load_explicit(&c->rec[i]->modes,
 						   memory_order_relaxed) & TAKE_W) &&
 			    !(atomic_load_explicit(&c->rec[j]->modes,
@@ -597,7 +622,8 @@ static void report_cycle(struct cycle *c, void *lock, unsigned bits,
 		n = CYCLE_SHOW;
 	for (uint32_t i = 0; i < n; i++) {
 		const struct erec *e = c->rec[i];
-		unsigned fb = e ? e->from_bits : 0, tb = e ? e->to_bits : 0;
+		int valid = erec_is(e, c->from[i], c->to[i]);
+		unsigned fb = valid ? e->from_bits : 0, tb = valid ? e->to_bits : 0;
 
 		keel__rb_add(&r, "\n" P "  ");
 		rb_lock(&r, c->from_lock[i], fb);
@@ -605,7 +631,10 @@ static void report_cycle(struct cycle *c, void *lock, unsigned bits,
 		rb_lock(&r, c->to_lock[i], tb);
 		keel__rb_add(&r, "%s", i == 0 ? ": this thread, now, at:"
 					      : ": learned at:");
-		if (e) {
+		if (!valid) {
+			keel__rb_add(&r, "\n" P "      (stack lost: more edges "
+					 "were learned than are kept)");
+		} else {
 			rb_frames(&r, e->frames, e->nframes,
 				  c->n <= 4 ? 10 : c->n <= 8 ? 3 : 1);
 			if (c->n <= 8) {
@@ -662,13 +691,35 @@ static void learn(struct keel__lockstate *ls, struct keel__held *h, void *lock,
 	 * its modes may grow. */
 	if ((known = keel__graph_site(from, to)) != NULL) {
 		e = (struct erec *)(uintptr_t)known;
-		atomic_fetch_or_explicit(&e->modes, modes, memory_order_relaxed);
+		if (erec_is(e, from, to))
+			atomic_fetch_or_explicit(&e->modes, modes,
+						 memory_order_relaxed);
 		return;
 	}
-	if (!(e = erec_new()))
-		return;
-	e->nframes = (uint8_t)stack_here(e->frames, EDGE_FRAMES, pc);
+	e = erec_new();
+	e->pc = pc;
+	{
+		/* The same two call sites as a recent edge: its stack (the
+		 * callers further up may differ; the sites do not). */
+		uint32_t *sc = &lc_t.stack_at[(((uintptr_t)h->site ^
+					     (uintptr_t)pc * 0x9E3779B97F4A7C15ull) >>
+					    7) & 15];
+		const struct erec *prev = *sc ? &recs[*sc - 1] : NULL;
+
+		if (prev && prev != e && prev->pc == pc &&
+		    prev->held_at == (void *)(uintptr_t)h->site && prev->nframes) {
+			memcpy(e->frames, prev->frames, sizeof e->frames);
+			e->nframes = prev->nframes;
+		} else {
+			e->nframes = (uint8_t)stack_here(e->frames, EDGE_FRAMES, pc);
+		}
+		*sc = (uint32_t)(e - recs) + 1;
+	}
 	e->held_at = (void *)(uintptr_t)h->site;
+	atomic_store_explicit(&e->from_id, keel__graph_identity(from),
+			      memory_order_relaxed);
+	atomic_store_explicit(&e->to_id, keel__graph_identity(to),
+			      memory_order_relaxed);
 	e->from_bits = h->bits;
 	e->to_bits = (uint8_t)bits;
 	atomic_store_explicit(&e->modes, modes, memory_order_relaxed);
