@@ -276,6 +276,7 @@ static uint32_t node_of(void *lock)
  * another lock. */
 static _Atomic uint32_t lc_forgets;
 
+/* Under busy. */
 static void forget(void *lock)
 {
 	struct slot *s = slot_of(lock, 0);
@@ -284,6 +285,19 @@ static void forget(void *lock)
 		keel__graph_forget(&s->node);
 		atomic_fetch_add_explicit(&lc_forgets, 1, memory_order_relaxed);
 	}
+}
+
+/* *_init: a new lock at this address. If the calling thread's record has
+ * the old one (a fork child handler that makes a held lock anew, as
+ * pthread_atfork users do), it is not held any more. Under busy. */
+static void reinit(void *lock)
+{
+	struct keel__lockstate *ls = &lc_t.ls;
+
+	forget(lock);
+	for (int i = (int)ls->depth; i-- > 0;)
+		if (ls->stack[i].lock == lock)
+			keel__held_remove(ls, i);
 }
 
 /* ---- Edges' records ------------------------------------------------------- */
@@ -946,7 +960,7 @@ EXPORT int pthread_mutex_init(pthread_mutex_t *m, const pthread_mutexattr_t *a)
 {
 	if (active()) {
 		lc_t.busy++;
-		forget(m);
+		reinit(m);
 		lc_t.busy--;
 	}
 	return REAL(pthread_mutex_init)(m, a);
@@ -1071,7 +1085,7 @@ EXPORT int pthread_rwlock_init(pthread_rwlock_t *l, const pthread_rwlockattr_t *
 {
 	if (active()) {
 		lc_t.busy++;
-		forget(l);
+		reinit(l);
 		lc_t.busy--;
 	}
 	return REAL(pthread_rwlock_init)(l, a);
@@ -1188,7 +1202,7 @@ EXPORT int pthread_spin_init(pthread_spinlock_t *s, int pshared)
 {
 	if (active()) {
 		lc_t.busy++;
-		forget((void *)(uintptr_t)s);
+		reinit((void *)(uintptr_t)s);
 		lc_t.busy--;
 	}
 	return REAL(pthread_spin_init)(s, pshared);
