@@ -5,13 +5,18 @@
  *
  * DESIGN
  * The library defines the pthread lock calls (mutexes, rwlocks, spinlocks,
- * condition-variable waits); each one feeds the thread's held record
- * (keel__locks, the same record keel's own locks keep, its entries marked
- * HELD_FOREIGN) and the learned order graph (lockgraph.c), then calls the
- * C library's function, found with dlsym(RTLD_NEXT). A blocking
+ * condition-variable waits); each one keeps the thread's held record (a
+ * struct keel__lockstate, as keel's own locks keep, its entries marked
+ * HELD_FOREIGN) and feeds the learned order graph (lockgraph.c), then
+ * calls the C library's function, found with dlsym(RTLD_NEXT). A blocking
  * acquisition is checked BEFORE the real call: if the edge from the lock
  * on top of the record to this one would close a cycle, the shortest cycle
  * is reported while the thread can still print it.
+ *
+ * Fast paths: lock with nothing held and unlock of the lock on top are a
+ * few TLS accesses and a tail call into the C library (see
+ * pthread_mutex_lock). A nested lock whose nesting the thread has seen
+ * before is answered by a per-thread cache (lc_thread.known).
  *
  * Locks are known by address. A lock gets a graph node lazily, the first
  * time it takes part in a nesting (as the lock held or the lock taken), so
@@ -23,21 +28,25 @@
  * (A lock set up in reused memory by assigning a static initialiser keeps
  * the old lock's edges: see docs/lockcheck.md.)
  *
- * Each edge, when first learned, gets a record from a fixed pool with the
+ * Each edge, when first learned, gets a record from a fixed ring with the
  * stack it was learned at (backtrace(), warmed at load so that it never
- * allocates later) and the modes of its two ends; the graph stores a
- * pointer to it as the edge's opaque "site". Reports symbolise with
- * dladdr() (module + offset, and the function when the module exports
- * it); `keel-lockcheck --symbolize` turns module + offset into file:line
- * with addr2line afterwards, outside the checked process. The report path
- * allocates nothing.
+ * allocates later; reused for a later edge at the same two call sites)
+ * and the modes of its two ends; the graph stores a pointer to it as the
+ * edge's opaque "site". Reports symbolise with dladdr() (module + offset,
+ * and the function when the module exports it); `keel-lockcheck
+ * --symbolize` turns module + offset into file:line with addr2line
+ * afterwards, outside the checked process. The report path allocates
+ * nothing.
  *
- * Re-entrance: `busy` (per thread) is set while the checker runs; a lock
- * call made meanwhile (a signal handler, the graph's own pthread lock, a
- * malloc that locks, dlsym during start-up) goes straight to the C
- * library, unrecorded (its unlock comes while busy too). A fork child keeps the forking
- * thread's record (its locks are held in the child too); the graph's lock
- * is taken around fork() so the child never finds it held.
+ * Re-entrance: `busy` (per thread) is set while the checker runs. Lock
+ * calls made meanwhile (the graph's own pthread lock, a signal handler
+ * that interrupted the checker, a malloc that locks) still push and pop
+ * their entries, which balance, but are not checked (a check would
+ * re-enter the graph), and an unlock not found is not reported. Start-up
+ * is lazy (the first call resolves everything); calls made while dlsym()
+ * runs use the C library's compatibility aliases. A fork child keeps the
+ * forking thread's record (its locks are held in the child too); the
+ * graph's lock is taken around fork() so the child never finds it held.
  *
  * Reader-writer locks: an edge records whether its first end was held for
  * writing and its second taken for writing (bits OR-ed as more threads
@@ -149,11 +158,16 @@ static anyfn fallback(int i)
 #endif
 }
 
-static __attribute__((noinline)) anyfn real_slow(int i)
+/* The C library's function i, resolved now if it is not yet; NULL if
+ * the C library has none (an older glibc without the clock* calls: a
+ * program that calls them could not have been linked against it). */
+static anyfn resolve(int i)
 {
-	anyfn p = NULL;
+	anyfn p = atomic_load_explicit(&real[i], memory_order_relaxed);
 	void *sym;
 
+	if (p)
+		return p;
 	if (lc_t.in_dlsym)
 		return fallback(i);
 	lc_t.in_dlsym = 1;
@@ -161,6 +175,15 @@ static __attribute__((noinline)) anyfn real_slow(int i)
 	lc_t.in_dlsym = 0;
 	_Static_assert(sizeof sym == sizeof p, "POSIX: dlsym gives functions");
 	memcpy(&p, &sym, sizeof p);
+	if (p)
+		atomic_store_explicit(&real[i], p, memory_order_relaxed);
+	return p;
+}
+
+static __attribute__((noinline)) anyfn real_slow(int i)
+{
+	anyfn p = resolve(i);
+
 	if (!p)
 		p = fallback(i);
 	if (!p) {
@@ -172,7 +195,6 @@ static __attribute__((noinline)) anyfn real_slow(int i)
 		}
 		abort();
 	}
-	atomic_store_explicit(&real[i], p, memory_order_relaxed);
 	return p;
 }
 
@@ -811,7 +833,7 @@ static void start(void)
 		return;
 	lc_t.busy++;
 	for (int i = 0; i < NFUNCS; i++)
-		(void)real_fn(i);
+		(void)resolve(i);
 	if (dladdr((void *)(uintptr_t)start, &di))
 		self_base = di.dli_fbase;
 	n = readlink("/proc/self/exe", exe_name, sizeof exe_name - 1);
