@@ -207,6 +207,36 @@ static int edge_find(uint32_t from, uint32_t to)
 	return -1;
 }
 
+/* Under glock: drop from u's list the edges that are no longer u's: to a
+ * lock since destroyed (the other end's generation moved), or a slot
+ * since reused for another edge. Without this, locks made and destroyed
+ * one after another under a long-lived one filled its list with dead
+ * edges, and the graph went full. */
+static void prune_out(uint32_t u)
+{
+	uint16_t kept = 0;
+
+	for (uint16_t j = 0; j < nodes[u].nout; j++) {
+		struct gedge *e = &edges[nodes[u].out[j]];
+		uint64_t k = load_relaxed(&e->key);
+		uint32_t v = (uint32_t)k;
+
+		int dup = 0;
+
+		if (!k || (uint32_t)(k >> 32) != u ||
+		    load_relaxed(&e->from_gen) != load_relaxed(&nodes[u].gen) ||
+		    load_relaxed(&e->to_gen) != load_relaxed(&nodes[v].gen) ||
+		    !nodes[v].live)
+			continue;
+		/* A slot reused for a new edge from u is listed twice. */
+		for (uint16_t i = 0; i < kept && !dup; i++)
+			dup = nodes[u].out[i] == nodes[u].out[j];
+		if (!dup)
+			nodes[u].out[kept++] = nodes[u].out[j];
+	}
+	nodes[u].nout = kept;
+}
+
 /* Under glock. */
 static int edge_insert(uint32_t from, uint32_t to, const char *site,
 		       const char *from_site, int violation)
@@ -214,6 +244,8 @@ static int edge_insert(uint32_t from, uint32_t to, const char *site,
 	uint64_t key = key_of(from, to);
 	size_t i = slot_of(key);
 
+	if (nodes[from].nout == MAX_OUT)
+		prune_out(from);
 	if (nodes[from].nout == MAX_OUT) {
 		graph_full("a lock taken before more than " KEEL_STR(KEEL_GRAPH_OUT) " others");
 		return -1;
@@ -254,13 +286,19 @@ static int shortest_path(uint32_t from, uint32_t to, int *path)
 {
 	static uint32_t queue[MAX_NODES + 1];
 	static int via[MAX_NODES + 1]; /* edge that reached the node, or -1 */
-	static uint8_t seen[MAX_NODES + 1];
+	/* seen[v] == mark: reached in this search. A new mark per search
+	 * instead of clearing the array: a search usually visits a few
+	 * nodes, and clearing all of them cost more than the search. */
+	static uint32_t seen[MAX_NODES + 1], mark;
 	uint32_t head = 0, tail = 0;
 	int n = 0;
 
-	memset(seen, 0, sizeof seen);
+	if (++mark == 0) {
+		memset(seen, 0, sizeof seen);
+		mark = 1;
+	}
 	queue[tail++] = from;
-	seen[from] = 1;
+	seen[from] = mark;
 	via[from] = -1;
 	while (head < tail) {
 		uint32_t u = queue[head++];
@@ -277,14 +315,14 @@ static int shortest_path(uint32_t from, uint32_t to, int *path)
 				    load_relaxed(&nodes[u].gen) ||
 			    load_relaxed(&e->to_gen) !=
 				    load_relaxed(&nodes[v].gen) ||
-			    !nodes[v].live || seen[v])
+			    !nodes[v].live || seen[v] == mark)
 				continue;
-			seen[v] = 1;
+			seen[v] = mark;
 			via[v] = (int)nodes[u].out[j];
 			queue[tail++] = v;
 		}
 	}
-	if (!seen[to])
+	if (seen[to] != mark)
 		return 0;
 	for (uint32_t v = to; v != from;) {
 		path[n++] = via[v];
