@@ -1096,13 +1096,13 @@ static __attribute__((noinline)) int mutex_unlock_slow(pthread_mutex_t *m,
 	return REAL(pthread_mutex_unlock)(m);
 }
 
-/* The common case inline: the mutex on top of the record. */
+/* The common case inline: the mutex on top of the record. (Nothing is
+ * ever recorded unless checking is on, so a match says it is.) */
 EXPORT int pthread_mutex_unlock(pthread_mutex_t *m)
 {
 	uint32_t d = lc_t.ls.depth;
 
-	if (likely(atomic_load_explicit(&lc_state, memory_order_relaxed) == ST_ON &&
-		   d - 1 < KEEL_LOCK_STACK && lc_t.ls.stack[d - 1].lock == m)) {
+	if (likely(d - 1 < KEEL_LOCK_STACK && lc_t.ls.stack[d - 1].lock == m)) {
 		lc_t.ls.depth = d - 1;
 		return REAL_ON(pthread_mutex_unlock)(m);
 	}
