@@ -24,6 +24,14 @@ else
 	echo "(Graphviz's dot is not installed: the graph is not rendered to SVG)"
 fi
 
+if [ -x "$dir/lock-order-pthread" ] && [ -x "$dir/../keel-lockcheck" ]; then
+	echo
+	echo "== lock-order-pthread: the same bank with plain pthread mutexes, run unmodified under keel-lockcheck"
+	echo "   (add --symbolize for file:line)"
+	"$dir/../keel-lockcheck" --lib "$dir/../libkeel-lockcheck.so" -- \
+		"$dir/lock-order-pthread"
+fi
+
 run lazy-init "a shared cache whose first builder dies mid-build"
 
 # Built only where pkg-config found the library (keel/uv.h, keel/glib.h).

@@ -589,7 +589,7 @@ void keel__proxy_abort_running(struct keel__task *t, struct keel__msg *m);
 void keel__proxy_close(struct keel__task *t);
 void keel__proxy_end(struct keel__task *t);
 
-/* ---- Ranked locks (lock.c, lockgraph.c) ---------------------------------
+/* ---- Ranked locks (lock.c, lockcheck.c, lockgraph.c) --------------------
  * Each thread's held-lock record: a fixed stack that never allocates, with
  * the running minimum of the ranked levels held, so that the order check
  * is O(1). Initial-exec TLS, like keel__tls. */
@@ -640,7 +640,7 @@ struct keel__lockstate {
 
 extern KEEL_TLS struct keel__lockstate keel__locks;
 
-/* Queues of cancellable waiters (lock.c): a node per waiter, on its stack,
+/* Queues of cancellable waiters (waitq.c): a node per waiter, on its stack,
  * guarded by a spin bit; a waiter sleeps on its task's parker. */
 struct keel__qnode {
 	struct keel__qnode *next;
@@ -702,12 +702,30 @@ extern _Atomic uint32_t keel__graph_epoch;
  * destroyed, before the id can go to another lock): no other lock, ever,
  * has this value; 0 for an id that names no node. */
 uint64_t keel__graph_identity(uint32_t id);
+/* Called for each edge of a cycle found, under the graph's lock (it
+ * must not take it): the new edge first, then the path back. */
+typedef void (*keel__graph_each_fn)(void *ctx, uint32_t from, uint32_t to,
+				    const char *site, const char *from_site);
 /* Record "to taken at site while holding from (taken at from_site)". With
  * `learned` (either end is a learned lock), if the edge would close a
- * cycle, writes the cycle into buf (for the report) and returns 1; else 0. */
+ * cycle, passes the shortest such cycle's edges to each(ctx, ...) and
+ * returns the number of edges on the path back (>= 1); else 0. The sites
+ * are opaque to the graph. */
+int keel__graph_edge_each(uint32_t from, uint32_t to, const char *site,
+			  const char *from_site, int learned, int violation,
+			  keel__graph_each_fn each, void *ctx);
+/* The same, for keel's locks, whose sites are "file:line" strings: the
+ * cycle is written into buf as the lines of keel's report; 1 if found. */
 int keel__graph_edge(uint32_t from, uint32_t to, const char *site,
 		     const char *from_site, int learned, int violation,
 		     char *buf, size_t size);
+/* A node's name and lock (NULL for none), for the callers' reports. */
+const char *keel__graph_name(uint32_t id);
+const void *keel__graph_lock(uint32_t id);
+/* The site recorded with the current edge from -> to; NULL: none. */
+const char *keel__graph_site(uint32_t from, uint32_t to);
+/* Live locks and current edges, counted. */
+void keel__graph_count(uint32_t *nlocks, uint32_t *nedges);
 
 /* ---- Thread cache ------------------------------------------------------ */
 /* Run fn(arg) on a cached thread with the given stack size (0: default),

@@ -37,9 +37,21 @@
 
 #include "internal.h"
 
-#define MAX_NODES 4096
-#define MAX_EDGES 16384
-#define MAX_OUT 32
+/* The interposer (libkeel-lockcheck.so) builds this file with larger
+ * tables: a whole program's locks, not only keel's. */
+#ifndef KEEL_GRAPH_NODES
+#define KEEL_GRAPH_NODES 4096
+#endif
+#ifndef KEEL_GRAPH_EDGES
+#define KEEL_GRAPH_EDGES 16384
+#endif
+#ifndef KEEL_GRAPH_OUT
+#define KEEL_GRAPH_OUT 32
+#endif
+#define MAX_NODES KEEL_GRAPH_NODES
+#define MAX_EDGES KEEL_GRAPH_EDGES
+#define MAX_OUT KEEL_GRAPH_OUT
+_Static_assert(MAX_NODES < 65536, "held entries keep node ids in 16 bits");
 #define NODE_TAKEN 0x80000000u
 
 struct gnode {
@@ -77,6 +89,9 @@ void keel__lockgraph_fork(int phase)
 		pthread_mutex_unlock(&glock);
 }
 
+#define KEEL_STR_(x) #x
+#define KEEL_STR(x) KEEL_STR_(x)
+
 static void graph_full(const char *what)
 {
 	if (load_relaxed(&graph_off))
@@ -112,7 +127,7 @@ uint32_t keel__graph_node(const struct keel__lockinfo *li, int taken)
 	} else if (nnodes < MAX_NODES) {
 		id = ++nnodes;
 	} else {
-		graph_full("more than 4096 locks");
+		graph_full("more than " KEEL_STR(KEEL_GRAPH_NODES) " locks");
 		/* Mark it taken anyway, so the fast path stops asking. */
 		__atomic_store_n(li->node, NODE_TAKEN, __ATOMIC_RELEASE);
 		pthread_mutex_unlock(&glock);
@@ -192,6 +207,36 @@ static int edge_find(uint32_t from, uint32_t to)
 	return -1;
 }
 
+/* Under glock: drop from u's list the edges that are no longer u's: to a
+ * lock since destroyed (the other end's generation moved), or a slot
+ * since reused for another edge. Without this, locks made and destroyed
+ * one after another under a long-lived one filled its list with dead
+ * edges, and the graph went full. */
+static void prune_out(uint32_t u)
+{
+	uint16_t kept = 0;
+
+	for (uint16_t j = 0; j < nodes[u].nout; j++) {
+		struct gedge *e = &edges[nodes[u].out[j]];
+		uint64_t k = load_relaxed(&e->key);
+		uint32_t v = (uint32_t)k;
+
+		int dup = 0;
+
+		if (!k || (uint32_t)(k >> 32) != u ||
+		    load_relaxed(&e->from_gen) != load_relaxed(&nodes[u].gen) ||
+		    load_relaxed(&e->to_gen) != load_relaxed(&nodes[v].gen) ||
+		    !nodes[v].live)
+			continue;
+		/* A slot reused for a new edge from u is listed twice. */
+		for (uint16_t i = 0; i < kept && !dup; i++)
+			dup = nodes[u].out[i] == nodes[u].out[j];
+		if (!dup)
+			nodes[u].out[kept++] = nodes[u].out[j];
+	}
+	nodes[u].nout = kept;
+}
+
 /* Under glock. */
 static int edge_insert(uint32_t from, uint32_t to, const char *site,
 		       const char *from_site, int violation)
@@ -199,8 +244,10 @@ static int edge_insert(uint32_t from, uint32_t to, const char *site,
 	uint64_t key = key_of(from, to);
 	size_t i = slot_of(key);
 
+	if (nodes[from].nout == MAX_OUT)
+		prune_out(from);
 	if (nodes[from].nout == MAX_OUT) {
-		graph_full("a lock taken before more than 32 others");
+		graph_full("a lock taken before more than " KEEL_STR(KEEL_GRAPH_OUT) " others");
 		return -1;
 	}
 	for (size_t probe = 0; probe < 64; probe++, i = (i + 1) % MAX_EDGES) {
@@ -227,9 +274,11 @@ static int edge_insert(uint32_t from, uint32_t to, const char *site,
 		nodes[from].out[nodes[from].nout++] = (uint32_t)i;
 		return (int)i;
 	}
-	graph_full("more than 16384 lock-order edges");
+	graph_full("more than " KEEL_STR(KEEL_GRAPH_EDGES) " lock-order edges");
 	return -1;
 }
+
+static int edge_current(struct gedge *e, uint64_t *k);
 
 /* Under glock: a shortest path from -> ... -> to over current edges, as
  * edge indices into path (reversed); its length, or 0 if there is none. */
@@ -237,13 +286,19 @@ static int shortest_path(uint32_t from, uint32_t to, int *path)
 {
 	static uint32_t queue[MAX_NODES + 1];
 	static int via[MAX_NODES + 1]; /* edge that reached the node, or -1 */
-	static uint8_t seen[MAX_NODES + 1];
+	/* seen[v] == mark: reached in this search. A new mark per search
+	 * instead of clearing the array: a search usually visits a few
+	 * nodes, and clearing all of them cost more than the search. */
+	static uint32_t seen[MAX_NODES + 1], mark;
 	uint32_t head = 0, tail = 0;
 	int n = 0;
 
-	memset(seen, 0, sizeof seen);
+	if (++mark == 0) {
+		memset(seen, 0, sizeof seen);
+		mark = 1;
+	}
 	queue[tail++] = from;
-	seen[from] = 1;
+	seen[from] = mark;
 	via[from] = -1;
 	while (head < tail) {
 		uint32_t u = queue[head++];
@@ -260,14 +315,14 @@ static int shortest_path(uint32_t from, uint32_t to, int *path)
 				    load_relaxed(&nodes[u].gen) ||
 			    load_relaxed(&e->to_gen) !=
 				    load_relaxed(&nodes[v].gen) ||
-			    !nodes[v].live || seen[v])
+			    !nodes[v].live || seen[v] == mark)
 				continue;
-			seen[v] = 1;
+			seen[v] = mark;
 			via[v] = (int)nodes[u].out[j];
 			queue[tail++] = v;
 		}
 	}
-	if (!seen[to])
+	if (seen[to] != mark)
 		return 0;
 	for (uint32_t v = to; v != from;) {
 		path[n++] = via[v];
@@ -276,11 +331,13 @@ static int shortest_path(uint32_t from, uint32_t to, int *path)
 	return n;
 }
 
-int keel__graph_edge(uint32_t from, uint32_t to, const char *site,
-		     const char *from_site, int learned, int violation,
-		     char *buf, size_t size)
+int keel__graph_edge_each(uint32_t from, uint32_t to, const char *site,
+			  const char *from_site, int learned, int violation,
+			  keel__graph_each_fn each, void *ctx)
 {
-	int path[MAX_NODES], n = 0, idx;
+	/* Under glock: static, not on a stack that may be a signal's. */
+	static int path[MAX_NODES];
+	int n = 0, idx;
 
 	if (from == to || !from || !to || from > MAX_NODES || to > MAX_NODES ||
 	    load_relaxed(&graph_off))
@@ -300,36 +357,94 @@ int keel__graph_edge(uint32_t from, uint32_t to, const char *site,
 		return 0;
 	}
 	/* Adding from -> to closes a cycle if to already reaches from. */
-	if (learned && buf)
+	if (learned && each)
 		n = shortest_path(to, from, path);
 	if (n) {
-		size_t w = 0;
-		int len;
-
-		len = snprintf(buf, size,
-			       "\nkeel:     '%s' -> '%s': taken at %s while "
-			       "holding it from %s (this taking)",
-			       nodes[from].name, nodes[to].name, site,
-			       from_site);
-		w = len > 0 && (size_t)len < size ? (size_t)len : size;
-		for (int i = n; i-- > 0 && w < size;) {
+		/* The new edge first, then the path back to its tail. */
+		each(ctx, from, to, site, from_site);
+		for (int i = n; i-- > 0;) {
 			struct gedge *e = &edges[path[i]];
 			uint64_t k = load_relaxed(&e->key);
 
-			len = snprintf(buf + w, size - w,
-				       "\nkeel:     '%s' -> '%s': taken at %s "
-				       "while holding it from %s",
-				       nodes[k >> 32].name,
-				       nodes[(uint32_t)k].name, e->site,
-				       e->from_site);
-			w += len > 0 && (size_t)len < size - w ? (size_t)len
-							       : size - w;
+			each(ctx, (uint32_t)(k >> 32), (uint32_t)k, e->site,
+			     e->from_site);
 		}
 		violation = 1;
 	}
 	edge_insert(from, to, site, from_site, violation);
 	pthread_mutex_unlock(&glock);
-	return n != 0;
+	return n;
+}
+
+/* keel's own report text for a cycle, as keel__graph_edge() writes it. */
+struct cycle_text {
+	char *b;
+	size_t size, n;
+};
+
+static void cycle_edge(void *ctx, uint32_t from, uint32_t to, const char *site,
+		       const char *from_site)
+{
+	struct cycle_text *c = ctx;
+	int len;
+
+	if (c->n >= c->size)
+		return;
+	len = snprintf(c->b + c->n, c->size - c->n,
+		       "\nkeel:     '%s' -> '%s': taken at %s while holding it "
+		       "from %s%s",
+		       nodes[from].name, nodes[to].name, site, from_site,
+		       c->n ? "" : " (this taking)");
+	c->n += len > 0 && (size_t)len < c->size - c->n ? (size_t)len
+							 : c->size - c->n;
+}
+
+int keel__graph_edge(uint32_t from, uint32_t to, const char *site,
+		     const char *from_site, int learned, int violation,
+		     char *buf, size_t size)
+{
+	struct cycle_text c = {buf, size, 0};
+
+	if (buf && size)
+		buf[0] = '\0';
+	return keel__graph_edge_each(from, to, site, from_site, learned,
+				     violation, buf && size ? cycle_edge : NULL,
+				     &c) != 0;
+}
+
+const char *keel__graph_name(uint32_t id)
+{
+	return id && id <= MAX_NODES ? nodes[id].name : NULL;
+}
+
+const void *keel__graph_lock(uint32_t id)
+{
+	return id && id <= MAX_NODES ? nodes[id].lock : NULL;
+}
+
+const char *keel__graph_site(uint32_t from, uint32_t to)
+{
+	int idx;
+
+	if (!from || !to || from > MAX_NODES || to > MAX_NODES)
+		return NULL;
+	idx = edge_find(from, to);
+	return idx >= 0 ? edges[idx].site : NULL;
+}
+
+void keel__graph_count(uint32_t *nlocks, uint32_t *nedges)
+{
+	uint32_t l = 0, e = 0;
+	uint64_t k;
+
+	pthread_mutex_lock(&glock);
+	for (uint32_t id = 1; id <= nnodes; id++)
+		l += nodes[id].live;
+	for (size_t i = 0; i < MAX_EDGES; i++)
+		e += edge_current(&edges[i], &k);
+	pthread_mutex_unlock(&glock);
+	*nlocks = l;
+	*nedges = e;
 }
 
 /* ---- Export ------------------------------------------------------------------ */

@@ -365,6 +365,41 @@ TEST(learned_lock_on_both_sides_of_a_ranked_one_is_a_cycle)
 	CHECK_SAID(&cap, "'mixed-ranked' -> 'mixed-learned'");
 }
 
+/* Locks made and destroyed, one after another, under a long-lived lock:
+ * each leaves an edge from it that is stale once the lock is destroyed.
+ * Stale edges must not fill the long-lived lock's list of edges (32):
+ * the graph went full after 32 such locks, and stopped learning. */
+TEST(graph_keeps_learning_under_a_lock_whose_children_come_and_go)
+{
+	static keel_mutex_t outer = KEEL_MUTEX_INIT(0, "churn-outer");
+	static keel_mutex_t other = KEEL_MUTEX_INIT(0, "churn-other");
+	harness_capture cap;
+
+	report_mode();
+	for (int i = 0; i < 1000; i++) {
+		keel_mutex_t inner;
+
+		CHECK_OK(keel_mutex_init(&inner, 0, "churn-inner", 0));
+		keel_mutex_lock(&outer);
+		keel_mutex_lock(&inner);
+		keel_mutex_unlock(&inner);
+		keel_mutex_unlock(&outer);
+		CHECK_OK(keel_mutex_destroy(&inner));
+	}
+	keel_mutex_lock(&outer);
+	keel_mutex_lock(&other);
+	keel_mutex_unlock(&other);
+	keel_mutex_unlock(&outer);
+	capture_begin(&cap);
+	keel_mutex_lock(&other);
+	keel_mutex_lock(&outer);
+	keel_mutex_unlock(&outer);
+	keel_mutex_unlock(&other);
+	capture_end(&cap);
+	CHECK_EQ(new_reports(), 1);
+	CHECK_SAID(&cap, "lock order cycle: taking 'churn-outer'");
+}
+
 /* ---- 3. The rules one by one ---- */
 
 TEST(same_level_needs_lock2)

@@ -21,6 +21,18 @@ for f in libkeel.a libkeel.so pkgconfig/keel.pc cmake/keel/keelConfig.cmake \
 	cmake/keel/keelConfigVersion.cmake cmake/keel/keelTargets.cmake; do
 	[ -e "$libdir/$f" ] || { echo "not installed: $libdir/$f"; exit 1; }
 done
+# keel-lockcheck, where it is built: the wrapper finds the library
+# installed beside it (relative to itself: the prefix may move) and runs a
+# program with it preloaded.
+if [ -e "$build/libkeel-lockcheck.so" ]; then
+	[ -x "$prefix/bin/keel-lockcheck" ] || { echo "not installed: bin/keel-lockcheck"; exit 1; }
+	[ -e "$libdir/libkeel-lockcheck.so" ] || { echo "not installed: $libdir/libkeel-lockcheck.so"; exit 1; }
+	"$prefix/bin/keel-lockcheck" -- sh -c '
+		case $LD_PRELOAD in *"$1"/libkeel-lockcheck.so) exit 0 ;; esac
+		echo "LD_PRELOAD=$LD_PRELOAD"; exit 1' sh "$(cd "$libdir" && pwd)" \
+		2>"$work/lockcheck.log" ||
+		{ echo "keel-lockcheck did not preload its library"; exit 1; }
+fi
 # Internal headers are never installed.
 if find "$prefix" -name internal.h -o -name platform.h | grep -q .; then
 	echo "an internal header was installed"

@@ -1,0 +1,14 @@
+/* ABCABC: A -> B, C -> A, then B -> C closes A -> B -> C -> A. */
+#include "pairs.h"
+
+pthread_mutex_t lock_a = PTHREAD_MUTEX_INITIALIZER;
+pthread_mutex_t lock_b = PTHREAD_MUTEX_INITIALIZER;
+pthread_mutex_t lock_c = PTHREAD_MUTEX_INITIALIZER;
+
+int main(void)
+{
+	NEST(&lock_a, &lock_b);
+	NEST(&lock_c, &lock_a);
+	NEST(&lock_b, &lock_c);
+	return 0;
+}

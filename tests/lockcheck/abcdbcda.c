@@ -1,0 +1,16 @@
+/* ABCDBCDA: A -> B, C -> D, B -> C, then D -> A closes A-B-C-D. */
+#include "pairs.h"
+
+pthread_mutex_t lock_a = PTHREAD_MUTEX_INITIALIZER;
+pthread_mutex_t lock_b = PTHREAD_MUTEX_INITIALIZER;
+pthread_mutex_t lock_c = PTHREAD_MUTEX_INITIALIZER;
+pthread_mutex_t lock_d = PTHREAD_MUTEX_INITIALIZER;
+
+int main(void)
+{
+	NEST(&lock_a, &lock_b);
+	NEST(&lock_c, &lock_d);
+	NEST(&lock_b, &lock_c);
+	NEST(&lock_d, &lock_a);
+	return 0;
+}
