@@ -345,16 +345,21 @@ static long server_rss_kib(pid_t pid, int *threads)
 	return kib;
 }
 
-/* The server's fd count once only its listening socket is left, or 30 s
- * passed: connection tasks close their sockets a moment after the client
- * saw its echo (longer on a loaded machine). The server is another
- * process: its /proc entries are all there is to wait on. */
+/* The server's fd count once only its listening socket is left and its
+ * threads are back to what its thread cache keeps idle (64, keel's
+ * MAX_IDLE, and a few of its own), or 30 s passed: connection tasks close
+ * their sockets a moment after the client saw its echo, and their threads
+ * leave a moment after that (later on a loaded machine). The server is
+ * another process: its /proc entries are all there is to wait on. */
 static int settled_fds(pid_t pid, int *sockets)
 {
 	struct timespec pause = {0, 10 * 1000 * 1000};
-	int n = server_fds(pid, sockets);
+	int n = server_fds(pid, sockets), threads;
 
-	for (int i = 0; i < 3000 && *sockets > 1; i++) {
+	for (int i = 0; i < 3000; i++) {
+		server_rss_kib(pid, &threads);
+		if (*sockets <= 1 && threads <= 64 + 8)
+			break;
 		nanosleep(&pause, NULL);
 		n = server_fds(pid, sockets);
 	}
