@@ -43,7 +43,8 @@
  * stress_churn_cancels_and_closes: a long-lived scope under churn. Two
  *   foreign threads spawn short children into it without keeping them
  *   joinable (reaped as they end, their slots reused at once): victims,
- *   which wait to be cancelled, and bystanders, which must never be.
+ *   which wait to be cancelled (or 20 ms), and bystanders, which must
+ *   never be.
  *   A third thread cancels victims by handle with keel_task_cancel(),
  *   often after they ended and their slot went to a bystander. Children
  *   end by every route (return, pthread_exit from the body, pthread_exit
@@ -882,7 +883,10 @@ static int churn_body(void *p)
 	free(p);
 	atomic_fetch_add(&r->route[a.route], 1);
 	if (a.victim) {
-		keel_sleep_until(KEEL_FOREVER);
+		/* Until cancelled, or a moment: victims the canceller does not
+		 * reach must not pile up (thousands of threads are more than a
+		 * sanitizer's memory allows). */
+		keel_sleep_until(keel_after(KEEL_MS(20)));
 	} else {
 		for (int i = 0; i < 4; i++) {
 			if (keel_checkpoint() == -ECANCELED &&
