@@ -451,11 +451,18 @@ void keel__graph_count(uint32_t *nlocks, uint32_t *nedges)
 	uint32_t l = 0, e = 0;
 	uint64_t k;
 
+	/* Over the live locks' out-lists (every current edge is on its
+	 * tail's), not the whole edge table: the table is hashed, and
+	 * reading all of it touched every page of it (14.7 MB in the
+	 * preload) in a process that learned a handful of edges. */
 	pthread_mutex_lock(&glock);
-	for (uint32_t id = 1; id <= nnodes; id++)
-		l += nodes[id].live;
-	for (size_t i = 0; i < MAX_EDGES; i++)
-		e += edge_current(&edges[i], &k);
+	for (uint32_t id = 1; id <= nnodes; id++) {
+		if (!nodes[id].live)
+			continue;
+		l++;
+		for (uint32_t j = nodes[id].out_head; j; j = edges[j - 1].next_out)
+			e += edge_current(&edges[j - 1], &k);
+	}
 	pthread_mutex_unlock(&glock);
 	*nlocks = l;
 	*nedges = e;
