@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs the peer libraries that keel_bench measures keel against (GLib,
 # libuv, Concurrency Kit, liburcu) and pkg-config, which the build uses to
-# find them. Debian and Ubuntu (apt-get) only. Safe to run again: packages
+# find them, and the programs keel-lockcheck is measured on (memcached with
+# memcslap, pigz, pbzip2) beside Helgrind (valgrind). Debian and Ubuntu (apt-get) only. Safe to run again: packages
 # already installed are left alone, and nothing is done if all are there.
 #
 # Usage: bash bench/install-deps.sh     (or: make bench-deps)
 set -euo pipefail
 
-packages=(libglib2.0-dev libuv1-dev libck-dev liburcu-dev pkg-config)
+packages=(libglib2.0-dev libuv1-dev libck-dev liburcu-dev pkg-config
+	memcached libmemcached-tools pigz pbzip2 valgrind)
 
 missing=()
 for p in "${packages[@]}"; do

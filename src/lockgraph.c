@@ -19,14 +19,27 @@
  * ranked locks need no search: they follow the levels, which are acyclic.
  * This runs before the lock is taken.
  *
- * Storage is fixed: node and edge tables and a bounded out-degree, so the
- * graph never allocates. If a table fills, the graph (only it) switches
- * off with one warning; level checks go on. A destroyed lock's node gets a
- * new generation and its edges (which record both ends' generations) are
- * ignored from then on, so a lock initialised again at the same address
- * carries no stale order. A node not live (destroyed, waiting on the free
- * list) takes no edge: its edge list would be nobody's, and the free list
- * has a link of its own, so nothing recorded can break it.
+ * Storage is fixed: a node table and an edge table, so the graph never
+ * allocates. A lock's out-edges are a list linked through the edge table
+ * (each edge knows the next and previous of its tail's, and which node's
+ * list it is on), so a lock may be taken before any number of others:
+ * memcached takes thousands of hash-striped item locks under one. The
+ * out-degree is bounded only by the edge table.
+ *
+ * If a table fills, nothing switches off: the edge (or the lock) that
+ * does not fit is not recorded, one warning says so, and the checking
+ * goes on over what is recorded. That is sound in one direction: every
+ * recorded edge is an order some thread took, so a cycle found is real;
+ * a cycle through an unrecorded edge goes unseen. Level checks go on.
+ *
+ * A destroyed lock's node gets a new generation and its edges (which
+ * record both ends' generations) are stale from then on, so a lock
+ * initialised again at the same address carries no stale order. Its
+ * out-list is emptied there and then (the node may be reused at once);
+ * a stale edge into it stays on its tail's list until a search walks past
+ * it or its slot is reused, either of which unlinks it, under the graph
+ * lock. A node not live (destroyed, waiting on the free list) takes no
+ * edge, and the free list has a link of its own.
  *
  * Edge lookups that find an edge already recorded take no lock: a
  * lock-free probe of a hash table whose slots are published with a release
@@ -45,12 +58,8 @@
 #ifndef KEEL_GRAPH_EDGES
 #define KEEL_GRAPH_EDGES 16384
 #endif
-#ifndef KEEL_GRAPH_OUT
-#define KEEL_GRAPH_OUT 32
-#endif
 #define MAX_NODES KEEL_GRAPH_NODES
 #define MAX_EDGES KEEL_GRAPH_EDGES
-#define MAX_OUT KEEL_GRAPH_OUT
 _Static_assert(MAX_NODES < 65536, "held entries keep node ids in 16 bits");
 #define NODE_TAKEN 0x80000000u
 
@@ -60,9 +69,8 @@ struct gnode {
 	_Atomic uint32_t gen; /* read by lock-free edge lookups */
 	uint16_t level, flags;
 	uint8_t live, taken;
-	uint16_t nout;
-	uint32_t next_free;    /* the free list's link, while not live */
-	uint32_t out[MAX_OUT]; /* edge indices */
+	uint32_t next_free; /* the free list's link, while not live */
+	uint32_t out_head;  /* first out-edge: its index + 1; 0: none */
 };
 
 struct gedge {
@@ -72,13 +80,16 @@ struct gedge {
 	_Atomic uint8_t violation;
 	const char *site;      /* where `to` was taken */
 	const char *from_site; /* where `from` had been taken */
+	/* Under glock: the out-list this slot is on (its tail's, when it
+	 * was recorded; 0: none) and its neighbours there (index + 1). */
+	uint32_t owner, next_out, prev_out;
 };
 
 static pthread_mutex_t glock = PTHREAD_MUTEX_INITIALIZER;
 static struct gnode nodes[MAX_NODES + 1]; /* 1-based */
 static struct gedge edges[MAX_EDGES];
 static uint32_t nnodes, free_node;
-static _Atomic int graph_off;
+static _Atomic int graph_warned;
 _Atomic uint32_t keel__graph_epoch;
 
 void keel__lockgraph_fork(int phase)
@@ -94,11 +105,12 @@ void keel__lockgraph_fork(int phase)
 
 static void graph_full(const char *what)
 {
-	if (load_relaxed(&graph_off))
+	if (load_relaxed(&graph_warned))
 		return;
-	store_relaxed(&graph_off, 1);
-	keel__report("the lock graph is full (%s): learned-order checking and "
-		     "the graph stop here; level checks go on",
+	store_relaxed(&graph_warned, 1);
+	keel__report("the lock graph is full (%s): what does not fit is not "
+		     "recorded, and a cycle through it goes unseen; checking "
+		     "goes on with what is recorded",
 		     what);
 }
 
@@ -139,11 +151,39 @@ uint32_t keel__graph_node(const struct keel__lockinfo *li, int taken)
 	nodes[id].flags = li->flags;
 	nodes[id].live = 1;
 	nodes[id].taken = taken ? 1 : 0;
-	nodes[id].nout = 0;
 	__atomic_store_n(li->node, id | (taken ? NODE_TAKEN : 0),
 			 __ATOMIC_RELEASE);
 	pthread_mutex_unlock(&glock);
 	return id;
+}
+
+/* Under glock: take edge slot i off the out-list it is on, if any. */
+static void out_unlink(uint32_t i)
+{
+	struct gedge *e = &edges[i];
+
+	if (!e->owner)
+		return;
+	if (e->prev_out)
+		edges[e->prev_out - 1].next_out = e->next_out;
+	else
+		nodes[e->owner].out_head = e->next_out;
+	if (e->next_out)
+		edges[e->next_out - 1].prev_out = e->prev_out;
+	e->owner = e->next_out = e->prev_out = 0;
+}
+
+/* Under glock: put edge slot i first on u's out-list. */
+static void out_link(uint32_t u, uint32_t i)
+{
+	struct gedge *e = &edges[i];
+
+	e->owner = u;
+	e->prev_out = 0;
+	e->next_out = nodes[u].out_head;
+	if (e->next_out)
+		edges[e->next_out - 1].prev_out = i + 1;
+	nodes[u].out_head = i + 1;
 }
 
 void keel__graph_forget(uint32_t *node)
@@ -158,7 +198,10 @@ void keel__graph_forget(uint32_t *node)
 		nodes[id].live = 0;
 		nodes[id].lock = NULL;
 		store_relaxed(&nodes[id].gen, load_relaxed(&nodes[id].gen) + 1);
-		nodes[id].nout = 0;
+		/* Its out-edges are all stale now; the id may be handed out
+		 * again at once, with an empty list. */
+		while (nodes[id].out_head)
+			out_unlink(nodes[id].out_head - 1);
 		nodes[id].next_free = free_node;
 		free_node = id;
 	}
@@ -207,36 +250,6 @@ static int edge_find(uint32_t from, uint32_t to)
 	return -1;
 }
 
-/* Under glock: drop from u's list the edges that are no longer u's: to a
- * lock since destroyed (the other end's generation moved), or a slot
- * since reused for another edge. Without this, locks made and destroyed
- * one after another under a long-lived one filled its list with dead
- * edges, and the graph went full. */
-static void prune_out(uint32_t u)
-{
-	uint16_t kept = 0;
-
-	for (uint16_t j = 0; j < nodes[u].nout; j++) {
-		struct gedge *e = &edges[nodes[u].out[j]];
-		uint64_t k = load_relaxed(&e->key);
-		uint32_t v = (uint32_t)k;
-
-		int dup = 0;
-
-		if (!k || (uint32_t)(k >> 32) != u ||
-		    load_relaxed(&e->from_gen) != load_relaxed(&nodes[u].gen) ||
-		    load_relaxed(&e->to_gen) != load_relaxed(&nodes[v].gen) ||
-		    !nodes[v].live)
-			continue;
-		/* A slot reused for a new edge from u is listed twice. */
-		for (uint16_t i = 0; i < kept && !dup; i++)
-			dup = nodes[u].out[i] == nodes[u].out[j];
-		if (!dup)
-			nodes[u].out[kept++] = nodes[u].out[j];
-	}
-	nodes[u].nout = kept;
-}
-
 /* Under glock. */
 static int edge_insert(uint32_t from, uint32_t to, const char *site,
 		       const char *from_site, int violation)
@@ -244,12 +257,6 @@ static int edge_insert(uint32_t from, uint32_t to, const char *site,
 	uint64_t key = key_of(from, to);
 	size_t i = slot_of(key);
 
-	if (nodes[from].nout == MAX_OUT)
-		prune_out(from);
-	if (nodes[from].nout == MAX_OUT) {
-		graph_full("a lock taken before more than " KEEL_STR(KEEL_GRAPH_OUT) " others");
-		return -1;
-	}
 	for (size_t probe = 0; probe < 64; probe++, i = (i + 1) % MAX_EDGES) {
 		uint64_t k = load_relaxed(&edges[i].key);
 		struct gedge *e = &edges[i];
@@ -259,6 +266,7 @@ static int edge_insert(uint32_t from, uint32_t to, const char *site,
 				  load_relaxed(&nodes[k >> 32].gen) ||
 			  load_relaxed(&e->to_gen) !=
 				  load_relaxed(&nodes[(uint32_t)k].gen))) {
+			out_unlink((uint32_t)i);
 			store_relaxed(&e->key, 0);
 			k = 0;
 		}
@@ -271,7 +279,7 @@ static int edge_insert(uint32_t from, uint32_t to, const char *site,
 		store_relaxed(&e->violation, (uint8_t)violation);
 		/* Pairs with the acquire load in edge_find(). */
 		store_release(&e->key, key);
-		nodes[from].out[nodes[from].nout++] = (uint32_t)i;
+		out_link(from, (uint32_t)i);
 		return (int)i;
 	}
 	graph_full("more than " KEEL_STR(KEEL_GRAPH_EDGES) " lock-order edges");
@@ -305,20 +313,27 @@ static int shortest_path(uint32_t from, uint32_t to, int *path)
 
 		if (u == to)
 			break;
-		for (uint16_t j = 0; j < nodes[u].nout; j++) {
-			struct gedge *e = &edges[nodes[u].out[j]];
+		for (uint32_t j = nodes[u].out_head, next; j; j = next) {
+			struct gedge *e = &edges[j - 1];
 			uint64_t k = load_relaxed(&e->key);
 			uint32_t v = (uint32_t)k;
 
+			next = e->next_out;
 			if (!k || (uint32_t)(k >> 32) != u ||
 			    load_relaxed(&e->from_gen) !=
 				    load_relaxed(&nodes[u].gen) ||
 			    load_relaxed(&e->to_gen) !=
 				    load_relaxed(&nodes[v].gen) ||
-			    !nodes[v].live || seen[v] == mark)
+			    !nodes[v].live) {
+				/* Stale (its head was destroyed): off the
+				 * list, so searches stop paying for it. */
+				out_unlink(j - 1);
+				continue;
+			}
+			if (seen[v] == mark)
 				continue;
 			seen[v] = mark;
-			via[v] = (int)nodes[u].out[j];
+			via[v] = (int)(j - 1);
 			queue[tail++] = v;
 		}
 	}
@@ -339,8 +354,7 @@ int keel__graph_edge_each(uint32_t from, uint32_t to, const char *site,
 	static int path[MAX_NODES];
 	int n = 0, idx;
 
-	if (from == to || !from || !to || from > MAX_NODES || to > MAX_NODES ||
-	    load_relaxed(&graph_off))
+	if (from == to || !from || !to || from > MAX_NODES || to > MAX_NODES)
 		return 0;
 	if ((idx = edge_find(from, to)) >= 0 &&
 	    (!violation || load_relaxed(&edges[idx].violation)))
@@ -437,11 +451,18 @@ void keel__graph_count(uint32_t *nlocks, uint32_t *nedges)
 	uint32_t l = 0, e = 0;
 	uint64_t k;
 
+	/* Over the live locks' out-lists (every current edge is on its
+	 * tail's), not the whole edge table: the table is hashed, and
+	 * reading all of it touched every page of it (14.7 MB in the
+	 * preload) in a process that learned a handful of edges. */
 	pthread_mutex_lock(&glock);
-	for (uint32_t id = 1; id <= nnodes; id++)
-		l += nodes[id].live;
-	for (size_t i = 0; i < MAX_EDGES; i++)
-		e += edge_current(&edges[i], &k);
+	for (uint32_t id = 1; id <= nnodes; id++) {
+		if (!nodes[id].live)
+			continue;
+		l++;
+		for (uint32_t j = nodes[id].out_head; j; j = edges[j - 1].next_out)
+			e += edge_current(&edges[j - 1], &k);
+	}
 	pthread_mutex_unlock(&glock);
 	*nlocks = l;
 	*nedges = e;

@@ -326,6 +326,94 @@ TEST(three_lock_cycle_across_three_threads)
 	CHECK_SAID(&cap, "'learned-b' -> 'learned-c'");
 }
 
+/* A learned lock taken before more than 32 others (the graph once kept
+ * 32 out-edges a lock and switched itself off past them), then an
+ * inversion with one of them: still reported. */
+#define FANOUT 100
+TEST(learned_lock_before_many_others_still_finds_a_cycle)
+{
+	static keel_mutex_t big, small[FANOUT];
+	harness_capture cap;
+
+	report_mode();
+	CHECK_OK(keel_mutex_init(&big, KEEL_LEVEL_LEARNED, "fanout-big", 0));
+	for (int i = 0; i < FANOUT; i++)
+		CHECK_OK(keel_mutex_init(&small[i], KEEL_LEVEL_LEARNED,
+					 "fanout-small", 0));
+	for (int i = 0; i < FANOUT; i++) {
+		keel_mutex_lock(&big);
+		keel_mutex_lock(&small[i]);
+		keel_mutex_unlock(&small[i]);
+		keel_mutex_unlock(&big);
+	}
+	CHECK_EQ(new_reports(), 0);
+	capture_begin(&cap);
+	keel_mutex_lock(&small[FANOUT - 3]);
+	keel_mutex_lock(&big); /* closes big -> small[97] -> big */
+	keel_mutex_unlock(&big);
+	keel_mutex_unlock(&small[FANOUT - 3]);
+	capture_end(&cap);
+	CHECK_EQ(new_reports(), 1);
+	CHECK_SAID(&cap, "'fanout-small' -> 'fanout-big'");
+	CHECK_SAID(&cap, "'fanout-big' -> 'fanout-small'");
+	CHECK(strstr(cap.text, "graph is full") == NULL);
+	for (int i = 0; i < FANOUT; i++)
+		CHECK_OK(keel_mutex_destroy(&small[i]));
+	CHECK_OK(keel_mutex_destroy(&big));
+}
+
+/* The same, with the others destroyed and made again round after round
+ * at the same memory: the long-lived lock's list fills with edges to
+ * destroyed locks (unlinked as searches pass them, or as their slots are
+ * reused) and a reused node id starts with an empty list. No round may
+ * report anything (the order is always big, then small), and an
+ * inversion after the last round is still found. */
+#define CHURN_ROUNDS 200
+TEST(learned_lock_before_locks_made_and_destroyed_keeps_its_order)
+{
+	static keel_mutex_t big, small[FANOUT];
+	harness_capture cap;
+
+	report_mode();
+	CHECK_OK(keel_mutex_init(&big, KEEL_LEVEL_LEARNED, "churn-big", 0));
+	for (int r = 0; r < CHURN_ROUNDS; r++) {
+		for (int i = 0; i < FANOUT; i++)
+			CHECK_OK(keel_mutex_init(&small[i], KEEL_LEVEL_LEARNED,
+						 "churn-small", 0));
+		for (int i = 0; i < FANOUT; i++) {
+			keel_mutex_lock(&big);
+			keel_mutex_lock(&small[i]);
+			keel_mutex_unlock(&small[i]);
+			keel_mutex_unlock(&big);
+			/* small[i] -> small[i + 1] too: searches from a
+			 * small lock walk lists holding stale edges. */
+			if (i + 1 < FANOUT) {
+				keel_mutex_lock(&small[i]);
+				keel_mutex_lock(&small[i + 1]);
+				keel_mutex_unlock(&small[i + 1]);
+				keel_mutex_unlock(&small[i]);
+			}
+		}
+		if (r + 1 < CHURN_ROUNDS)
+			for (int i = 0; i < FANOUT; i++)
+				CHECK_OK(keel_mutex_destroy(&small[i]));
+	}
+	CHECK_EQ(new_reports(), 0);
+	capture_begin(&cap);
+	keel_mutex_lock(&small[FANOUT - 1]);
+	keel_mutex_lock(&big); /* big -> small[0] -> ... -> small[99] -> big */
+	keel_mutex_unlock(&big);
+	keel_mutex_unlock(&small[FANOUT - 1]);
+	capture_end(&cap);
+	CHECK_EQ(new_reports(), 1);
+	CHECK_SAID(&cap, "'churn-small' -> 'churn-big'");
+	CHECK_SAID(&cap, "'churn-big' -> 'churn-small'");
+	CHECK(strstr(cap.text, "graph is full") == NULL);
+	for (int i = 0; i < FANOUT; i++)
+		CHECK_OK(keel_mutex_destroy(&small[i]));
+	CHECK_OK(keel_mutex_destroy(&big));
+}
+
 static keel_mutex_t mixed_ranked = KEEL_MUTEX_INIT(7, "mixed-ranked");
 static keel_mutex_t mixed_learned = KEEL_MUTEX_INIT(0, "mixed-learned");
 
