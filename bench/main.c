@@ -422,7 +422,7 @@ static void check_target(const struct target *t)
 	if (!t->peer && measured(keel) && (peer = fastest_peer(t->id, 1)))
 		printf("  for reference, not a target: fastest %s variant (%s): "
 		       "keel/%s = %.2f\n",
-		       VARIANT_SUFFIX + 1, peer->impl, peer->impl,
+		       &VARIANT_SUFFIX[1], peer->impl, peer->impl,
 		       keel->median / peer->median);
 }
 
