@@ -395,54 +395,15 @@ static void churn_exit(keel_task_t child, int status, void *arg)
 	gate_leave(arg);
 }
 
-BENCH(scope_churn, keel)
+/* 10^6 children through one scope, at most CHURN_LIVE at a time: gated by
+ * their on_exit hook (children without a handle, reaped as they end), or
+ * by joining the oldest of a window of joinable ones. */
+static double churn(const char *impl, int join_window)
 {
 	long n = bench_count(1000000, 20000), mark = n / 10;
 	long rss0 = resident_bytes(), rss_mark = 0;
 	keel_scope_opts so = {.name = "churn", .on_exit = churn_exit,
 			      .on_exit_arg = &churn_gate};
-	keel_stats st0, st_mark = {0}, st_end;
-	keel_scope_t *s;
-	int64_t start;
-	int rc;
-
-	keel_self();
-	keel_stats_reset_peak();
-	keel_stats_get(&st0);
-	if ((rc = keel_scope_open(&s, &so)) < 0)
-		bench_fail("keel_scope_open: %s", keel_strerror(rc));
-	start = bench_now();
-	for (long i = 0; i < n; i++) {
-		if (i == mark) {
-			rss_mark = resident_bytes();
-			keel_stats_get(&st_mark);
-			keel_stats_reset_peak();
-		}
-		gate_enter(&churn_gate);
-		if ((rc = keel_spawn(s, return_at_once, NULL, NULL, NULL)) < 0)
-			bench_fail("keel_spawn #%ld: %s", i, keel_strerror(rc));
-	}
-	if ((rc = keel_scope_join(s, KEEL_FOREVER)) < 0)
-		bench_fail("keel_scope_join: %s", keel_strerror(rc));
-	keel_stats_get(&st_end);
-	bench_note("scope_churn keel: %ld children, <=%d live: RSS +%.1f MB "
-		   "after %ld, +%.1f MB after %ld (growth %.2f MB); tasks at once "
-		   "%zu, then %zu",
-		   n, CHURN_LIVE, (double)(rss_mark - rss0) / 1048576.0, mark,
-		   (double)(resident_bytes() - rss0) / 1048576.0, n,
-		   (double)(resident_bytes() - rss_mark) / 1048576.0,
-		   st_mark.tasks_peak - st0.tasks_live,
-		   st_end.tasks_peak - st0.tasks_live);
-	rc = keel_scope_close(s);
-	if (rc < 0)
-		bench_fail("keel_scope_close: %s", keel_strerror(rc));
-	return (double)(bench_now() - start) / (double)n;
-}
-
-BENCH(scope_churn, keel_join_window)
-{
-	long n = bench_count(1000000, 20000), mark = n / 10;
-	long rss0 = resident_bytes(), rss_mark = 0;
 	static keel_task_t window[CHURN_LIVE];
 	keel_stats st0, st_mark = {0}, st_end;
 	keel_scope_t *s;
@@ -452,36 +413,49 @@ BENCH(scope_churn, keel_join_window)
 	keel_self();
 	keel_stats_reset_peak();
 	keel_stats_get(&st0);
-	if ((rc = keel_scope_open(&s, NULL)) < 0)
+	if ((rc = keel_scope_open(&s, join_window ? NULL : &so)) < 0)
 		bench_fail("keel_scope_open: %s", keel_strerror(rc));
 	start = bench_now();
 	for (long i = 0; i < n; i++) {
-		keel_task_t *slot = &window[i % CHURN_LIVE];
+		keel_task_t *slot = join_window ? &window[i % CHURN_LIVE] : NULL;
 
 		if (i == mark) {
 			rss_mark = resident_bytes();
 			keel_stats_get(&st_mark);
 			keel_stats_reset_peak();
 		}
-		if (i >= CHURN_LIVE && (rc = keel_join(*slot, NULL,
-						       KEEL_FOREVER)) < 0)
+		if (!join_window)
+			gate_enter(&churn_gate);
+		else if (i >= CHURN_LIVE &&
+			 (rc = keel_join(*slot, NULL, KEEL_FOREVER)) < 0)
 			bench_fail("keel_join #%ld: %s", i, keel_strerror(rc));
 		if ((rc = keel_spawn(s, return_at_once, NULL, NULL, slot)) < 0)
 			bench_fail("keel_spawn #%ld: %s", i, keel_strerror(rc));
 	}
+	if ((rc = keel_scope_join(s, KEEL_FOREVER)) < 0)
+		bench_fail("keel_scope_join: %s", keel_strerror(rc));
 	keel_stats_get(&st_end);
-	bench_note("scope_churn keel_join_window: RSS +%.1f MB after %ld, "
-		   "+%.1f MB after %ld (growth %.2f MB); tasks at once %zu, "
-		   "then %zu",
-		   (double)(rss_mark - rss0) / 1048576.0, mark,
-		   (double)(resident_bytes() - rss0) / 1048576.0, n,
+	bench_note("scope_churn %s: %ld children, <=%d live: RSS +%.1f MB "
+		   "after %ld, +%.1f MB after %ld (growth %.2f MB); tasks at once "
+		   "%zu, then %zu",
+		   impl, n, CHURN_LIVE, (double)(rss_mark - rss0) / 1048576.0,
+		   mark, (double)(resident_bytes() - rss0) / 1048576.0, n,
 		   (double)(resident_bytes() - rss_mark) / 1048576.0,
 		   st_mark.tasks_peak - st0.tasks_live,
 		   st_end.tasks_peak - st0.tasks_live);
-	rc = keel_scope_close(s);
-	if (rc < 0)
+	if ((rc = keel_scope_close(s)) < 0)
 		bench_fail("keel_scope_close: %s", keel_strerror(rc));
 	return (double)(bench_now() - start) / (double)n;
+}
+
+BENCH(scope_churn, keel)
+{
+	return churn("keel", 0);
+}
+
+BENCH(scope_churn, keel_join_window)
+{
+	return churn("keel_join_window", 1);
 }
 
 static void *detached_child(void *arg)
