@@ -98,31 +98,43 @@ extern "C" {
 
 /* Mutexes and reader-writer locks share one layout, so the checker reads
  * either through the same fields. */
+/* On targets with 4-byte pointers, a pad word follows each pointer, so
+ * that every field sits at the same offset as on 64-bit targets and the
+ * types keep one size everywhere (a uint64_t alone would not: i386 aligns
+ * it to 4, wasm32 and arm to 8). */
+#if UINTPTR_MAX == 0xffffffffu
+#define KEEL__PTR_PAD(f) uint32_t f;
+#define KEEL__PTR_PAD_INIT 0,
+#else
+#define KEEL__PTR_PAD(f)
+#define KEEL__PTR_PAD_INIT
+#endif
+
+/* Mutexes and reader-writer locks share one layout, so the checker reads
+ * either through the same fields. */
 #define KEEL__LOCK_FIELDS                                                  \
 	uint32_t k_state;                                                  \
 	uint16_t k_level;                                                  \
 	uint16_t k_flags;                                                  \
 	void *k_owner;                                                     \
+	KEEL__PTR_PAD(k_pad0)                                              \
 	uint32_t k_node;                                                   \
 	uint32_t k_epoch;                                                  \
 	uint64_t k_parents;                                                \
 	const char *k_name;                                                \
+	KEEL__PTR_PAD(k_pad1)                                              \
 	void *k_waitq;                                                     \
+	KEEL__PTR_PAD(k_pad2)                                              \
 	uint32_t k_depth;                                                  \
 	uint32_t k_qlock;                                                  \
 	uint32_t k_magic;                                                  \
 	uint32_t k_cwait;
 
 #define KEEL__LOCK_INITIALIZER(level, name, flags)                         \
-	{ 0, (level), (uint16_t)((flags) | KEEL__LOCK_READY), 0, 0, 0, 0,    \
-	  (name), 0, 0, 0, KEEL__LOCK_MAGIC, 0 }
+	{ 0, (level), (uint16_t)((flags) | KEEL__LOCK_READY), 0,             \
+	  KEEL__PTR_PAD_INIT 0, 0, 0, (name), KEEL__PTR_PAD_INIT 0,          \
+	  KEEL__PTR_PAD_INIT 0, 0, KEEL__LOCK_MAGIC, 0 }
 
-/**
- * typedef keel_mutex_t - a ranked mutual-exclusion lock.
- *
- * Caller-allocated; the fields are keel's. Initialise with KEEL_MUTEX_INIT
- * or keel_mutex_init(); a zeroed or destroyed one is reported when used.
- */
 typedef struct KEEL_CAPABILITY("mutex") KEEL__LOCK_ALIGN keel_mutex {
 	KEEL__LOCK_FIELDS
 } keel_mutex_t;
@@ -151,13 +163,15 @@ typedef struct KEEL_CAPABILITY("rwlock") KEEL__LOCK_ALIGN keel_rwlock {
  */
 typedef struct keel_cond {
 	void *k_waiters;
+	KEEL__PTR_PAD(k_pad0)
 	uint32_t k_qlock;
 	uint32_t k_magic;
 	uint64_t k_reserved[2];
 } keel_cond_t;
 
-#define KEEL_COND_INIT { 0, 0, KEEL__LOCK_MAGIC, { 0, 0 } }
+#define KEEL_COND_INIT { 0, KEEL__PTR_PAD_INIT 0, KEEL__LOCK_MAGIC, { 0, 0 } }
 
+/* The same sizes (and offsets) on 32- and 64-bit targets. */
 #if defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
 _Static_assert(sizeof(keel_mutex_t) == 64, "keel_mutex_t is 64 bytes");
 _Static_assert(sizeof(keel_rwlock_t) == 64, "keel_rwlock_t is 64 bytes");
