@@ -14,8 +14,9 @@
  *   fast path, keel_once_value(), is a load and a sign test, which a
  *   caller's own NULL test absorbs: the same code as a hand-written
  *   acquire load of a published pointer. (Published pointers must read as
- *   positive: NULL, and pointers with the top bit set, as top-byte tagging
- *   on AArch64 can give, are refused.)
+ *   positive: NULL, and 64-bit pointers with the top bit set, as top-byte
+ *   tagging on AArch64 can give, are refused; a 32-bit pointer, widened
+ *   with zeros, is positive whatever its top bit.)
  *
  *   claim:    FREE(g, d) -> BUSY(g + 1)  CAS; the caller owns claim g + 1
  *                                         (prev_owner_died = d)
@@ -305,7 +306,10 @@ static int publish(keel_claim_t *c, uint64_t done)
 
 int keel_claim_publish(keel_claim_t *c, void *value)
 {
-	/* A done word is the pointer itself, so it must read as positive. */
+	/* A done word is the pointer itself, so it must read as positive
+	 * as a 64-bit number: a 64-bit pointer needs its top bit clear; a
+	 * 32-bit one, widened with zeros, always reads positive unless NULL
+	 * (so no 32-bit pointer is refused for its top bit). */
 	if (!c || c->ov->shared || !value ||
 	    (int64_t)(uint64_t)(uintptr_t)value <= 0)
 		return -EINVAL;

@@ -174,8 +174,9 @@ static inline void *keel_once_value(const keel_once_t *o)
 /**
  * keel_claim_publish() - publish init's value, if the claim is current.
  * @claim: init's claim.
- * @value: the value: any pointer but NULL, whose top bit is clear (every
- *         ordinary pointer; not one tagged in its top byte).
+ * @value: the value: any pointer but NULL whose top bit is clear on a
+ *         64-bit target (every ordinary pointer; not one tagged in its
+ *         top byte); any pointer but NULL on a 32-bit target.
  *
  * One compare-and-swap: it succeeds only while the claim is the current
  * one. On -ESTALE another caller holds the once now: init must tear down
@@ -184,7 +185,7 @@ static inline void *keel_once_value(const keel_once_t *o)
  * Context: the init the claim was given to.
  * Return: 0; -ESTALE if the claim is no longer current; -EALREADY if this
  * claim published already; -EINVAL if @claim is NULL or is a shared once's
- * claim, or @value is NULL or has its top bit set.
+ * claim, or @value is NULL or (64-bit targets) has its top bit set.
  */
 KEEL_API int keel_claim_publish(keel_claim_t *claim, void *value);
 
