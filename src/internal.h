@@ -88,6 +88,19 @@ enum keel__msg_state {
 #define MSG_STATE_BITS 8
 #define MSG_STATE_MASK ((uint64_t)0xff)
 
+/* A keel_ctx_t is (ctx generation << MSG_IDX_BITS | record index) as a
+ * pointer-sized value, and a record's ctx generation never goes past
+ * MSG_CTX_GEN_LAST (proxy.c, CTX HANDLES). The table holds at most
+ * 2^MSG_IDX_BITS records: fewer on 32-bit targets, to leave the handle
+ * 10 bits of generation there (40 on 64-bit ones). */
+#if UINTPTR_MAX == 0xffffffffu
+#define MSG_IDX_BITS 22
+#else
+#define MSG_IDX_BITS 24
+#endif
+#define MSG_CTX_GEN_LAST                                                   \
+	((((uint64_t)1) << (sizeof(uintptr_t) * 8 - MSG_IDX_BITS)) - 1)
+
 struct keel__task;
 
 union keel__fn {
@@ -123,6 +136,11 @@ struct keel__msg {
 	struct keel__msg *oprev, *onext;
 	/* The target's in-flight ctx list, under target->ctx_lock. */
 	struct keel__msg *iprev, *inext;
+	/* How many times the record went in flight as a _ctx call: the
+	 * generation its keel_ctx_t carries (proxy.c, CTX HANDLES). Raised
+	 * only, under the target's ctx_lock; read by keel_ctx_finish() on
+	 * possibly stale handles. */
+	_Atomic uint64_t ctx_gen;
 } KEEL_ALIGNED(KEEL_CACHELINE);
 
 struct keel__msg *keel__msg_refill(void);
@@ -195,12 +213,9 @@ static inline void keel__msg_free(struct keel__msg *m)
 {
 	uint64_t gen = load_relaxed(&m->state) >> MSG_STATE_BITS;
 
-	/* A new generation for every use, so that no stale keel_ctx_t ever
-	 * matches; generation 0 (mod 2^40) is skipped so that a ctx handle is
-	 * never NULL. */
+	/* A new generation for every use: a sender tells by it whether the
+	 * record it linked has been run and freed since (mailbox.c). */
 	gen++;
-	if ((gen & (((uint64_t)1 << 40) - 1)) == 0)
-		gen++;
 	store_relaxed(&m->state, gen << MSG_STATE_BITS | ST_FREE);
 	if (unlikely(keel__tls.ncache >= MSG_CACHE_BATCH)) {
 		keel__msg_free_home(m);

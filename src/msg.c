@@ -76,7 +76,7 @@
 
 #define MSG_CHUNK_SHIFT 10
 #define MSG_CHUNK ((uint32_t)1 << MSG_CHUNK_SHIFT)
-#define MSG_MAX_CHUNKS ((uint32_t)1 << (24 - MSG_CHUNK_SHIFT))
+#define MSG_MAX_CHUNKS ((uint32_t)1 << (MSG_IDX_BITS - MSG_CHUNK_SHIFT))
 
 /* Free records the pool keeps at least, before giving memory back. */
 #ifndef KEEL_MSG_POOL_KEEP
@@ -107,6 +107,8 @@ _Atomic keel_time_t keel__msg_decay_ns = KEEL_SEC(1);
 static uint16_t released[MSG_MAX_CHUNKS];
 static uint32_t nreleased;
 static uint64_t released_gen[MSG_MAX_CHUNKS];
+/* The same for ctx generations (proxy.c, CTX HANDLES). */
+static uint64_t released_ctx_gen[MSG_MAX_CHUNKS];
 /* The trimmer's per-chunk counts and the chunks it picked (only one trim
  * runs at a time). */
 static uint16_t trim_count[MSG_MAX_CHUNKS];
@@ -142,9 +144,9 @@ static struct keel__msg *carve_released(uint32_t *n)
 	uint32_t ci = released[--nreleased];
 	struct keel__msg *c = load_relaxed(&msg_chunks[ci]), *first = NULL;
 	uint64_t gen = released_gen[ci] + 1;
-
-	if ((gen & (((uint64_t)1 << 40) - 1)) == 0)
-		gen++;
+	/* Not above: the next use as a ctx call raises it before its handle
+	 * is made, and a record at MSG_CTX_GEN_LAST was never freed. */
+	uint64_t ctx_gen = released_ctx_gen[ci];
 	for (uint32_t b = MSG_CHUNK / MSG_CACHE_BATCH; b-- > 0;) {
 		struct keel__msg *head = NULL;
 
@@ -153,6 +155,7 @@ static struct keel__msg *carve_released(uint32_t *n)
 
 			m->idx = ci << MSG_CHUNK_SHIFT | (b * MSG_CACHE_BATCH + i);
 			store_relaxed(&m->state, gen << MSG_STATE_BITS | ST_FREE);
+			store_relaxed(&m->ctx_gen, ctx_gen);
 			store_relaxed(&m->next, head);
 			head = m;
 		}
@@ -248,8 +251,12 @@ static void rebatch(struct keel__msg *list, struct keel__msg **out,
 				uint64_t gen = load_relaxed(&m->state) >>
 					       MSG_STATE_BITS;
 
+				uint64_t ctx_gen = load_relaxed(&m->ctx_gen);
+
 				if (gen > released_gen[ci])
 					released_gen[ci] = gen;
+				if (ctx_gen > released_ctx_gen[ci])
+					released_ctx_gen[ci] = ctx_gen;
 				continue;
 			}
 			store_relaxed(&m->next, cur);
@@ -293,6 +300,7 @@ static void trim(uint32_t surplus)
 			continue;
 		trim_count[ci] = UINT16_MAX; /* picked */
 		released_gen[ci] = 0;
+		released_ctx_gen[ci] = 0;
 		picked[nrel++] = (uint16_t)ci;
 		surplus -= MSG_CHUNK;
 	}

@@ -9,8 +9,21 @@
  * whatever the order of events.
  *
  * State word: generation (56 bits) << 8 | state (8 bits). The generation
- * changes every time the record is freed, so a stale keel_ctx_t, which
- * carries it, can never match a later use of the record.
+ * changes every time the record is freed.
+ *
+ * CTX HANDLES. A keel_ctx_t is (ctx_gen << MSG_IDX_BITS | index) as a
+ * pointer-sized value, issued once. A record's ctx_gen counts its uses as
+ * a _ctx call: T raises it, under T->ctx_lock, just before the CAS that
+ * makes the record INFLIGHT (whose release publishes it), and
+ * keel_ctx_finish() accepts a handle only if the record is INFLIGHT with
+ * that ctx_gen. ctx_gen only rises, and plain messages do not touch it, so
+ * a handle whose use has ended never matches again. It has 40 bits in a
+ * handle on 64-bit targets and 10 on 32-bit ones: a record whose ctx_gen
+ * reached MSG_CTX_GEN_LAST is retired by the next _ctx call that draws it
+ * (kept out of use for good, one record per 2^40, or 2^10, _ctx uses of
+ * it). So a stale ctx never finishes a later call on any width; on 32-bit
+ * targets the price is that a process can make about 2^32 _ctx calls in
+ * its life, since no 32-bit value can tell more apart.
  *
  * T is the target task, C the calling task, F any thread that calls
  * keel_ctx_finish().
@@ -61,10 +74,8 @@
 
 #include "internal.h"
 
-/* A ctx handle: (generation << 24 | index) as a pointer-sized value. */
-#define CTX_IDX_BITS 24
-#define CTX_GEN_BITS (sizeof(uintptr_t) * 8 - CTX_IDX_BITS)
-#define CTX_GEN_MASK ((((uintptr_t)1) << CTX_GEN_BITS) - 1)
+/* A ctx handle (see CTX HANDLES above). */
+#define CTX_IDX_BITS MSG_IDX_BITS
 
 static uint64_t st_of(uint64_t w)
 {
@@ -87,9 +98,11 @@ static int claim(struct keel__msg *m, enum keel__msg_state from,
 
 static keel_ctx_t *ctx_encode(struct keel__msg *m)
 {
-	uintptr_t gen = (uintptr_t)(load_relaxed(&m->state) >> MSG_STATE_BITS);
+	/* 1 <= ctx_gen <= MSG_CTX_GEN_LAST: the handle is never NULL and
+	 * loses no bit. */
+	uintptr_t gen = (uintptr_t)load_relaxed(&m->ctx_gen);
 
-	return (keel_ctx_t *)((gen & CTX_GEN_MASK) << CTX_IDX_BITS | m->idx);
+	return (keel_ctx_t *)(gen << CTX_IDX_BITS | m->idx);
 }
 
 /* ---- Handing a record back to the caller --------------------------------- */
@@ -180,6 +193,9 @@ void keel__proxy_run(struct keel__task *t, struct keel__msg *m)
 		int ok;
 
 		pthread_mutex_lock(&t->ctx_lock);
+		/* Before the CAS: a finish that sees INFLIGHT sees the new
+		 * ctx_gen (CTX HANDLES). Below MSG_CTX_GEN_LAST (new_call). */
+		store_relaxed(&m->ctx_gen, load_relaxed(&m->ctx_gen) + 1);
 		ok = claim(m, ST_QUEUED, ST_INFLIGHT);
 		if (ok) {
 			m->iprev = NULL;
@@ -345,6 +361,11 @@ static struct keel__msg *new_call(struct keel__task *c, enum keel__msg_kind kind
 {
 	struct keel__msg *m = keel__msg_alloc();
 
+	/* A record that has no ctx generation left is retired: its handle
+	 * would have to wrap (CTX HANDLES). */
+	if (kind == MSG_CALL_CTX || kind == MSG_THEN_CTX)
+		while (m && load_relaxed(&m->ctx_gen) >= MSG_CTX_GEN_LAST)
+			m = keel__msg_alloc();
 	if (!m)
 		return NULL;
 	m->kind = (uint8_t)kind;
@@ -509,8 +530,8 @@ int keel_ctx_finish(keel_ctx_t *ctx)
 		return -ESTALE;
 	pthread_mutex_lock(&t->ctx_lock);
 	w = load_acquire(&m->state);
-	if (((w >> MSG_STATE_BITS) & CTX_GEN_MASK) != v >> CTX_IDX_BITS ||
-	    st_of(w) != ST_INFLIGHT) {
+	if (st_of(w) != ST_INFLIGHT ||
+	    load_relaxed(&m->ctx_gen) != (uint64_t)(v >> CTX_IDX_BITS)) {
 		pthread_mutex_unlock(&t->ctx_lock);
 		return -ESTALE;
 	}

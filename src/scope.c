@@ -21,6 +21,17 @@
  * pointer is an (index, generation) handle: a scope that was closed (and
  * its slot perhaps reused) is recognised, never dereferenced.
  *
+ * A handle value is issued once. The slot keeps its generation in 56
+ * bits; the handle has room for the index (20 bits, the table's size) and
+ * the rest of a pointer: 44 bits of generation on 64-bit targets, 12 on
+ * 32-bit ones. A slot whose generation has no room left in a handle is
+ * retired: never given out again, its memory kept (it is one scope struct
+ * per 2^44, or 2^12, openings of that slot). So a stale handle can never
+ * match a later scope, on any width; what a 32-bit target gives up
+ * instead is the number of scopes a process can ever open, about 2^32
+ * (then keel_scope_open() says -ENOMEM), since no 32-bit value can tell
+ * more uses apart.
+ *
  * LOCKS (the rules are in cancel.c). Each scope has its own lock, over its
  * entries and its state changes; the handle's generation is checked under
  * it. The table's lock is taken only to take a slot or give one back (and
@@ -117,9 +128,12 @@ struct keel__scope {
 #define SC_CHUNK_SHIFT 6
 #define SC_CHUNK ((uint32_t)1 << SC_CHUNK_SHIFT)
 #define SC_MAX_CHUNKS ((uint32_t)1 << (20 - SC_CHUNK_SHIFT))
-#define SC_IDX_BITS 24
+#define SC_IDX_BITS 20
 #define SC_GEN_BITS (sizeof(uintptr_t) * 8 - SC_IDX_BITS)
-#define SC_GEN_MASK ((((uint64_t)1) << SC_GEN_BITS) - 1)
+/* The last generation a handle can carry; a slot past it is retired. */
+#define SC_GEN_LAST ((((uint64_t)1) << SC_GEN_BITS) - 1)
+_Static_assert(SC_MAX_CHUNKS * SC_CHUNK <= (1u << SC_IDX_BITS),
+	       "every slot index fits in a handle");
 #define DEFAULT_CLEANUP_NS KEEL_SEC(5)
 
 /* The table: chunks and the count are published with release stores, so
@@ -145,8 +159,8 @@ static keel_scope_t *encode(struct keel__scope *sc)
 {
 	uint64_t gen = load_relaxed(&sc->gen_state) >> 8;
 
-	return (keel_scope_t *)(uintptr_t)((gen & SC_GEN_MASK) << SC_IDX_BITS |
-					   sc->idx);
+	/* gen <= SC_GEN_LAST: a slot past it is never opened. */
+	return (keel_scope_t *)(uintptr_t)(gen << SC_IDX_BITS | sc->idx);
 }
 
 static struct keel__scope *slot_at(uint32_t idx)
@@ -173,8 +187,7 @@ static int scope_is(struct keel__scope *sc, keel_scope_t *h)
 {
 	uint64_t w = load_relaxed(&sc->gen_state);
 
-	return ((w >> 8) & SC_GEN_MASK) ==
-		       (uint64_t)((uintptr_t)h >> SC_IDX_BITS) &&
+	return (w >> 8) == (uint64_t)((uintptr_t)h >> SC_IDX_BITS) &&
 	       (w & 0xff) != SC_FREE;
 }
 
@@ -252,14 +265,17 @@ static void scope_free(struct keel__scope *sc)
 
 	pthread_mutex_lock(&sc->lock);
 	gen = (load_relaxed(&sc->gen_state) >> 8) + 1;
-	if ((gen & SC_GEN_MASK) == 0)
-		gen++;
+	/* Past SC_GEN_LAST no handle could name it: stale handles would
+	 * wrap onto its next use. Its generation still moves on, so every
+	 * handle to it reads as stale. */
 	store_release(&sc->gen_state, gen << 8 | SC_FREE);
 	entries = sc->entries;
 	sc->entries = NULL;
 	sc->nentries = sc->cap = sc->ndone = 0;
 	pthread_mutex_unlock(&sc->lock);
 	free(entries);
+	if (gen > SC_GEN_LAST)
+		return; /* retired */
 	pthread_mutex_lock(&table_lock);
 	sc->free_next = sc_free;
 	sc_free = sc;

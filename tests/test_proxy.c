@@ -607,6 +607,45 @@ TEST(call_ctx_finished_inside_work)
 	server_stop(&s);
 }
 
+/* More ctx calls than 2^16 through one record (a caller's records are
+ * reused last-freed first): the first call's ctx, long finished, is
+ * refused in every later call and never finishes the call in flight,
+ * whatever the width of a pointer. */
+struct stale_ctx {
+	keel_ctx_t *stale;
+	int calls;
+};
+
+static void finish_after_stale(keel_ctx_t *ctx, void *p)
+{
+	struct stale_ctx *st = p;
+
+	st->calls++;
+	if (!st->stale) {
+		st->stale = ctx;
+		CHECK_OK(keel_ctx_finish(ctx));
+		return;
+	}
+	CHECK(ctx != st->stale);
+	CHECK_RC(keel_ctx_finish(st->stale), -ESTALE);
+	CHECK_OK(keel_ctx_finish(ctx));
+}
+
+TEST(stale_ctx_never_finishes_a_later_call)
+{
+	enum { CALLS = (1 << 16) + 1000 };
+	struct stale_ctx st = {NULL, 0};
+	struct server s;
+
+	server_start(&s);
+	for (int i = 0; i < CALLS; i++)
+		CHECK_OK(keel_call_ctx(s.id, finish_after_stale, &st,
+				       KEEL_FOREVER));
+	CHECK_EQ(st.calls, CALLS);
+	server_stop(&s);
+	CHECK_RC(keel_ctx_finish(st.stale), -ESTALE);
+}
+
 TEST(call_ctx_target_ends_unfinished)
 {
 	struct server s;

@@ -138,6 +138,38 @@ static int effection_body(keel_scope_t *s, void *arg)
 	return 0;
 }
 
+/* A scope's slot is reused last-freed first: open and close more scopes
+ * than 2^16 after the first one closed. Its handle is refused every time
+ * and never reaches the scope that lives in its slot now, whatever the
+ * width of a pointer. */
+static int stale_cleanup_ran;
+
+static int stale_cleanup(void *arg)
+{
+	(void)arg;
+	stale_cleanup_ran++;
+	return 0;
+}
+
+TEST(stale_scope_handle_never_names_a_later_scope)
+{
+	enum { ROUNDS = (1 << 16) + 1000 };
+	keel_scope_t *stale, *s;
+
+	CHECK_OK(keel_scope_open(&stale, NULL));
+	CHECK_OK(keel_scope_close(stale));
+	for (int i = 0; i < ROUNDS; i++) {
+		CHECK_OK(keel_scope_open(&s, NULL));
+		CHECK(s != stale);
+		CHECK_RC(keel_scope_cancel(stale), -EINVAL);
+		/* As for any closed scope. */
+		CHECK_RC(keel_defer(stale, stale_cleanup, NULL), -ECANCELED);
+		/* Neither reached s: it closes uncancelled, with no cleanup. */
+		CHECK_OK(keel_scope_close(s));
+		CHECK_EQ(stale_cleanup_ran, 0);
+	}
+}
+
 TEST(effection_scenario)
 {
 	struct effection e = {0};
