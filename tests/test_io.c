@@ -648,7 +648,7 @@ TEST(spawn_fd_closes_the_fd_in_a_cancelled_scope)
 
 TEST(spawn_fd_closes_the_fd_when_the_thread_cannot_start)
 {
-	keel_spawn_opts opts = {.stack_size = (size_t)1 << 46};
+	keel_spawn_opts opts = {.stack_size = (size_t)(UINT64_C(1) << 46)};
 	keel_scope_t *s;
 
 	if (sizeof(size_t) < 8)

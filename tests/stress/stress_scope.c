@@ -915,8 +915,16 @@ static void *churn_spawner(void *p)
 
 		CHECK(a != NULL);
 		*a = (struct churn_arg){r, (int)(x & 1), (int)((x >> 1) % ROUTES)};
+		/* Small stacks where the address space is small: a round
+		 * may have hundreds of tasks alive, and 32 bits of address
+		 * space hold only some hundreds of default-sized stacks. */
 		rc = keel_spawn(r->s, churn_body, a,
-				&(keel_spawn_opts){.detached = 1}, &t);
+				&(keel_spawn_opts){
+					.detached = 1,
+					.stack_size = sizeof(void *) < 8
+							      ? (size_t)256 << 10
+							      : 0},
+				&t);
 		if (rc == -ECANCELED) {
 			free(a);
 			atomic_fetch_add(&r->refused, 1);
