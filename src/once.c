@@ -128,11 +128,16 @@ static int running_on(const uint64_t *word, uint64_t gen)
 
 /* ---- A once, whichever kind ------------------------------------------------ */
 
+/* The once's 64-bit atomics, 8-aligned on every target (once.h): said in
+ * their type, so that i386 compilers need not assume 4. */
+typedef uint64_t u64_atom KEEL__ALIGN8;
+typedef int64_t i64_atom KEEL__ALIGN8;
+
 struct ov {
-	uint64_t *word;
-	uint64_t *gen;
-	int64_t *started;
-	uint64_t *thread;
+	u64_atom *word;
+	u64_atom *gen;
+	i64_atom *started;
+	u64_atom *thread;
 	int32_t *pid;
 	int32_t *life;
 	pthread_mutex_t *lifeline;

@@ -52,9 +52,17 @@ extern "C" {
  * on it, stale owners' included.
  */
 /* The word, then the owner's record (written after its claim, read
- * against k_gen): the same in both kinds of once. */
+ * against k_gen): the same in both kinds of once. They are 64-bit
+ * atomics, so they are 8-aligned on every target: i386 aligns a uint64_t
+ * to 4 only, where a load could straddle a cache line and tear (64-bit
+ * targets, and wasm32, align it to 8 already: no change there). */
+#if defined(__GNUC__)
+#define KEEL__ALIGN8 __attribute__((aligned(8)))
+#else
+#define KEEL__ALIGN8
+#endif
 #define KEEL__ONCE_RECORD_FIELDS                                           \
-	uint64_t k_word;                                                   \
+	uint64_t k_word KEEL__ALIGN8;                                      \
 	uint64_t k_gen;                                                    \
 	int64_t k_started;                                                 \
 	uint64_t k_thread;                                                 \
@@ -86,6 +94,11 @@ typedef struct keel_once_shared {
 	uint32_t k_reserved;
 	pthread_mutex_t k_lifeline[KEEL__ONCE_LIFELINES];
 } keel_once_shared_t;
+
+#if defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
+_Static_assert(_Alignof(keel_once_t) >= 8 && _Alignof(keel_once_shared_t) >= 8,
+	       "a once's 64-bit atomics are 8-aligned");
+#endif
 
 /* The claim an init runs under; valid until init returns. */
 typedef struct keel_claim keel_claim_t;
