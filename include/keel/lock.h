@@ -158,10 +158,17 @@ typedef struct keel_cond {
 
 #define KEEL_COND_INIT { 0, 0, KEEL__LOCK_MAGIC, { 0, 0 } }
 
+/* The sizes are part of the ABI where pointers are 8 bytes; with 4-byte
+ * pointers (wasm32, i386) the same fields take less, never more. */
 #if defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
+#if UINTPTR_MAX > 0xFFFFFFFFu
 _Static_assert(sizeof(keel_mutex_t) == 64, "keel_mutex_t is 64 bytes");
 _Static_assert(sizeof(keel_rwlock_t) == 64, "keel_rwlock_t is 64 bytes");
-_Static_assert(sizeof(keel_cond_t) == 32, "keel_cond_t is 32 bytes");
+#else
+_Static_assert(sizeof(keel_mutex_t) <= 64, "keel_mutex_t fits 64 bytes");
+_Static_assert(sizeof(keel_rwlock_t) <= 64, "keel_rwlock_t fits 64 bytes");
+#endif
+_Static_assert(sizeof(keel_cond_t) <= 32, "keel_cond_t fits 32 bytes");
 #endif
 
 /* ---- Mutexes ---- */
