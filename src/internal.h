@@ -667,6 +667,10 @@ void keel__rank_leave(keel_mutex_t *token);
 
 /* once.c: how often a waiter looks at the owner (KEEL_ONCE_POLL). */
 extern _Atomic keel_time_t keel__once_poll;
+/* once.c: the calling thread is ending (keel's thread-exit hook): release
+ * the lifelines it still holds, so that waiters see its claims' owner
+ * dead. */
+void keel__once_thread_exit(void);
 
 /* Report a blocking keel call made while a no-block lock is held. */
 void keel__lock_check_blocking(const char *what);

@@ -291,6 +291,7 @@ static void on_thread_exit(void *value)
 	(void)value;
 	keel__tls.registered = 0;
 	keel__tls.exited = 1;
+	keel__once_thread_exit();
 	if (t) {
 		/* Read before the task ends: once it has, a task keel started
 		 * may be joined and its slot given to another thread at any
