@@ -2,11 +2,12 @@
  * platform.h: the only place keel touches the operating system for
  * waiting, waking, notification fds, clocks and thread names.
  *
- * Two implementations: platform/linux.c (futex, eventfd) and
+ * Three implementations: platform/linux.c (futex, eventfd),
  * platform/posix.c (a hashed table of condition variables standing in for
- * futexes, and a pipe). The POSIX one is also what a port to another
- * system (or to WebAssembly threads) starts from; build with
- * -DKEEL_PORTABLE=ON to use it on Linux.
+ * futexes) and platform/emscripten.c (WebAssembly threads: Emscripten's
+ * futex calls); the last two take their notification pipe and accept()
+ * from platform/pipe.c. The POSIX one is also what a port to another
+ * system starts from; build with -DKEEL_PORTABLE=ON to use it on Linux.
  *
  * Every function returns 0 or a negative errno value unless it says
  * otherwise.
