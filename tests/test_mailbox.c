@@ -8,7 +8,6 @@
 #include <stdatomic.h>
 #include <string.h>
 #include <sys/epoll.h>
-#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -404,19 +403,22 @@ static void busy_with_fd(struct target *t)
 	barrier_wait(&g->b); /* the sender posts now */
 	barrier_wait(&g->b); /* the sender is done */
 	/* The test reads the fd: how many notifications were written while
-	 * this task was busy elsewhere. An eventfd holds their count; a pipe
-	 * (the portable build) holds one byte each. */
+	 * this task was busy elsewhere. An eventfd holds their count (one
+	 * read gives 8 bytes); a pipe (the portable and Emscripten builds)
+	 * holds one byte each. (Not told apart by fstat(): Emscripten's
+	 * fails on a pipe.) */
 	{
-		struct stat st;
-		uint64_t v = 0;
-		char bytes[64];
+		union {
+			uint64_t v;
+			char bytes[64];
+		} u;
+		ssize_t n;
 
-		CHECK_EQ(fstat(g->fd, &st), 0);
-		if (S_ISFIFO(st.st_mode)) {
-			CHECK_EQ(read(g->fd, bytes, sizeof bytes), 1);
-		} else {
-			CHECK_EQ(read(g->fd, &v, sizeof v), (ssize_t)sizeof v);
-			CHECK_EQ(v, 1);
+		memset(&u, 0, sizeof u);
+		n = read(g->fd, u.bytes, sizeof u.bytes);
+		if (n != 1) {
+			CHECK_EQ(n, (ssize_t)sizeof u.v);
+			CHECK_EQ(u.v, 1);
 		}
 	}
 	CHECK_EQ(keel_serve(0), 1000);
@@ -547,6 +549,7 @@ static void *loop_sender(void *p)
 
 TEST(fd_drives_an_epoll_loop)
 {
+	HARNESS_NEED(EPOLL);
 	struct loop l;
 	pthread_t th, senders[LOOP_SENDERS];
 
@@ -645,7 +648,9 @@ static int cloop_main(void *p)
 	ev.events = EPOLLIN;
 	ev.data.fd = mfd;
 	CHECK_EQ(epoll_ctl(ep, EPOLL_CTL_ADD, mfd, &ev), 0);
+#if HARNESS_HAVE_SYSCALL
 	l->tid = (pid_t)syscall(SYS_gettid);
+#endif
 	event_set(&l->ready);
 	for (;;) {
 		/* Bounded only so that a lost wake fails the test instead of
@@ -707,16 +712,19 @@ static void cancel_a_loop_in_epoll(int post_after_cancel, int how)
 
 TEST(fd_wakes_a_loop_cancelled_in_epoll)
 {
+	HARNESS_NEED(EPOLL);
 	cancel_a_loop_in_epoll(0, 0);
 }
 
 TEST(fd_wakes_a_loop_cancelled_in_epoll_then_posted_to)
 {
+	HARNESS_NEED(EPOLL);
 	cancel_a_loop_in_epoll(1, 0);
 }
 
 TEST(fd_wakes_a_loop_task_cancelled_alone)
 {
+	HARNESS_NEED(EPOLL);
 	cancel_a_loop_in_epoll(0, 1);
 	cancel_a_loop_in_epoll(1, 1);
 }
@@ -911,6 +919,7 @@ static void *wakes_sender(void *p)
 
 TEST(fd_wakes_only_for_messages)
 {
+	HARNESS_NEED(EPOLL);
 	struct wakes w;
 	pthread_t loop, senders[WAKE_SENDERS];
 

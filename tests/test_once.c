@@ -263,7 +263,9 @@ static int dying_init(keel_claim_t *c, void *arg)
 	case BY_RAW_EXIT:
 		event_wait(&d->go);
 		atomic_store(&d->died_at, keel_now());
+#if HARNESS_HAVE_SYSCALL
 		syscall(SYS_exit, 0); /* no cleanup, no unwinding */
+#endif
 		return -EIO;
 	default: /* BY_TASK_CANCEL: a keel wait, ended by cancellation */
 		return keel_sleep_until(KEEL_FOREVER);
@@ -368,6 +370,7 @@ TEST(owner_pthread_cancel_is_noticed_within_a_poll)
 
 TEST(owner_raw_exit_is_noticed_within_a_poll)
 {
+	HARNESS_NEED(SYSCALL);
 #ifdef UNDER_TSAN
 	/* ThreadSanitizer's runtime cannot follow a thread that vanishes
 	 * without its exit path. */
@@ -824,6 +827,7 @@ static int child_init(keel_claim_t *c, void *arg)
 
 TEST(fork_while_another_thread_owns)
 {
+	HARNESS_NEED(FORK);
 	struct hang *h = &forked;
 	pthread_t a;
 	pid_t pid;

@@ -367,6 +367,7 @@ static void incr(void *p)
 
 TEST(fork_child_keeps_only_its_own_task)
 {
+	HARNESS_NEED(FORK);
 	keel_task_t other = KEEL_TASK_NONE;
 	pthread_t th;
 	pid_t pid;
@@ -537,6 +538,7 @@ static void child_uses_scopes(void)
 
 TEST(fork_while_other_threads_use_scopes)
 {
+	HARNESS_NEED(FORK);
 	struct churn c = {0};
 	pthread_t th[2];
 	int forks = (int)harness_param("KEEL_ITERS", 30, 300);
@@ -621,6 +623,7 @@ static int body_forks(keel_scope_t *s, void *p)
 
 TEST(fork_child_scope_joins_return)
 {
+	HARNESS_NEED(FORK);
 	struct fork_body fb = {0};
 	int rc, status;
 
