@@ -7,6 +7,9 @@
 #                     build/bench/results.json
 #   make bench-deps   install the benchmark peers (apt-get)
 #   make sanitize     the suite under ASan+UBSan, then under TSan
+#   make test-wasm    the suite on WebAssembly threads (Emscripten), under
+#                     Node; installs Debian's emscripten and nodejs if
+#                     missing (docs/webassembly.md)
 #   make fuzz         the libFuzzer harnesses (clang), FUZZ_TIME seconds
 #                     each (default 600); FUZZ_HARNESSES picks some
 #   make install PREFIX=/usr/local
@@ -33,7 +36,7 @@ FUZZ_TIME ?= 600
 FUZZ_HARNESSES ?= mailbox scope lock once
 FUZZ_CC ?= clang
 
-.PHONY: all build demo test bench bench-deps sanitize asan tsan fuzz install clean
+.PHONY: all build demo test test-wasm bench bench-deps sanitize asan tsan fuzz install clean
 
 all: build
 
@@ -57,6 +60,10 @@ demo:
 
 test: build
 	cd $(BUILD)/default && $(CTEST) --output-on-failure -j $(JOBS)
+
+# Cross-compiled: CC does not apply; CMAKE_ARGS and WERROR=1 do.
+test-wasm:
+	sh tests/wasm/run-suite.sh $(BUILD)/wasm $(JOBS) $(WERROR_FLAG) $(CMAKE_ARGS)
 
 bench:
 	@$(call CONFIGURE,$(BUILD)/bench,-DCMAKE_BUILD_TYPE=Release -DKEEL_BUILD_BENCH=ON -DKEEL_BUILD_TESTS=OFF -DKEEL_BUILD_EXAMPLES=OFF)
