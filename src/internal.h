@@ -310,8 +310,13 @@ struct keel__task {
 	uint8_t serving;
 	uint8_t closed;
 	uint8_t fd_mode;
-	uint8_t fd_armed; /* the owner set SLEEPING for the fd (mailbox.c) */
+	uint8_t fd_armed; /* the owner set SLEEPING for the fd or the loop */
 	uint8_t in_exit_hook; /* its scope's on_exit hook runs on it */
+	uint8_t loop_mode; /* served from its JavaScript event loop */
+	uint32_t loop_owed; /* loop serves scheduled, not run yet (mailbox.c) */
+	/* The thread whose event loop serves the mailbox, 0 if none: written
+	 * by the owner, read by the sender that clears SLEEPING. */
+	_Atomic uintptr_t loop_thread;
 
 	/* Senders waiting for room in this mailbox (keel__qnode list, under
 	 * room_ql); not reset with an incarnation: each waiter takes itself

@@ -81,6 +81,23 @@ int keel__thread_is_initial(void);
  * along, would hang the child's first wait or wake. */
 void keel__platform_fork(int phase);
 
+/* Serving a mailbox from a thread's JavaScript event loop (WebAssembly
+ * threads). keel__loop_supported() is 0 where there is none (every other
+ * platform). keel__loop_notify(thread) schedules one call of
+ * keel__mbox_loop_serve() (mailbox.c) on that thread's event loop, where
+ * it runs when the thread is back there; `thread` is the pthread_t of a
+ * thread that is still running (the caller sees to it). */
+#ifdef __EMSCRIPTEN__
+#define KEEL__JS_LOOP 1 /* compiled in: a send's notify looks for a loop */
+#else
+#define KEEL__JS_LOOP 0
+#endif
+int keel__loop_supported(void);
+void keel__loop_notify(uintptr_t thread);
+/* Serves scheduled by keel__loop_notify() so far (for tests). */
+extern _Atomic uint64_t keel__loop_notified;
+void keel__mbox_loop_serve(void);
+
 /* A spin-wait hint to the CPU. */
 static inline void keel__cpu_relax(void)
 {

@@ -20,6 +20,15 @@
  * thread before main() would take the id; keel's rule for the main task
  * is documented in docs/webassembly.md.)
  *
+ * SERVING FROM THE EVENT LOOP
+ * keel__loop_notify() hands keel__mbox_loop_serve() to the target thread
+ * through a proxying queue of keel's own (not the system queue, whose work
+ * also runs inside futex waits: a serve must run only from the event
+ * loop). Emscripten posts the target's Worker a message, and the queue is
+ * run when the thread is back in its event loop. proxying.h is not
+ * installed by every Emscripten (3.1.6 has the functions, not the header):
+ * then the two calls are declared here.
+ *
  * OWNER DEATH
  * Robust mutexes never report their owner's death here (thread exit does
  * not walk the robust list). The once does not need them to: a dying
@@ -42,7 +51,49 @@
 
 #include "../platform.h"
 
+#if __has_include(<emscripten/proxying.h>)
+#include <emscripten/proxying.h>
+#else
+typedef struct em_proxying_queue em_proxying_queue;
+em_proxying_queue *em_proxying_queue_create(void);
+int emscripten_proxy_async(em_proxying_queue *q, pthread_t target_thread,
+			   void (*func)(void *), void *arg);
+#endif
+
 int emscripten_proxy_main(int argc, char **argv) __attribute__((weak));
+
+_Atomic uint64_t keel__loop_notified;
+static em_proxying_queue *loop_queue;
+static pthread_once_t loop_once = PTHREAD_ONCE_INIT;
+
+static void loop_queue_create(void)
+{
+	loop_queue = em_proxying_queue_create();
+}
+
+static void loop_serve(void *arg)
+{
+	(void)arg;
+	keel__mbox_loop_serve();
+}
+
+int keel__loop_supported(void)
+{
+	pthread_once(&loop_once, loop_queue_create);
+	return loop_queue != NULL;
+}
+
+void keel__loop_notify(uintptr_t thread)
+{
+	/* keel__loop_supported() made the queue before any thread could
+	 * be served from its loop. This fails only out of memory, and then
+	 * the serve is lost and the task no longer served from its loop
+	 * (docs/webassembly.md). */
+	atomic_fetch_add_explicit(&keel__loop_notified, 1,
+				  memory_order_relaxed);
+	emscripten_proxy_async(loop_queue, (pthread_t)thread, loop_serve,
+			       NULL);
+}
 
 void keel__platform_fork(int phase)
 {

@@ -212,3 +212,16 @@ int keel__pages_release(void *p, size_t bytes)
 	return -ENOTSUP;
 #endif
 }
+
+/* No JavaScript event loop here. */
+_Atomic uint64_t keel__loop_notified;
+
+int keel__loop_supported(void)
+{
+	return 0;
+}
+
+void keel__loop_notify(uintptr_t thread)
+{
+	(void)thread;
+}
