@@ -9,6 +9,9 @@
 #   make sanitize     the suite under ASan+UBSan, then under TSan
 #   make test-m32     build and run the suite for a 32-bit target (gcc -m32;
 #                     on Debian: gcc-multilib and g++-multilib)
+#   make test-wasm    the suite on WebAssembly threads (Emscripten), under
+#                     Node; installs Debian's emscripten and nodejs if
+#                     missing (docs/webassembly.md)
 #   make fuzz         the libFuzzer harnesses (clang), FUZZ_TIME seconds
 #                     each (default 600); FUZZ_HARNESSES picks some
 #   make install PREFIX=/usr/local
@@ -35,7 +38,7 @@ FUZZ_TIME ?= 600
 FUZZ_HARNESSES ?= mailbox scope lock once
 FUZZ_CC ?= clang
 
-.PHONY: all build demo test test-m32 bench bench-deps sanitize asan tsan fuzz install clean
+.PHONY: all build demo test test-m32 test-wasm bench bench-deps sanitize asan tsan fuzz install clean
 
 all: build
 
@@ -69,6 +72,10 @@ test-m32:
 	@PKG_CONFIG_LIBDIR=$(M32_PKG_CONFIG_LIBDIR) $(call CONFIGURE,$(BUILD)/m32,-DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_C_FLAGS=-m32 -DCMAKE_CXX_FLAGS=-m32)
 	PKG_CONFIG_LIBDIR=$(M32_PKG_CONFIG_LIBDIR) $(CMAKE) --build $(BUILD)/m32 -j $(JOBS)
 	cd $(BUILD)/m32 && $(CTEST) --output-on-failure -j $(JOBS)
+
+# Cross-compiled: CC does not apply; CMAKE_ARGS and WERROR=1 do.
+test-wasm:
+	sh tests/wasm/run-suite.sh $(BUILD)/wasm $(JOBS) $(WERROR_FLAG) $(CMAKE_ARGS)
 
 bench:
 	@$(call CONFIGURE,$(BUILD)/bench,-DCMAKE_BUILD_TYPE=Release -DKEEL_BUILD_BENCH=ON -DKEEL_BUILD_TESTS=OFF -DKEEL_BUILD_EXAMPLES=OFF)

@@ -157,6 +157,12 @@ static const char *errno_name(unsigned e)
 #ifdef EHWPOISON
 	E(EHWPOISON, "memory page has a hardware error")
 #endif
+#ifdef ENOTBLK
+	E(ENOTBLK, "block device required")
+#endif
+#ifdef EBADFD
+	E(EBADFD, "file descriptor in bad state")
+#endif
 	default: return NULL;
 	}
 }

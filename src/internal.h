@@ -325,8 +325,13 @@ struct keel__task {
 	uint8_t serving;
 	uint8_t closed;
 	uint8_t fd_mode;
-	uint8_t fd_armed; /* the owner set SLEEPING for the fd (mailbox.c) */
+	uint8_t fd_armed; /* the owner set SLEEPING for the fd or the loop */
 	uint8_t in_exit_hook; /* its scope's on_exit hook runs on it */
+	uint8_t loop_mode; /* served from its JavaScript event loop */
+	uint32_t loop_owed; /* loop serves scheduled, not run yet (mailbox.c) */
+	/* The thread whose event loop serves the mailbox, 0 if none: written
+	 * by the owner, read by the sender that clears SLEEPING. */
+	_Atomic uintptr_t loop_thread;
 
 	/* Senders waiting for room in this mailbox (keel__qnode list, under
 	 * room_ql); not reset with an incarnation: each waiter takes itself
@@ -682,6 +687,10 @@ void keel__rank_leave(keel_mutex_t *token);
 
 /* once.c: how often a waiter looks at the owner (KEEL_ONCE_POLL). */
 extern _Atomic keel_time_t keel__once_poll;
+/* once.c: the calling thread is ending (keel's thread-exit hook): release
+ * the lifelines it still holds, so that waiters see its claims' owner
+ * dead. */
+void keel__once_thread_exit(void);
 
 /* Report a blocking keel call made while a no-block lock is held. */
 void keel__lock_check_blocking(const char *what);

@@ -109,6 +109,22 @@
  * what loses no wake-up, as for a sleeping owner. Disarming at the start
  * keeps senders from writing the fd while the owner is busy serving
  * (guarantee 6).
+ *
+ * THE JAVASCRIPT EVENT LOOP. A task served from its thread's event loop
+ * (keel_mailbox_serve_from_loop(), WebAssembly threads) is notified the
+ * same way, with the fd's "signal" being one scheduled call of
+ * keel__mbox_loop_serve() on that loop (keel__loop_notify()), which runs
+ * keel_serve(0). A signal is consumed by running, so nothing is drained;
+ * instead the owner counts the serves scheduled and not yet run
+ * (loop_owed: made by itself, or found made by whoever cleared SLEEPING)
+ * and arms only when none is, so at most one is ever outstanding:
+ *   serve() starts        disarm: clear SLEEPING; if someone had, owed++
+ *   the scheduled serve   disarm as above, then owed-- for itself
+ *   serve() ends          disarm; if owed is 0, arm, and if something is
+ *                         pending, take the duty itself (clear SLEEPING,
+ *                         schedule a serve: owed++)
+ * A serve scheduled by a task that ends before it runs finds, on that
+ * thread, no task in loop mode and does nothing.
  */
 #include <sched.h>
 #include <stdlib.h>
@@ -139,12 +155,19 @@ void keel__mbox_reset(struct keel__task *t)
 
 static void notify(struct keel__task *t)
 {
-	/* Pairs with the release in keel_mailbox_fd(). */
+	/* Pairs with the release in keel_mailbox_fd(), and the one in
+	 * keel_mailbox_serve_from_loop(). */
 	int fd = load_acquire(&t->notify_wfd);
 
 	keel__unpark(t);
 	if (fd >= 0)
 		keel__notify_signal(fd);
+	if (KEEL__JS_LOOP) {
+		uintptr_t loop = load_acquire(&t->loop_thread);
+
+		if (loop)
+			keel__loop_notify(loop);
+	}
 }
 
 /* Release a count taken by a send that was refused. */
@@ -618,6 +641,60 @@ static void fd_settle(struct keel__task *t)
 		fd_take(t);
 }
 
+/* ---- The JavaScript event loop (owner only; see the top of the file) --- */
+
+static void loop_arm(struct keel__task *t)
+{
+	fetch_or_acq_rel(&t->mword, MB_SLEEPING);
+	t->fd_armed = 1;
+}
+
+static void loop_disarm(struct keel__task *t)
+{
+	uint64_t old;
+
+	if (!t->fd_armed)
+		return;
+	old = fetch_and_acq_rel(&t->mword, ~MB_SLEEPING);
+	if (!(old & MB_SLEEPING))
+		t->loop_owed++; /* a sender scheduled a serve */
+	t->fd_armed = 0;
+}
+
+static void loop_settle(struct keel__task *t)
+{
+	uint64_t old;
+
+	loop_disarm(t);
+	if (t->loop_owed)
+		return; /* a serve is on its way */
+	loop_arm(t);
+	/* As in fd_settle(): what a sender linked before the arming is
+	 * seen here; one after saw SLEEPING and schedules the serve. */
+	if (!poppable(t))
+		return;
+	old = fetch_and_acq_rel(&t->mword, ~MB_SLEEPING);
+	t->fd_armed = 0;
+	t->loop_owed++;
+	if (old & MB_SLEEPING)
+		keel__loop_notify(load_relaxed(&t->loop_thread));
+}
+
+void keel__mbox_loop_serve(void)
+{
+	struct keel__task *t = keel__tls.self;
+
+	/* Scheduled for a task of this thread that has ended since: the
+	 * thread's task now, if any, was not served from the loop, or
+	 * counted nothing. */
+	if (!t || !t->loop_mode || t->serving)
+		return;
+	loop_disarm(t);
+	if (t->loop_owed)
+		t->loop_owed--;
+	(void)keel_serve(0);
+}
+
 void keel__mbox_wake_cancelled(struct keel__task *t)
 {
 	keel_task_t id = load_acquire(&t->live);
@@ -668,6 +745,8 @@ int keel_serve(keel_time_t deadline)
 	t->serving = 1;
 	if (t->fd_mode)
 		fd_disarm(t);
+	else if (t->loop_mode)
+		loop_disarm(t);
 	n = run_batch(t);
 	while (n == 0) {
 		if (t->closed) {
@@ -686,6 +765,8 @@ int keel_serve(keel_time_t deadline)
 		}
 		if (t->fd_mode)
 			fd_arm(t);
+		else if (t->loop_mode)
+			loop_arm(t);
 		else
 			arm(t);
 		if ((n = run_batch(t)) > 0)
@@ -697,6 +778,8 @@ int keel_serve(keel_time_t deadline)
 	}
 	if (t->fd_mode && !t->closed)
 		fd_settle(t);
+	else if (t->loop_mode && !t->closed)
+		loop_settle(t);
 	t->serving = 0;
 	return n > 0 ? n : rc;
 }
@@ -710,6 +793,8 @@ int keel_mailbox_fd(void)
 		return -ENOMEM;
 	if (t->closed)
 		return -ESHUTDOWN;
+	if (t->loop_mode)
+		return -EBUSY;
 	if (t->notify_rfd < 0) {
 		if ((rc = keel__notify_open(&rfd, &wfd)) < 0)
 			return rc;
@@ -726,6 +811,31 @@ int keel_mailbox_fd(void)
 	}
 	t->fd_mode = 1;
 	return t->notify_rfd;
+}
+
+int keel_mailbox_serve_from_loop(void)
+{
+	struct keel__task *t;
+
+	if (!keel__loop_supported())
+		return -ENOTSUP;
+	if (!(t = keel__self()))
+		return -ENOMEM;
+	if (t->closed)
+		return -ESHUTDOWN;
+	if (t->fd_mode)
+		return -EBUSY;
+	if (t->loop_mode)
+		return 0;
+	t->loop_owed = 0;
+	/* Pairs with the acquire in notify(). */
+	store_release(&t->loop_thread, (uintptr_t)pthread_self());
+	t->loop_mode = 1;
+	/* Armed from now on; inside a serve (called from a message), the
+	 * serve's end arms. */
+	if (!t->serving)
+		loop_settle(t);
+	return 0;
 }
 
 /* ---- Closing -------------------------------------------------------------- */

@@ -69,6 +69,14 @@
  * taken, an owner goes without one and only its deadline covers it. In a
  * forked child, an owner recorded with another pid is a parent's thread:
  * dead here.
+ * Not every system's robust mutexes report a dead owner (Emscripten's
+ * never do), so a thread also keeps the lifelines it holds in a
+ * thread-local list (`held`), and keel's thread-exit hook unlocks them as
+ * the thread ends (pthread_exit, cancellation, return from a thread that
+ * ended inside init): its probers then find them free, which reads as
+ * dead, as above. Only a raw exit that runs no hook is left to the robust
+ * mutexes, and it exists only where they work. A thread holding more than
+ * HELD_MAX at once goes without the extra ones (its deadline covers it).
  *
  * WAITING
  * In one process a waiter queues a node on the once and sleeps on its
@@ -116,6 +124,13 @@ struct running {
 };
 
 static KEEL_TLS const struct running *running;
+
+/* The lifelines this thread holds (see LIFELINES above). */
+#define HELD_MAX 8
+static KEEL_TLS struct {
+	pthread_mutex_t *m[HELD_MAX];
+	unsigned n;
+} held;
 
 /* 1 if this thread is running init for claim gen of the once at word. */
 static int running_on(const uint64_t *word, uint64_t gen)
@@ -266,14 +281,24 @@ static int lifelines_ready(const struct ov *v)
 /* Lock lifeline i without waiting: 1 if now held by the caller. */
 static int lifeline_try(const struct ov *v, int i)
 {
-	int rc = pthread_mutex_trylock(&v->lifeline[i]);
+	pthread_mutex_t *m = &v->lifeline[i];
+	int rc = pthread_mutex_trylock(m);
 
 	if (rc == EOWNERDEAD) {
 		/* Its holder died holding it: it is ours, and usable again. */
-		pthread_mutex_consistent(&v->lifeline[i]);
-		return 1;
+		pthread_mutex_consistent(m);
+		rc = 0;
 	}
-	return rc == 0;
+	if (rc != 0)
+		return 0;
+	if (held.n == HELD_MAX) {
+		pthread_mutex_unlock(m);
+		return 0;
+	}
+	/* The exit hook must run for this thread to let go of it. */
+	keel__tls_register();
+	held.m[held.n++] = m;
+	return 1;
 }
 
 /* A lifeline for a new owner, not `avoid`: its index, or -1. */
@@ -289,8 +314,26 @@ static int lifeline_take(const struct ov *v, int avoid)
 
 static void lifeline_drop(const struct ov *v, int i)
 {
-	if (i >= 0)
-		pthread_mutex_unlock(&v->lifeline[i]);
+	pthread_mutex_t *m;
+
+	if (i < 0)
+		return;
+	m = &v->lifeline[i];
+	for (unsigned j = held.n; j-- > 0;) {
+		if (held.m[j] == m) {
+			held.m[j] = held.m[--held.n];
+			break;
+		}
+	}
+	pthread_mutex_unlock(m);
+}
+
+void keel__once_thread_exit(void)
+{
+	/* The thread's stack is gone: so are the frames `running` names. */
+	running = NULL;
+	while (held.n > 0)
+		pthread_mutex_unlock(held.m[--held.n]);
 }
 
 /* ---- Claims ---------------------------------------------------------------- */

@@ -2,11 +2,12 @@
  * platform.h: the only place keel touches the operating system for
  * waiting, waking, notification fds, clocks and thread names.
  *
- * Two implementations: platform/linux.c (futex, eventfd) and
+ * Three implementations: platform/linux.c (futex, eventfd),
  * platform/posix.c (a hashed table of condition variables standing in for
- * futexes, and a pipe). The POSIX one is also what a port to another
- * system (or to WebAssembly threads) starts from; build with
- * -DKEEL_PORTABLE=ON to use it on Linux.
+ * futexes) and platform/emscripten.c (WebAssembly threads: Emscripten's
+ * futex calls); the last two take their notification pipe and accept()
+ * from platform/pipe.c. The POSIX one is also what a port to another
+ * system starts from; build with -DKEEL_PORTABLE=ON to use it on Linux.
  *
  * Every function returns 0 or a negative errno value unless it says
  * otherwise.
@@ -79,6 +80,23 @@ int keel__thread_is_initial(void);
  * the portable layer's futex buckets, held by a thread that does not come
  * along, would hang the child's first wait or wake. */
 void keel__platform_fork(int phase);
+
+/* Serving a mailbox from a thread's JavaScript event loop (WebAssembly
+ * threads). keel__loop_supported() is 0 where there is none (every other
+ * platform). keel__loop_notify(thread) schedules one call of
+ * keel__mbox_loop_serve() (mailbox.c) on that thread's event loop, where
+ * it runs when the thread is back there; `thread` is the pthread_t of a
+ * thread that is still running (the caller sees to it). */
+#ifdef __EMSCRIPTEN__
+#define KEEL__JS_LOOP 1 /* compiled in: a send's notify looks for a loop */
+#else
+#define KEEL__JS_LOOP 0
+#endif
+int keel__loop_supported(void);
+void keel__loop_notify(uintptr_t thread);
+/* Serves scheduled by keel__loop_notify() so far (for tests). */
+extern _Atomic uint64_t keel__loop_notified;
+void keel__mbox_loop_serve(void);
 
 /* A spin-wait hint to the CPU. */
 static inline void keel__cpu_relax(void)

@@ -153,6 +153,9 @@ struct keel__task *keel__task_alloc(void)
 	t->serving = 0;
 	t->closed = 0;
 	t->fd_mode = 0;
+	t->loop_mode = 0;
+	t->loop_owed = 0;
+	store_relaxed(&t->loop_thread, 0);
 	t->in_exit_hook = 0;
 	store_relaxed(&t->park, PARK_EMPTY);
 	store_relaxed(&t->ended, TASK_RUNNING);
@@ -291,6 +294,7 @@ static void on_thread_exit(void *value)
 	(void)value;
 	keel__tls.registered = 0;
 	keel__tls.exited = 1;
+	keel__once_thread_exit();
 	if (t) {
 		/* Read before the task ends: once it has, a task keel started
 		 * may be joined and its slot given to another thread at any

@@ -24,6 +24,8 @@
  * Threads are created with asynchronous signals blocked: keel tasks receive
  * no signals; keel's own signal handling (keel_main) runs elsewhere.
  * Synchronous fault signals cannot be blocked usefully and are left alone.
+ * The new thread blocks them again itself, first thing: not every system
+ * gives a new thread its creator's mask (Emscripten does not).
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -141,10 +143,25 @@ static void worker_exit(void *p)
 	keel__futex_wake(&n_exited, INT32_MAX);
 }
 
+/* The signals a worker blocks: all but the synchronous faults. */
+static void async_signals(sigset_t *set)
+{
+	sigfillset(set);
+	sigdelset(set, SIGSEGV);
+	sigdelset(set, SIGBUS);
+	sigdelset(set, SIGFPE);
+	sigdelset(set, SIGILL);
+	sigdelset(set, SIGTRAP);
+	sigdelset(set, SIGSYS);
+}
+
 static void *worker_main(void *p)
 {
 	struct worker *w = p;
+	sigset_t all;
 
+	async_signals(&all);
+	pthread_sigmask(SIG_SETMASK, &all, NULL);
 	pthread_cleanup_push(worker_exit, w);
 	for (;;) {
 		/* Pairs with the release exchange in keel__thread_start(). */
@@ -219,13 +236,7 @@ int keel__thread_start(void (*fn)(void *), void *arg, size_t stack_size)
 	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
 	if (stack_size)
 		pthread_attr_setstacksize(&attr, stack_size);
-	sigfillset(&all);
-	sigdelset(&all, SIGSEGV);
-	sigdelset(&all, SIGBUS);
-	sigdelset(&all, SIGFPE);
-	sigdelset(&all, SIGILL);
-	sigdelset(&all, SIGTRAP);
-	sigdelset(&all, SIGSYS);
+	async_signals(&all);
 	pthread_sigmask(SIG_SETMASK, &all, &old);
 	rc = pthread_create(&th, &attr, worker_main, w);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);

@@ -129,15 +129,14 @@ int event_is_set(harness_event *e)
 	return s;
 }
 
-/* Into an unlinked temporary file, not a pipe: a pipe would block the
- * writers once full, before capture_end() reads it. */
+/* Into a temporary file, not a pipe: a pipe would block the writers once
+ * full, before capture_end() reads it. The file is unlinked only at the
+ * end: Emscripten's dup2() reopens a file by its path. */
 void capture_begin(harness_capture *c)
 {
-	char path[] = "/tmp/keel-capture-XXXXXX";
-
-	c->fds[0] = mkstemp(path);
+	strcpy(c->path, "/tmp/keel-capture-XXXXXX");
+	c->fds[0] = mkstemp(c->path);
 	CHECK(c->fds[0] >= 0);
-	unlink(path);
 	c->fds[1] = -1;
 	fflush(stderr);
 	c->saved = dup(2);
@@ -168,6 +167,7 @@ void capture_end(harness_capture *c)
 		n += (size_t)r;
 	c->text[n] = '\0';
 	close(c->fds[0]);
+	unlink(c->path);
 	fputs(c->text, stderr);
 }
 

@@ -43,6 +43,46 @@ harness_fail(const char *file, int line, const char *fmt, ...);
  * CTest reports as skipped, never as passed. */
 __attribute__((noreturn)) void harness_skip(const char *why);
 
+/*
+ * What the platform offers the tests. A case that needs something the
+ * platform lacks says so with HARNESS_NEED(WHAT) before it starts, and is
+ * skipped there (exit 77): cases are skipped by what they need, never by
+ * name, and code that would not compile without it sits under
+ * #if HARNESS_HAVE_WHAT. Linux has all of these. Emscripten (WebAssembly
+ * threads, docs/webassembly.md) has none of them: one process (no fork()),
+ * no epoll, no raw syscall() (SYS_exit, SYS_gettid), no prctl(), no
+ * sockets of the system's (its own are WebSockets), no poll() that waits
+ * for a pipe (FD_WAIT: so keel_read() and the like cannot wait), no
+ * /proc, no dlopen() of keel's library. (Where /proc is missing, the
+ * cases that read it skip themselves when they find it so.) Emscripten
+ * alone has JS_LOOP: threads that return to a JavaScript event loop.
+ */
+#if defined(__EMSCRIPTEN__)
+#define HARNESS_HAVE_FORK 0
+#define HARNESS_HAVE_SOCKETS 0
+#define HARNESS_HAVE_FD_WAIT 0
+#define HARNESS_HAVE_JS_LOOP 1
+#else
+#define HARNESS_HAVE_FORK 1
+#define HARNESS_HAVE_SOCKETS 1
+#define HARNESS_HAVE_FD_WAIT 1
+#define HARNESS_HAVE_JS_LOOP 0
+#endif
+#if defined(__linux__)
+#define HARNESS_HAVE_EPOLL 1
+#define HARNESS_HAVE_SYSCALL 1
+#define HARNESS_HAVE_PRCTL 1
+#else
+#define HARNESS_HAVE_EPOLL 0
+#define HARNESS_HAVE_SYSCALL 0
+#define HARNESS_HAVE_PRCTL 0
+#endif
+#define HARNESS_NEED(what)                                                 \
+	do {                                                               \
+		if (!HARNESS_HAVE_##what)                                  \
+			harness_skip("the platform lacks " #what);         \
+	} while (0)
+
 #define CHECK(c)                                                           \
 	do {                                                               \
 		if (!(c))                                                  \
@@ -116,6 +156,7 @@ int event_is_set(harness_event *e);
  * end; the text is also passed on to the real stderr at the end. */
 typedef struct {
 	int saved, fds[2];
+	char path[32];
 	char text[16384];
 } harness_capture;
 void capture_begin(harness_capture *c);

@@ -106,6 +106,7 @@ TEST(out_of_order_reported_before_it_blocks)
 
 TEST(abort_policy_ends_the_process_with_the_report)
 {
+	HARNESS_NEED(FORK);
 	int fds[2], status;
 	char text[4096] = "";
 	ssize_t n;
@@ -1149,6 +1150,7 @@ TEST(graph_refuses_an_edge_from_a_destroyed_lock)
 
 TEST(forked_child_keeps_a_consistent_record)
 {
+	HARNESS_NEED(FORK);
 	static keel_mutex_t held = KEEL_MUTEX_INIT(9, "held-at-fork");
 	static keel_mutex_t lower = KEEL_MUTEX_INIT(2, "lower");
 	pid_t pid;

@@ -69,6 +69,7 @@ static keel_mutex_t high = KEEL_MUTEX_INIT(8, "high");
 
 TEST(report_prints_without_malloc)
 {
+	HARNESS_NEED(FORK);
 	harness_capture cap;
 
 #ifndef INTERPOSE

@@ -84,18 +84,24 @@ static void list_fds(struct fdset *set)
 {
 	DIR *d = opendir("/proc/self/fd");
 	struct dirent *e;
+	int listed = 0;
 
 	memset(set, 0, sizeof *set);
 	if (!d)
-		return;
+		harness_skip("no /proc/self/fd");
 	while ((e = readdir(d)) != NULL) {
 		int fd = atoi(e->d_name);
 
 		if (e->d_name[0] != '.' && fd != dirfd(d) && fd >= 0 &&
-		    fd < (int)sizeof set->open)
+		    fd < (int)sizeof set->open) {
 			set->open[fd] = 1;
+			listed++;
+		}
 	}
 	closedir(d);
+	/* Emscripten's lists nothing, not even stdin. */
+	if (!listed)
+		harness_skip("/proc/self/fd lists no fd");
 }
 
 static int count_fds(void)
@@ -317,6 +323,7 @@ static int before(const char *text, const char *a, const char *b)
 
 TEST(sigint_tears_down_in_order_and_exits_130)
 {
+	HARNESS_NEED(FORK);
 	struct child c;
 
 	start(&c, "quick");
@@ -333,6 +340,7 @@ TEST(sigint_tears_down_in_order_and_exits_130)
 
 TEST(sigterm_exits_143)
 {
+	HARNESS_NEED(FORK);
 	struct child c;
 
 	start(&c, "quick");
@@ -345,6 +353,7 @@ TEST(sigterm_exits_143)
 
 TEST(second_sigint_during_slow_cleanup_exits_at_once)
 {
+	HARNESS_NEED(FORK);
 	struct child c;
 
 	start(&c, "slow");
@@ -362,6 +371,7 @@ TEST(second_sigint_during_slow_cleanup_exits_at_once)
 
 TEST(exit_status_from_the_body)
 {
+	HARNESS_NEED(FORK);
 	static const struct {
 		const char *mode;
 		int status;
@@ -390,6 +400,7 @@ TEST(exit_status_from_the_body)
 
 TEST(an_execed_program_inherits_no_keel_fd)
 {
+	HARNESS_NEED(FORK);
 	struct child c;
 	int rc;
 
@@ -495,8 +506,10 @@ TEST(keel_main_opts_are_honoured)
 		.on_exit = on_exit_hook,
 	};
 	harness_capture cap;
+	char want[64];
 	int rc;
 
+	HARNESS_NEED(FD_WAIT); /* "sibling" waits in keel_read() */
 	log_init(&opt_log);
 	CHECK_EQ(pipe2(opt_pipe, O_CLOEXEC), 0);
 	capture_begin(&cap);
@@ -505,8 +518,9 @@ TEST(keel_main_opts_are_honoured)
 	CHECK_EQ(rc, 1);
 	/* A child's failure, named with the scope's name. */
 	CHECK(strstr(cap.text, "keel_main: scope 'root' failed: EIO") != NULL);
-	CHECK_LOG(&opt_log,
-		  "exit:failing:-5 exit:sibling:7 cleanup-cut-off");
+	snprintf(want, sizeof want,
+		 "exit:failing:%d exit:sibling:7 cleanup-cut-off", -EIO);
+	CHECK_LOG(&opt_log, want);
 	close(opt_pipe[0]);
 	close(opt_pipe[1]);
 }

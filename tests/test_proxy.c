@@ -2,6 +2,7 @@
  * test_proxy.c: keel_call, keel_call_then and the _ctx variants: every
  * outcome, on the right thread, exactly once.
  */
+#include <sched.h>
 #include <stdatomic.h>
 #include <string.h>
 #include <unistd.h>
@@ -257,6 +258,75 @@ TEST(call_target_thread_exits_inside_work)
 	server_start(&s);
 	CHECK_RC(keel_call(s.id, exit_inside, NULL, KEEL_FOREVER), -ESHUTDOWN);
 	harness_join(s.th);
+}
+
+/* A target whose thread exits in the middle of a drain: the calls queued
+ * behind the message that exits are cancelled (-ESHUTDOWN) as the thread
+ * ends; none is left waiting, none runs. */
+struct exit_mid_drain {
+	keel_task_t id;
+	pthread_t th;
+	harness_event ready, go;
+	atomic_int ran;
+};
+
+static void wait_then_exit(void *p)
+{
+	struct exit_mid_drain *x = p;
+
+	event_wait(&x->go);
+	pthread_exit(NULL);
+}
+
+static void count_ran(void *p)
+{
+	atomic_fetch_add(&((struct exit_mid_drain *)p)->ran, 1);
+}
+
+static void *drain_server(void *p)
+{
+	struct exit_mid_drain *x = p;
+
+	x->id = keel_self();
+	/* A limit no call reaches: only so that the queue is counted. */
+	CHECK_OK(keel_mailbox_limit(1u << 20));
+	event_set(&x->ready);
+	for (;;)
+		CHECK_INT(keel_serve(KEEL_FOREVER), >=, 1);
+}
+
+static void *sync_caller(void *p)
+{
+	struct exit_mid_drain *x = p;
+
+	CHECK_RC(keel_call(x->id, count_ran, x, KEEL_FOREVER), -ESHUTDOWN);
+	return NULL;
+}
+
+TEST(calls_queued_behind_a_thread_exit_are_cancelled)
+{
+	enum { NCALLERS = 4 };
+	struct exit_mid_drain x;
+	pthread_t callers[NCALLERS];
+	struct keel__task *slot;
+
+	memset(&x, 0, sizeof x);
+	event_init(&x.ready);
+	event_init(&x.go);
+	x.th = harness_thread(drain_server, &x);
+	event_wait(&x.ready);
+	slot = keel__task_slot(x.id);
+	CHECK_OK(keel_post(x.id, wait_then_exit, NULL, &x));
+	for (int i = 0; i < NCALLERS; i++)
+		callers[i] = harness_thread(sync_caller, &x);
+	/* Every call queued (the low half of mb_queued counts places). */
+	while ((atomic_load(&slot->mb_queued) & 0xffffffffu) < NCALLERS)
+		sched_yield();
+	event_set(&x.go);
+	for (int i = 0; i < NCALLERS; i++)
+		harness_join(callers[i]);
+	harness_join(x.th);
+	CHECK_EQ(atomic_load(&x.ran), 0);
 }
 
 static void *cancel_later(void *p)

@@ -44,7 +44,8 @@ static int threads_named(const char *name)
 	struct dirent *e;
 	int n = 0;
 
-	CHECK(d != NULL);
+	if (!d)
+		return 0; /* no /proc: names cannot be seen (the caller skips) */
 	while ((e = readdir(d)) != NULL) {
 		char path[300], comm[64] = "";
 		int fd;
@@ -313,11 +314,15 @@ static int supervise_body(keel_scope_t *s, void *arg)
 TEST(supervise_lets_siblings_finish)
 {
 	keel_scope_opts o = {.policy = KEEL_SUPERVISE, .on_exit = record_exit};
+	char want[64];
 
 	log_init(&lg);
 	event_init(&finish_ok);
 	CHECK_RC(keel_scope_run(supervise_body, NULL, &o), -EIO);
-	CHECK_LOG(&lg, "fail exit=-5 sibling-finished exit=7");
+	/* Errno values differ between systems (EIO is 29 on Emscripten). */
+	snprintf(want, sizeof want, "fail exit=%d sibling-finished exit=7",
+		 -EIO);
+	CHECK_LOG(&lg, want);
 }
 
 static int return_cancelled(void *arg)
@@ -2014,6 +2019,7 @@ TEST(task_cancel_cancels_one_child_and_leaves_its_siblings)
 	struct tc_child victim, left, right;
 	keel_scope_t *s;
 	keel_task_t t;
+	char want[64];
 
 	memset(&victim, 0, sizeof victim);
 	memset(&left, 0, sizeof left);
@@ -2047,7 +2053,8 @@ TEST(task_cancel_cancels_one_child_and_leaves_its_siblings)
 	CHECK_OK(left.checkpoint_after);
 	CHECK_OK(right.checkpoint_after);
 	CHECK_OK(keel_scope_close(s)); /* a cancelled child is no failure */
-	CHECK_LOG(&exits, "exit:-125 exit:0 exit:0");
+	snprintf(want, sizeof want, "exit:%d exit:0 exit:0", -ECANCELED);
+	CHECK_LOG(&exits, want);
 }
 
 static int tc_nested(void *arg)

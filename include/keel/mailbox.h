@@ -176,10 +176,34 @@ KEEL_API int keel_serve(keel_time_t deadline);
  *
  * Context: the calling task (adopted if needed); never blocks.
  * Return: the fd (an eventfd on Linux, the read end of a pipe elsewhere);
- * -ESHUTDOWN if the mailbox is closed; -ENOMEM or another negative errno
- * value if the fd could not be created.
+ * -ESHUTDOWN if the mailbox is closed; -EBUSY if it is served from the
+ * JavaScript event loop (keel_mailbox_serve_from_loop()); -ENOMEM or
+ * another negative errno value if the fd could not be created.
  */
 KEEL_API int keel_mailbox_fd(void);
+
+/**
+ * keel_mailbox_serve_from_loop() - have the calling task's mailbox served
+ * from its thread's JavaScript event loop (WebAssembly threads).
+ *
+ * For a thread that returns to its event loop rather than calling
+ * keel_serve() (a Worker after emscripten_exit_with_live_runtime()): from
+ * this call on, a send to the task schedules keel_serve(0) on that loop,
+ * where it runs once the thread is back there, with at most one serve
+ * scheduled at a time and none while the task is serving, as
+ * keel_mailbox_fd() notifies a native loop. Messages run only there (or in
+ * a keel_serve() the task makes itself). A cancelled task is not served
+ * from its loop any more (keel_serve() refuses): end such a task, or any,
+ * by closing its mailbox, from a message (which cancels the rest) or from
+ * its thread. Calling it again does nothing.
+ *
+ * Context: the calling task (adopted if needed); never blocks.
+ * Return: 0; -ENOTSUP where threads have no JavaScript event loop (every
+ * platform but Emscripten); -EBUSY if the task uses keel_mailbox_fd();
+ * -ESHUTDOWN if its mailbox is closed; -ENOMEM if the thread could not be
+ * adopted.
+ */
+KEEL_API int keel_mailbox_serve_from_loop(void);
 
 /**
  * keel_mailbox_close() - stop accepting messages and cancel what is queued.

@@ -157,3 +157,16 @@ int keel__pages_release(void *p, size_t bytes)
 	/* Private anonymous memory reads as zeros after MADV_DONTNEED. */
 	return madvise(p, bytes, MADV_DONTNEED) == 0 ? 0 : -errno;
 }
+
+/* No JavaScript event loop here. */
+_Atomic uint64_t keel__loop_notified;
+
+int keel__loop_supported(void)
+{
+	return 0;
+}
+
+void keel__loop_notify(uintptr_t thread)
+{
+	(void)thread;
+}

@@ -10,8 +10,8 @@
  * Broadcasting wakes every waiter of the bucket; waiters re-check, as they
  * must with a real futex too.
  *
- * Notification fds are pipes: a byte written to the write end makes the
- * read end readable until drained.
+ * Notification fds and accept() are in platform/pipe.c, shared with the
+ * Emscripten layer.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -21,7 +21,6 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
@@ -138,74 +137,6 @@ void keel__futex_wake_shared(_Atomic uint32_t *addr)
 	(void)addr; /* waiters poll */
 }
 
-int keel__notify_open(int *rfd, int *wfd)
-{
-	int p[2];
-
-	if (pipe(p) < 0)
-		return -errno;
-	for (int i = 0; i < 2; i++) {
-		fcntl(p[i], F_SETFL, fcntl(p[i], F_GETFL) | O_NONBLOCK);
-		fcntl(p[i], F_SETFD, FD_CLOEXEC);
-	}
-	*rfd = p[0];
-	*wfd = p[1];
-	return 0;
-}
-
-void keel__notify_close(int rfd, int wfd)
-{
-	close(rfd);
-	close(wfd);
-}
-
-void keel__notify_signal(int wfd)
-{
-	char c = 1;
-	ssize_t n;
-
-	/* EAGAIN means the pipe is full, hence readable already. */
-	do
-		n = write(wfd, &c, 1);
-	while (n < 0 && errno == EINTR);
-}
-
-uint64_t keel__notify_drain(int rfd)
-{
-	char buf[64];
-	uint64_t got = 0;
-	ssize_t n;
-
-	/* One byte per signal. */
-	do {
-		n = read(rfd, buf, sizeof buf);
-		if (n > 0)
-			got += (uint64_t)n;
-	} while (n > 0 || (n < 0 && errno == EINTR));
-	return got;
-}
-
-int keel__accept(int lfd, struct sockaddr_storage *peer)
-{
-	socklen_t sl = sizeof *peer;
-	int fd = accept(lfd, (struct sockaddr *)peer, peer ? &sl : NULL), fl;
-
-	if (fd < 0)
-		return -errno;
-	/* Not atomic with the accept: an exec on another thread in between
-	 * inherits the fd. POSIX.1-2024's accept4() closes that window
-	 * where the system has it. */
-	fl = fcntl(fd, F_GETFL);
-	if (fcntl(fd, F_SETFD, FD_CLOEXEC) < 0 || fl < 0 ||
-	    fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
-		int e = errno;
-
-		close(fd);
-		return -e;
-	}
-	return fd;
-}
-
 keel_time_t keel__clock_now(void)
 {
 	struct timespec ts;
@@ -280,4 +211,17 @@ int keel__pages_release(void *p, size_t bytes)
 	(void)bytes;
 	return -ENOTSUP;
 #endif
+}
+
+/* No JavaScript event loop here. */
+_Atomic uint64_t keel__loop_notified;
+
+int keel__loop_supported(void)
+{
+	return 0;
+}
+
+void keel__loop_notify(uintptr_t thread)
+{
+	(void)thread;
 }

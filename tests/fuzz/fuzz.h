@@ -88,7 +88,8 @@ void fz_fail(const char *check, const char *fmt, ...)
 	} while (0)
 
 /* Whether an operation family is switched off with FUZZ_NO=name1,name2
- * (to look for one break while another is known). */
+ * (to look for one break while another is known), or because the
+ * platform lacks what it needs (fork on Emscripten). */
 int fz_off(const char *family);
 
 /* Whether the standalone run was asked for --verbose. */

@@ -360,6 +360,7 @@ static int planned_owner(long r, uint64_t seed)
 
 TEST(stress_processes_kill_and_stop_owners)
 {
+	HARNESS_NEED(FORK);
 	uint64_t seed = harness_seed(), rng = seed;
 	long nprocs = harness_param("KEEL_PROCS", 6, 6);
 	long nrounds = harness_param("KEEL_ROUNDS", 4, 40);

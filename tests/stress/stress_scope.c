@@ -628,7 +628,9 @@ static pid_t busy_loop(void)
 	if (pid == 0) {
 		volatile unsigned long x = 0;
 
+#if HARNESS_HAVE_PRCTL
 		prctl(PR_SET_PDEATHSIG, SIGKILL);
+#endif
 		for (;;)
 			x++;
 	}
@@ -637,6 +639,8 @@ static pid_t busy_loop(void)
 
 TEST(stress_close_10k_blocked_tasks_under_load)
 {
+	HARNESS_NEED(FORK);
+	HARNESS_NEED(PRCTL);
 	long n = harness_param("KEEL_THREADS", BIG_DEFAULT, BIG_DEFAULT);
 	keel_spawn_opts o = {.name = "big", .stack_size = 64 << 10};
 	keel_task_t *ids = calloc((size_t)n, sizeof *ids);
