@@ -94,6 +94,14 @@ int64_t bench_rep_limit(void);
  * (the text before the first ':') replaces an earlier one. */
 __attribute__((format(printf, 1, 2))) void bench_note(const char *fmt, ...);
 
+/* Record a figure a repetition measured beside its time (consumer sleeps
+ * per message, say), under a short name. The harness keeps one sample per
+ * timed repetition and prints each name's median, minimum and maximum under
+ * the group's table (and in the JSON file). At most BENCH_MAX_EXTRAS names
+ * per impl; the warm-up's figures are dropped. */
+#define BENCH_MAX_EXTRAS 4
+void bench_extra(const char *name, double value);
+
 /* Print a message and abort: a benchmark that computed a wrong result. */
 __attribute__((noreturn, format(printf, 1, 2))) void
 bench_fail(const char *fmt, ...);
