@@ -99,7 +99,7 @@ __attribute__((format(printf, 1, 2))) void bench_note(const char *fmt, ...);
  * timed repetition and prints each name's median, minimum and maximum under
  * the group's table (and in the JSON file). At most BENCH_MAX_EXTRAS names
  * per impl; the warm-up's figures are dropped. */
-#define BENCH_MAX_EXTRAS 4
+#define BENCH_MAX_EXTRAS 6
 void bench_extra(const char *name, double value);
 
 /* Print a message and abort: a benchmark that computed a wrong result. */

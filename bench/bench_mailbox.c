@@ -179,7 +179,24 @@ struct mb_rep {
 	 * consumer's voluntary ones, and every thread's involuntary ones. */
 	long sleeps;
 	long preempts[MAX_PRODUCERS + 1];
+	/* CPU time of each thread in the timed span, ns (thread_cpu()). */
+	int64_t cpu[MAX_PRODUCERS + 1];
 };
+
+/*
+ * The CPU time the calling thread has run, ns (CLOCK_THREAD_CPUTIME_ID,
+ * the scheduler's own count). Unlike the elapsed time, it does not grow
+ * while the thread waits for a CPU, so on a loaded machine the producers'
+ * CPU time per message is a steadier measure of what a send costs. The
+ * consumer's includes its spinning while the queue is empty.
+ */
+static int64_t thread_cpu(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 
 /*
  * The calling thread's context switches so far, from the kernel's count
@@ -216,8 +233,10 @@ static void *mb_consumer_main(void *arg)
 	pthread_barrier_wait(&r->gate);
 	r->started[0] = bench_now();
 	thread_switches(&v0, &i0);
+	r->cpu[0] = -thread_cpu();
 	r->impl->consume(r);
 	r->finished = bench_now();
+	r->cpu[0] += thread_cpu();
 	thread_switches(&v1, &i1);
 	r->sleeps = v1 - v0;
 	r->preempts[0] = i1 - i0;
@@ -236,7 +255,9 @@ static void *mb_producer_main(void *arg)
 	pthread_barrier_wait(&r->gate);
 	r->started[1 + p->idx] = bench_now();
 	thread_switches(&v0, &i0);
+	r->cpu[1 + p->idx] = -thread_cpu();
 	r->impl->produce(r, (uint64_t)(per * p->idx) + 1, count);
+	r->cpu[1 + p->idx] += thread_cpu();
 	thread_switches(&v1, &i1);
 	r->preempts[1 + p->idx] = i1 - i0;
 	return NULL;
@@ -249,6 +270,7 @@ static double mb_measure(const struct mb_impl *impl, int nprod, int prealloc)
 	pthread_t consumer, producers[MAX_PRODUCERS];
 	uint64_t n, want;
 	int64_t start;
+	int64_t send_cpu;
 	long preempts;
 	int timed_out;
 
@@ -281,11 +303,15 @@ static double mb_measure(const struct mb_impl *impl, int nprod, int prealloc)
 			   (unsigned long long)want);
 	start = r.started[0];
 	preempts = r.preempts[0];
+	send_cpu = 0;
 	for (int i = 1; i <= nprod; i++) {
 		if (r.started[i] < start)
 			start = r.started[i];
 		preempts += r.preempts[i];
+		send_cpu += r.cpu[i];
 	}
+	bench_extra("send_cpu_ns/msg", (double)send_cpu / (double)r.n);
+	bench_extra("recv_cpu_ns/msg", (double)r.cpu[0] / (double)r.n);
 	/* Each sleep of the consumer ends in one wake-up (no impl sleeps
 	 * with a timeout here), so this is its wakes per message too. */
 	bench_extra("sleeps/msg", (double)r.sleeps / (double)r.n);
