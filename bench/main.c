@@ -461,7 +461,13 @@ static void check_target(const struct target *t)
 	const struct entry *keel = find(t->id, t->impl), *peer = NULL;
 	char what[160];
 
-	if (t->peer) {
+	if (t->peer && strcmp(t->peer, VARIANT_SUFFIX) == 0) {
+		peer = fastest_peer(t->id, 1);
+		snprintf(what, sizeof what,
+			 "%s <= %.2f x fastest %s variant (%s)", t->impl,
+			 t->max_ratio, &VARIANT_SUFFIX[1],
+			 peer ? peer->impl : "none measured");
+	} else if (t->peer) {
 		peer = find(t->id, t->peer);
 		snprintf(what, sizeof what, "%s <= %.2f x %s", t->impl,
 			 t->max_ratio, t->peer);
@@ -478,18 +484,13 @@ static void check_target(const struct target *t)
 		printf("not checked (%s not measured)\n", t->impl);
 	else if (!measured(peer))
 		printf("not checked (%s not measured)\n",
-		       t->peer ? t->peer : "no peer");
+		       peer ? peer->impl : t->peer ? t->peer : "no peer");
 	else {
 		double ratio = keel->median / peer->median;
 
 		printf("%s/%s = %.2f: %s\n", t->impl, peer->impl, ratio,
 		       ratio <= t->max_ratio ? "met" : "NOT met");
 	}
-	if (!t->peer && measured(keel) && (peer = fastest_peer(t->id, 1)))
-		printf("  for reference, not a target: fastest %s variant (%s): "
-		       "keel/%s = %.2f\n",
-		       &VARIANT_SUFFIX[1], peer->impl, peer->impl,
-		       keel->median / peer->median);
 }
 
 #define MAX_NOTES 16
