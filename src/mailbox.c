@@ -47,7 +47,7 @@
  * Records are named by index because the generation bits leave no room
  * for a pointer; the table (msg.c) turns an index into its record with
  * one load. Index reuse within an incarnation (a record popped, freed and
- * sent again while a slow sender still holds the old tail value) is
+ * sent again while another sender still holds the old tail value) is
  * harmless: a CAS that succeeds from index i appends after the record
  * that is the tail now, which is all the expected value claims.
  *
