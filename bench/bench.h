@@ -42,7 +42,10 @@ typedef double (*bench_fn)(void);
 void bench_register(const char *id, const char *impl, bench_fn fn);
 void bench_register_skip(const char *id, const char *impl, const char *why);
 /* @impl is the keel variant the target is for ("keel" for keel itself);
- * @peer NULL names the fastest peer measured for @id in the same run. */
+ * @peer NULL names the fastest peer measured for @id in the same run, and
+ * BENCH_FASTEST_PREALLOC the fastest of the peers' "_prealloc" variants
+ * (the queue alone, see bench_mailbox.c). */
+#define BENCH_FASTEST_PREALLOC "_prealloc"
 void bench_register_target(const char *id, const char *impl, const char *peer,
 			   double max_ratio);
 
@@ -93,6 +96,14 @@ int64_t bench_rep_limit(void);
  * beside its time (memory per task, say). A later note with the same key
  * (the text before the first ':') replaces an earlier one. */
 __attribute__((format(printf, 1, 2))) void bench_note(const char *fmt, ...);
+
+/* Record a figure a repetition measured beside its time (consumer sleeps
+ * per message, say), under a short name. The harness keeps one sample per
+ * timed repetition and prints each name's median, minimum and maximum under
+ * the group's table (and in the JSON file). At most BENCH_MAX_EXTRAS names
+ * per impl; the warm-up's figures are dropped. */
+#define BENCH_MAX_EXTRAS 6
+void bench_extra(const char *name, double value);
 
 /* Print a message and abort: a benchmark that computed a wrong result. */
 __attribute__((noreturn, format(printf, 1, 2))) void

@@ -56,6 +56,14 @@ struct entry {
 	int nsamples;
 	double *samples;   /* ns per operation, one per timed repetition */
 	double median, min, max;
+	/* Figures recorded with bench_extra(), one sample per timed rep. */
+	int nextras;
+	struct extra {
+		const char *name;
+		int n;
+		double *samples;
+		double median, min, max;
+	} extras[BENCH_MAX_EXTRAS];
 };
 
 struct target {
@@ -240,15 +248,54 @@ static int cmp_double(const void *a, const void *b)
 	return (x > y) - (x < y);
 }
 
+/* Sort n samples; their median, minimum and maximum. */
+static void stats(double *s, int n, double *median, double *min, double *max)
+{
+	qsort(s, (size_t)n, sizeof *s, cmp_double);
+	*min = s[0];
+	*max = s[n - 1];
+	*median = n % 2 ? s[n / 2] : (s[n / 2 - 1] + s[n / 2]) / 2;
+}
+
 static void summarise(struct entry *e)
 {
-	double *s = e->samples;
-	int n = e->nsamples;
+	stats(e->samples, e->nsamples, &e->median, &e->min, &e->max);
+	for (int i = 0; i < e->nextras; i++) {
+		struct extra *x = &e->extras[i];
 
-	qsort(s, (size_t)n, sizeof *s, cmp_double);
-	e->min = s[0];
-	e->max = s[n - 1];
-	e->median = n % 2 ? s[n / 2] : (s[n / 2 - 1] + s[n / 2]) / 2;
+		if (x->n > 0)
+			stats(x->samples, x->n, &x->median, &x->min, &x->max);
+	}
+}
+
+/* The impl whose repetition runs, for bench_extra(), and whether it is
+ * timed. */
+static struct entry *cur_entry;
+static int cur_timed;
+static int total_reps;
+
+void bench_extra(const char *name, double value)
+{
+	struct entry *e = cur_entry;
+	struct extra *x = NULL;
+
+	if (!e || !cur_timed)
+		return;
+	for (int i = 0; i < e->nextras; i++)
+		if (strcmp(e->extras[i].name, name) == 0)
+			x = &e->extras[i];
+	if (!x) {
+		if (e->nextras == BENCH_MAX_EXTRAS)
+			bench_fail("%s/%s: too many bench_extra names", e->id,
+				   e->impl);
+		x = &e->extras[e->nextras++];
+		x->name = name;
+		x->samples = calloc((size_t)total_reps, sizeof(double));
+		if (!x->samples)
+			bench_fail("out of memory");
+	}
+	if (x->n < total_reps)
+		x->samples[x->n++] = value;
 }
 
 /* One repetition of one impl; a DNF ends the impl's run. */
@@ -259,7 +306,10 @@ static void run_rep(struct entry *e, int timed)
 	if (e->dnf)
 		return;
 	atomic_store(&bench_abort, 0);
+	cur_entry = e;
+	cur_timed = timed;
 	ns = e->fn();
+	cur_entry = NULL;
 	if (ns < 0 || atomic_load(&bench_abort)) {
 		e->dnf = 1;
 		fprintf(stderr, "  %s/%s did not finish within %g s\n", e->id,
@@ -321,6 +371,22 @@ static void print_group(const char *id, struct entry **group, int n)
 			printf(" %10.2f\n", keel->median / e->median);
 		else
 			printf(" %10s\n", "-");
+	}
+	/* The figures measured beside the time, median (min-max). */
+	for (int i = 0; i < n; i++) {
+		const struct entry *e = group[i];
+
+		if (e->dnf || e->nextras == 0)
+			continue;
+		printf("%-16s   %s:", "", e->impl);
+		for (int k = 0; k < e->nextras; k++) {
+			const struct extra *x = &e->extras[k];
+
+			if (x->n > 0)
+				printf(" %s %.3g (%.3g-%.3g)", x->name, x->median,
+				       x->min, x->max);
+		}
+		printf("\n");
 	}
 	fflush(stdout);
 }
@@ -395,7 +461,13 @@ static void check_target(const struct target *t)
 	const struct entry *keel = find(t->id, t->impl), *peer = NULL;
 	char what[160];
 
-	if (t->peer) {
+	if (t->peer && strcmp(t->peer, VARIANT_SUFFIX) == 0) {
+		peer = fastest_peer(t->id, 1);
+		snprintf(what, sizeof what,
+			 "%s <= %.2f x fastest %s variant (%s)", t->impl,
+			 t->max_ratio, &VARIANT_SUFFIX[1],
+			 peer ? peer->impl : "none measured");
+	} else if (t->peer) {
 		peer = find(t->id, t->peer);
 		snprintf(what, sizeof what, "%s <= %.2f x %s", t->impl,
 			 t->max_ratio, t->peer);
@@ -412,18 +484,13 @@ static void check_target(const struct target *t)
 		printf("not checked (%s not measured)\n", t->impl);
 	else if (!measured(peer))
 		printf("not checked (%s not measured)\n",
-		       t->peer ? t->peer : "no peer");
+		       peer ? peer->impl : t->peer ? t->peer : "no peer");
 	else {
 		double ratio = keel->median / peer->median;
 
 		printf("%s/%s = %.2f: %s\n", t->impl, peer->impl, ratio,
 		       ratio <= t->max_ratio ? "met" : "NOT met");
 	}
-	if (!t->peer && measured(keel) && (peer = fastest_peer(t->id, 1)))
-		printf("  for reference, not a target: fastest %s variant (%s): "
-		       "keel/%s = %.2f\n",
-		       &VARIANT_SUFFIX[1], peer->impl, peer->impl,
-		       keel->median / peer->median);
 }
 
 #define MAX_NOTES 16
@@ -472,11 +539,16 @@ static int write_json(const char *path)
 		fprintf(f,
 			"%s\n  {\"bench\": \"%s\", \"impl\": \"%s\", "
 			"\"median_ns\": %s, \"min_ns\": %s, \"max_ns\": %s, "
-			"\"reps\": %d}",
+			"\"reps\": %d",
 			first ? "" : ",", e->id, e->impl,
 			fmt_ns(a, sizeof a, e->median),
 			fmt_ns(b, sizeof b, e->min), fmt_ns(c, sizeof c, e->max),
 			e->nsamples);
+		for (int k = 0; k < e->nextras; k++)
+			if (e->extras[k].n > 0)
+				fprintf(f, ", \"%s\": %.6g", e->extras[k].name,
+					e->extras[k].median);
+		fprintf(f, "}");
 		first = 0;
 	}
 	fprintf(f, "%s]\n", first ? "" : "\n");
@@ -543,6 +615,7 @@ int main(int argc, char **argv)
 	reps = (int)env_double("KEEL_BENCH_REPS", DEFAULT_REPS);
 	if (reps < 1)
 		reps = 1;
+	total_reps = reps;
 	scale = env_double("KEEL_BENCH_SCALE", 1.0);
 	rep_limit_ns = (int64_t)(env_double("KEEL_BENCH_TIMEOUT",
 					    DEFAULT_LIMIT_S) * 1e9);

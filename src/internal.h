@@ -150,7 +150,22 @@ void keel__msg_free_home(struct keel__msg *m);
 /* Give every free record this thread keeps back to the pool. */
 void keel__msg_flush(void);
 /* The record at index idx, or NULL if idx was never handed out. */
-struct keel__msg *keel__msg_at(uint32_t idx);
+struct keel__msg *keel__msg_at_checked(uint32_t idx);
+/* The table is chunks of 1 << MSG_CHUNK_SHIFT records (msg.c). */
+#define MSG_CHUNK_SHIFT 10
+/* The index no record has: a mailbox's stub (mailbox.c). */
+#define MSG_IDX_STUB ((uint32_t)0xffffff)
+extern _Atomic(struct keel__msg *) keel__msg_chunks[];
+
+/* The record at index idx, which was handed out (a queued record's, say):
+ * no bounds check. Pairs with the release that published its chunk. */
+static inline struct keel__msg *keel__msg_at(uint32_t idx)
+{
+	struct keel__msg *chunk =
+		load_acquire(&keel__msg_chunks[idx >> MSG_CHUNK_SHIFT]);
+
+	return chunk ? &chunk[idx & ((1u << MSG_CHUNK_SHIFT) - 1)] : NULL;
+}
 /* Tests: chunks whose memory was given back; how long free records must
  * stay unused before they may be (msg.c, GIVING MEMORY BACK). */
 extern _Atomic uint64_t keel__msg_chunks_released;
@@ -202,8 +217,18 @@ static inline struct keel__msg *keel__msg_alloc(void)
 		keel__tls.ncache--;
 		/* Records often come back from another thread's cache: start
 		 * fetching the next one for writing now. */
-		if (after)
+		if (after) {
 			__builtin_prefetch(after, 1);
+			/* The cache is mostly runs of neighbouring records
+			 * (msg.c), in either direction: fetch the one after
+			 * `after` in its run too, which gives a miss two
+			 * allocations of time to land. A guess: a prefetch
+			 * of a wrong address costs nothing and cannot fault. */
+			__builtin_prefetch((const void *)((uintptr_t)after +
+							  ((uintptr_t)after -
+							   (uintptr_t)m)),
+					   1);
+		}
 		return m;
 	}
 	return keel__msg_refill();
@@ -234,6 +259,15 @@ static inline void keel__msg_free(struct keel__msg *m)
 #define MB_CLOSED ((uint64_t)1 << 22)
 #define MB_ENDED ((uint64_t)1 << 23)
 #define MB_GEN_SHIFT 24
+/* Tail word layout, see mailbox.c: a record index (MSG_IDX_STUB for the
+ * stub), three flags, and the low bits of the incarnation's generation. */
+#define TW_IDX_MASK ((uint64_t)0xffffff)
+#define TW_SLEEPING ((uint64_t)1 << 24)
+#define TW_CLOSED ((uint64_t)1 << 25)
+#define TW_SLOW ((uint64_t)1 << 26)
+#define TW_GEN_SHIFT 27
+#define TW_GEN_MASK (~(uint64_t)0 << TW_GEN_SHIFT)
+#define LINK_WAIT_NONE ((uint32_t)0xffffffff)
 #define TASK_IDX_BITS 24
 #define TASK_IDX_MASK (((uint64_t)1 << TASK_IDX_BITS) - 1)
 #define TASK_GEN_MAX (((uint64_t)1 << (64 - TASK_IDX_BITS)) - 1)
@@ -294,13 +328,16 @@ struct keel__task {
 	/* Line 0, written by every sender: the mailbox word and the tail of
 	 * the queue, together so that a send moves one line. */
 	_Atomic uint64_t mword;
-	_Atomic(struct keel__msg *) tail;
+	_Atomic uint64_t tailw; /* the tail word (mailbox.c) */
 	/* Backpressure (mailbox.c): the count of messages holding a place,
 	 * with ROOM_WAITERS; and the limit, 0 if unbounded. Touched by
 	 * senders only while MB_BOUNDED is set. */
 	_Atomic uint64_t mb_queued;
 	_Atomic uint32_t mb_limit;
-	char pad0[KEEL_CACHELINE - 28];
+	/* The record the owner waits to see linked (mailbox.c, WAITING FOR
+	 * A LINK), by index; LINK_WAIT_NONE if none. */
+	_Atomic uint32_t link_wait;
+	char pad0[KEEL_CACHELINE - 32];
 
 	/* Line 1, owner only: the head of the queue. */
 	struct keel__msg *head;
@@ -332,6 +369,7 @@ struct keel__task {
 	/* The thread whose event loop serves the mailbox, 0 if none: written
 	 * by the owner, read by the sender that clears SLEEPING. */
 	_Atomic uintptr_t loop_thread;
+	uint8_t slow; /* senders take the counted path (mailbox.c) */
 
 	/* Senders waiting for room in this mailbox (keel__qnode list, under
 	 * room_ql); not reset with an incarnation: each waiter takes itself
@@ -592,6 +630,19 @@ int keel__mbox_send_wait(keel_task_t id, struct keel__msg *m,
 int keel__mbox_reply(keel_task_t id, struct keel__msg *m);
 /* Tests: sends that waited for room and were then accepted. */
 extern _Atomic uint64_t keel__room_waits_ok;
+/* Tests: how often each race of the tail word (mailbox.c) went the rare
+ * way; counted on the rare paths only. */
+enum keel__mbox_race {
+	RACE_SEND_SAW_SEAL,    /* a fast send passed the word, met CLOSED */
+	RACE_CLOSE_WAITED,     /* a close waited for an accepted send's link */
+	RACE_SEND_WOKE,        /* a send took the owner's arming, woke it */
+	RACE_SLEEP_LINKING,    /* the owner would sleep; a send was linking */
+	RACE_POP_STUB_LOST,    /* a send took the tail from the popped last */
+	RACE_ARM_LOST,         /* a send took the tail from the arming CAS */
+	RACE_LINK_WOKE,        /* a send's link was waited for: it woke */
+	KEEL_MBOX_RACES
+};
+extern _Atomic uint64_t keel__mbox_races[KEEL_MBOX_RACES];
 /* Close (if not yet) and drain the owner's mailbox; resolve its calls. */
 void keel__mbox_shutdown(struct keel__task *t);
 /* t is cancelled: make its event-loop fd readable, if it has one and no
@@ -601,6 +652,12 @@ void keel__mbox_wake_cancelled(struct keel__task *t);
 void keel__mbox_close_fd(struct keel__task *t);
 /* Initialise a fresh incarnation's queue. */
 void keel__mbox_reset(struct keel__task *t);
+/* Refuse every send from now on, without draining (a task that never ran,
+ * or one a fork left behind). */
+void keel__mbox_seal(struct keel__task *t);
+/* fork() child, the task that forked: a send caught between its CAS and
+ * its link does not exist here; end the queue at its last linked record. */
+void keel__mbox_fork_child(struct keel__task *t);
 
 /* proxy.c: run, cancel and close-time handling of call-kind records. */
 void keel__proxy_run(struct keel__task *t, struct keel__msg *m);

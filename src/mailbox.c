@@ -4,36 +4,118 @@
  *
  * DESIGN
  * Each task's mailbox is an intrusive multi-producer, single-consumer queue
- * (Vyukov's): a sender exchanges its record into `tail` and then links the
+ * (Vyukov's): a sender swaps its record into the tail and then links the
  * previous record to it; only the owner reads from `head`. No sender ever
- * waits for another. A sender preempted between its exchange and its link
- * delays the owner's view of later messages, never their acceptance, and
- * the owner then sleeps rather than spins: that sender notifies it (below).
+ * waits for another. A sender delayed between the two steps delays the
+ * owner's view of later messages, never their acceptance.
  *
- * The mailbox word admits senders:
+ * THE TAIL WORD. The tail is one 64-bit word, not a pointer:
+ *
+ *     63           27    26      25        24       23            0
+ *     +---------------+------+--------+----------+----------------+
+ *     | generation    | SLOW | CLOSED | SLEEPING | record index   |
+ *     +---------------+------+--------+----------+----------------+
+ *
+ * the index of the last record (MSG_IDX_STUB for the stub), the low 37
+ * bits of the task's generation, and three flags. A send is accepted by
+ * one compare-and-swap of the tail word, from a value with the sender's
+ * generation and neither CLOSED nor SLOW to its own record's index (same
+ * generation, no flags). That CAS is the only read-modify-write of a send
+ * on the fast path, and it is the moment of acceptance: the send is in
+ * the queue from then on, whatever happens to the task, and only the
+ * owner's drain can give it its outcome. So:
+ *   - CLOSED (set by the owner's close with one CAS, never cleared in an
+ *     incarnation) makes every later CAS fail: a send is accepted before
+ *     the close (and drained) or refused, never lost in between.
+ *   - The generation makes a send with a stale handle fail even if the
+ *     slot was reused (a new incarnation starts with its own generation
+ *     and the stub). Only the low 37 bits are kept: a sender would need
+ *     to stall between its load and its CAS while one slot goes through
+ *     2^37 incarnations; a handle already aliases at 2^40. The sender also
+ *     checks the full generation in the mailbox word before the CAS.
+ *   - SLEEPING asks for a wake-up. The owner sets it only on an empty,
+ *     quiet queue (the tail is the stub and the stub is the head), with a
+ *     CAS from exactly that value; the next sender's CAS replaces the word
+ *     and returns the old value, so the one sender that clears SLEEPING
+ *     knows it, and it alone unparks the owner, after linking. No
+ *     wake-up is lost: a send after the arming sees SLEEPING in the value
+ *     its own CAS replaced; a send before it changed the tail, so the
+ *     arming CAS fails and the owner looks again. At most one wake-up per
+ *     sleep, none while the owner is busy (guarantee 6).
+ *   - SLOW sends every sender to the counted path below: the owner sets
+ *     it while its mailbox is bounded or has an event-loop fd.
+ * Records are named by index because the generation bits leave no room
+ * for a pointer; the table (msg.c) turns an index into its record with
+ * one load. Index reuse within an incarnation (a record popped, freed and
+ * sent again while another sender still holds the old tail value) is
+ * harmless: a CAS that succeeds from index i appends after the record
+ * that is the tail now, which is all the expected value claims.
+ *
+ * The states of the tail word within one incarnation (gen fixed):
+ *
+ *   stub            --send CAS-->              r (a record)
+ *   r               --send CAS-->              r' (r->next is linked after)
+ *   r (head is r, r->next NULL, owner pops r)
+ *                   --owner CAS-->             stub (r leaves; a failed CAS
+ *                                              means a send is linking)
+ *   stub            --owner arms (CAS)-->      stub|SLEEPING
+ *   stub|SLEEPING   --send CAS-->              r (that sender unparks)
+ *   stub|SLEEPING   --owner disarms (CAS)-->   stub (woken otherwise)
+ *   any x           --owner sets SLOW-->       x|SLOW (senders then count)
+ *   x|SLOW          --owner clears SLOW-->     x
+ *   any x           --close (CAS)-->           x|CLOSED, SLEEPING cleared:
+ *                                              final until the slot's next
+ *                                              incarnation (reset: new
+ *                                              generation, stub, no flags)
+ *
+ * Closing (owner only): CAS CLOSED into the tail word; the index it held
+ * then is the last accepted record. Set CLOSED in the mailbox word (for
+ * the counted path and room waiters), wait for the counted senders to
+ * leave, and then wait until every record up to the last one is linked
+ * (below). Draining then sees every accepted message and gives each its
+ * cancel.
+ *
+ * WAITING FOR A LINK. A send between its CAS and its link holds up the
+ * owner's view of the queue: the close above, a switch to the counted
+ * path, and an owner that wants to sleep but finds the queue not quiet
+ * (it cannot arm: that sender's CAS came before any arming, so it will
+ * not see SLEEPING). The owner spins briefly; the link is a few
+ * instructions away unless the sender was preempted there. Then it names
+ * the last linked record in `link_wait` (its index), fences, looks at
+ * that record's link once more and sleeps. Every fast sender, after its
+ * link, loads `link_wait` (a plain load of the line its CAS took) and
+ * wakes the owner if it names the record it just linked after: only the
+ * one sender the owner waits for, not the ones queued behind it. That
+ * sender has no fence between its link and its load, so both sides may
+ * miss the other (its store still buffered): the owner's sleep is a nap
+ * that ends by itself (20 us, doubling up to 1 ms), which bounds the
+ * delay of that rare double race; the common case, a preempted sender
+ * resuming, wakes the owner as soon as it links.
+ *
+ * THE COUNTED PATH (SLOW). The mailbox word counts senders in flight:
  *
  *     63          24   23      22       21        20        19        0
  *     +-------------+-------+--------+----------+---------+-----------+
  *     | generation  | ENDED | CLOSED | SLEEPING | BOUNDED | in flight |
  *     +-------------+-------+--------+----------+---------+-----------+
  *
- * A send starts with one fetch_add of 1, registering as in flight, and reads
- * the old value: a generation other than the handle's, or ENDED, means the
- * task is gone (-ESRCH); CLOSED means -ESHUTDOWN. Either way the sender
- * takes its 1 back and never touches the queue. Otherwise it enqueues and
- * then releases its count.
+ * A counted send starts with one fetch_add of 1, registering as in
+ * flight, and reads the old value: a generation other than the handle's,
+ * or ENDED, means the task is gone (-ESRCH); CLOSED means -ESHUTDOWN.
+ * Either way the sender takes its 1 back and never touches the queue.
+ * Otherwise it takes a place if the mailbox is bounded, makes the same
+ * CAS of the tail word as a fast send (which may still find CLOSED: the
+ * close sets it there first; the send is then refused and gives its place
+ * back), links, and releases its count.
  *
- * Closing (owner only): fetch_or CLOSED, then wait until the in-flight count
- * is 0. From then on no sender is inside the queue, so draining it until
- * empty sees every accepted message and each gets its cancel. That is the
- * whole of "nothing slips in after close": a send racing close either
- * registered before CLOSED (and is drained) or saw CLOSED (and was refused).
- *
- * SLEEPING asks for a notification. The owner sets it (fetch_or) before it
- * sleeps, or when it leaves keel_serve() with an fd for its event loop, and
- * then looks at the queue once more. A sender, after linking its record,
- * releases its count with one fetch_sub and looks at the old value. If
- * SLEEPING was set, it registers in flight again, clears the bit with a
+ * Counted senders are what an owner with an event-loop fd or a bounded
+ * mailbox needs: no sender may touch the eventfd unless counted in flight
+ * (the owner closes it after close has waited out every counted sender),
+ * and fd_drain() below relies on it too. The mailbox word's SLEEPING is
+ * the arming for these owners (fd mode; and a blocking serve of a bounded
+ * or fd-mode task). A counted sender, after linking its record, releases
+ * its count with one fetch_sub and looks at the old value. If SLEEPING
+ * was set, it registers in flight again, clears the bit with a
  * compare-and-swap, and the one sender that clears it notifies the owner
  * (unpark, and the eventfd if any) before releasing its count. Hence:
  *   - no lost wake-up: the sender's fetch_sub comes either after the owner's
@@ -44,6 +126,14 @@
  *     waits for those.
  * The last sender to leave a CLOSED mailbox unparks the owner, which waits
  * for the in-flight count to reach 0.
+ *
+ * Switching to the counted path (keel_mailbox_fd, keel_mailbox_limit), the
+ * owner sets SLOW with a CAS and then waits until the queue is linked up
+ * to the tail it replaced, as a close does: fast sends that were accepted
+ * before the switch, and so look at neither SLEEPING, are linked before
+ * the owner relies on the counted protocol. Switching back (a limit
+ * removed, no fd) just clears SLOW: a counted send in flight also looks
+ * at the SLEEPING its CAS replaced.
  *
  * BACKPRESSURE
  * A bounded mailbox (keel_mailbox_limit) sets MB_BOUNDED in the word, so
@@ -131,6 +221,11 @@
 
 #include "internal.h"
 
+/* The owner's naps while it waits for a link (WAITING FOR A LINK): the
+ * first, and the longest they grow to. */
+#define LINK_NAP_MIN KEEL_USEC(20)
+#define LINK_NAP_MAX KEEL_MS(1)
+
 /* Messages run per keel_serve() call before it returns, at most. */
 #define SERVE_BATCH 1024
 
@@ -138,11 +233,28 @@
 #define ROOM_WAITERS ((uint64_t)1 << 32)
 #define ROOM_COUNT_MASK (ROOM_WAITERS - 1)
 
+/* The generation bits of the tail word for the task named id. */
+static inline uint64_t tw_gen(keel_task_t id)
+{
+	return (id >> MB_GEN_SHIFT) << TW_GEN_SHIFT;
+}
+
+/* The record a tail word names. */
+static inline struct keel__msg *tw_rec(struct keel__task *t, uint64_t tw)
+{
+	uint32_t idx = (uint32_t)(tw & TW_IDX_MASK);
+
+	return idx == MSG_IDX_STUB ? &t->stub : keel__msg_at(idx);
+}
+
 void keel__mbox_reset(struct keel__task *t)
 {
 	store_relaxed(&t->stub.next, NULL);
 	t->head = &t->stub;
-	store_relaxed(&t->tail, &t->stub);
+	/* Published with the new generation by the release that opens the
+	 * incarnation's mailbox word (keel__task_alloc). */
+	store_relaxed(&t->tailw, tw_gen(t->id) | MSG_IDX_STUB);
+	t->slow = 0;
 	/* Every counted record was popped by the last incarnation's drain;
 	 * ROOM_WAITERS belongs to the waiters, who clear it themselves. */
 	store_relaxed(&t->mb_limit, 0);
@@ -249,45 +361,116 @@ static int take_place(struct keel__task *t)
 #define SEND_REQUEST 0 /* a new message: takes a place if bounded */
 #define SEND_REPLY 1   /* a reply its target is owed: never refused */
 
-static inline __attribute__((always_inline)) int
-send_msg(keel_task_t id, struct keel__msg *m, int mode)
-{
-	struct keel__task *t = keel__task_slot(id);
-	struct keel__msg *prev;
-	uint64_t old, mgen;
+_Atomic uint64_t keel__mbox_races[KEEL_MBOX_RACES];
 
-	if (!t || id == KEEL_TASK_NONE)
-		return -ESRCH;
+static void race_seen(enum keel__mbox_race r)
+{
+	fetch_add_relaxed(&keel__mbox_races[r], 1);
+}
+
+/* A counted send refused at the tail word after it took a place. */
+static void give_place(struct keel__task *t, struct keel__msg *m);
+
+/* The counted path (see THE COUNTED PATH): for a SLOW or bounded mailbox,
+ * and to tell why a fast send was refused. */
+static __attribute__((noinline)) int
+send_counted(struct keel__task *t, keel_task_t id, struct keel__msg *m,
+	     int mode)
+{
+	uint64_t old, mgen, tw, want = tw_gen(id);
+	int rc = 0;
+
 	/* The acquire pairs with the release that opened this incarnation
 	 * (keel__task_alloc), which published its empty queue. */
 	old = fetch_add_acquire(&t->mword, 1);
-	if (unlikely((old >> MB_GEN_SHIFT) != (id >> MB_GEN_SHIFT) ||
-		     (old & (MB_CLOSED | MB_ENDED | MB_BOUNDED)))) {
-		int rc = 0;
-
-		if ((old >> MB_GEN_SHIFT) != (id >> MB_GEN_SHIFT) ||
-		    (old & MB_ENDED))
-			rc = -ESRCH;
-		else if (old & MB_CLOSED)
-			rc = -ESHUTDOWN;
-		else if (mode == SEND_REQUEST && !take_place(t))
+	if ((old >> MB_GEN_SHIFT) != (id >> MB_GEN_SHIFT) || (old & MB_ENDED))
+		rc = -ESRCH;
+	else if (old & MB_CLOSED)
+		rc = -ESHUTDOWN;
+	else if ((old & MB_BOUNDED) && mode == SEND_REQUEST) {
+		if (!take_place(t))
 			rc = -EAGAIN;
-		if (rc < 0) {
-			leave_refused(t);
-			return rc;
-		}
-		if (mode == SEND_REQUEST)
+		else
 			m->counted = 1;
+	}
+	if (rc < 0) {
+		leave_refused(t);
+		return rc;
 	}
 	KEEL_YIELD();
 	mgen = load_relaxed(&m->state) >> 8; /* ours until it is linked */
 	store_relaxed(&m->next, NULL);
-	prev = xchg_acq_rel(&t->tail, m);
+	tw = load_relaxed(&t->tailw);
+	do {
+		/* Counted and past the word's check, the incarnation cannot
+		 * change under us; CLOSED can: the close sets it here first. */
+		if ((tw & (TW_GEN_MASK | TW_CLOSED)) != want) {
+			give_place(t, m);
+			leave_refused(t);
+			return (tw & TW_GEN_MASK) != want ? -ESRCH : -ESHUTDOWN;
+		}
+	} while (!cas_weak_acq_rel(&t->tailw, &tw,
+				   (tw & (TW_GEN_MASK | TW_SLOW)) | m->idx));
 	KEEL_YIELD();
 	/* Pairs with the acquire loads of `next` in pop() and poppable(). */
-	store_release(&prev->next, m);
+	store_release(&tw_rec(t, tw)->next, m);
+	/* An arming of the fast path (SLOW was cleared meanwhile). */
+	if (tw & TW_SLEEPING)
+		keel__unpark(t);
 	KEEL_YIELD();
 	leave_linked(t, id, m, mgen);
+	return 0;
+}
+
+/*
+ * A send: the fast path is one CAS of the tail word (see THE TAIL WORD).
+ * The loads of the mailbox word and the tail word cost no read-modify-
+ * write: they sit on the line the CAS takes anyway.
+ */
+static inline __attribute__((always_inline)) int
+send_msg(keel_task_t id, struct keel__msg *m, int mode)
+{
+	struct keel__task *t = keel__task_slot(id);
+	uint64_t w, tw, want;
+
+	if (!t || id == KEEL_TASK_NONE)
+		return -ESRCH;
+	/* The acquire pairs with the release that opened this incarnation
+	 * (keel__task_alloc), so the tail word read next is its reset or a
+	 * later value. */
+	w = load_acquire(&t->mword);
+	if (unlikely((w >> MB_GEN_SHIFT) != (id >> MB_GEN_SHIFT) ||
+		     (w & (MB_CLOSED | MB_ENDED | MB_BOUNDED))))
+		return send_counted(t, id, m, mode);
+	want = tw_gen(id);
+	store_relaxed(&m->next, NULL);
+	tw = load_relaxed(&t->tailw);
+	KEEL_YIELD();
+	do {
+		if (unlikely((tw & (TW_GEN_MASK | TW_CLOSED | TW_SLOW)) != want)) {
+			if (tw & TW_CLOSED)
+				race_seen(RACE_SEND_SAW_SEAL);
+			return send_counted(t, id, m, mode);
+		}
+		/* Release: m's contents (next == NULL included) for the next
+		 * sender and the owner; acquire: the previous record is the
+		 * tail's, ours to link. */
+	} while (!cas_weak_acq_rel(&t->tailw, &tw, want | m->idx));
+	KEEL_YIELD();
+	/* Pairs with the acquire loads of `next` in pop() and poppable(). */
+	store_release(&tw_rec(t, tw)->next, m);
+	/* We cleared the owner's arming: we alone wake it. Or the owner waits
+	 * for this very link (WAITING FOR A LINK). The slot is never freed,
+	 * so this is safe whatever became of the task (a wake of a later
+	 * incarnation is spurious, which parkers allow). */
+	if (unlikely(tw & TW_SLEEPING)) {
+		race_seen(RACE_SEND_WOKE);
+		keel__unpark(t);
+	} else if (unlikely(load_relaxed(&t->link_wait) ==
+			    (uint32_t)(tw & TW_IDX_MASK))) {
+		race_seen(RACE_LINK_WOKE);
+		keel__unpark(t);
+	}
 	return 0;
 }
 
@@ -394,6 +577,11 @@ static inline void room_freed(struct keel__task *t, struct keel__msg *m)
 		wake_room(t, 0);
 }
 
+static void give_place(struct keel__task *t, struct keel__msg *m)
+{
+	room_freed(t, m);
+}
+
 int keel_post(keel_task_t target, keel_work_fn work, keel_work_fn cancel,
 	      void *arg)
 {
@@ -445,7 +633,7 @@ static int poppable(struct keel__task *t)
 	if (h == &t->stub)
 		return 0;
 	/* h is the last record: poppable unless a send is linking after it. */
-	return load_acquire(&t->tail) == h;
+	return (load_acquire(&t->tailw) & TW_IDX_MASK) == h->idx;
 }
 
 /* Vyukov's pop with the stub record. NULL when the queue is empty or the
@@ -453,7 +641,7 @@ static int poppable(struct keel__task *t)
 static struct keel__msg *pop(struct keel__task *t)
 {
 	struct keel__msg *h = t->head, *next = load_acquire(&h->next);
-	struct keel__msg *tail;
+	uint64_t tw;
 
 	if (h == &t->stub) {
 		if (!next)
@@ -467,13 +655,23 @@ static struct keel__msg *pop(struct keel__task *t)
 		__builtin_prefetch(next);
 		return h;
 	}
-	tail = load_acquire(&t->tail);
-	if (h != tail)
-		return NULL;
-	/* h is the last record: put the stub behind it so h can leave. */
+	tw = load_acquire(&t->tailw);
+	if ((tw & TW_IDX_MASK) != h->idx)
+		return NULL; /* a send is linking after h */
 	store_relaxed(&t->stub.next, NULL);
-	tail = xchg_acq_rel(&t->tail, &t->stub);
-	store_release(&tail->next, &t->stub);
+	if (tw & TW_CLOSED) {
+		/* h is the last record the mailbox accepted. */
+		t->head = &t->stub;
+		return h;
+	}
+	/* h is the last record: the stub takes its place as the tail, so h
+	 * can leave. If a send took the tail first, it links after h. */
+	KEEL_YIELD();
+	if (cas_acq_rel(&t->tailw, &tw, (tw & ~TW_IDX_MASK) | MSG_IDX_STUB)) {
+		t->head = &t->stub;
+		return h;
+	}
+	race_seen(RACE_POP_STUB_LOST);
 	next = load_acquire(&h->next);
 	if (next) {
 		t->head = next;
@@ -482,6 +680,149 @@ static struct keel__msg *pop(struct keel__task *t)
 	return NULL;
 }
 
+/* Is every record accepted up to the tail word value tw linked, so that
+ * pop() reaches it? (Owner only.) Walks the queue from *from, a record in
+ * it (head at first), and leaves there the last one reached, so that
+ * asking again does not walk the same records again. */
+static int linked_to(struct keel__task *t, uint64_t tw, struct keel__msg **from)
+{
+	uint32_t last = (uint32_t)(tw & TW_IDX_MASK);
+	struct keel__msg *m = *from, *next;
+
+	if (last == MSG_IDX_STUB)
+		return 1; /* the stub was the tail: nothing was in flight */
+	for (;; m = next) {
+		if (m != &t->stub && m->idx == last)
+			return 1;
+		if (!(next = load_acquire(&m->next))) {
+			*from = m;
+			return 0;
+		}
+	}
+}
+
+/* Sleep until `at`, a record in the queue whose next is NULL (the stub
+ * included), is linked to its successor, or until `until`; see WAITING FOR
+ * A LINK. keel__wait()'s result if cancellable, else keel__park()'s. */
+static int nap_for_link(struct keel__task *t, struct keel__msg *at,
+			keel_time_t until, int cancellable)
+{
+	int rc = 0;
+
+	store_relaxed(&t->link_wait, at->idx);
+	/* Our store before our look at the link; the sender links, then
+	 * looks at link_wait without a fence, so both may miss the other:
+	 * the nap's end covers that. */
+	fence_seq_cst();
+	if (!load_acquire(&at->next))
+		rc = cancellable ? keel__wait(t, until, 1, "serve")
+				 : keel__park(t, until);
+	store_relaxed(&t->link_wait, LINK_WAIT_NONE);
+	return rc;
+}
+
+/* Wait until every record accepted up to tw is linked. Not a
+ * cancellation point. */
+static void wait_linked(struct keel__task *t, uint64_t tw)
+{
+	keel_time_t nap = LINK_NAP_MIN;
+	struct keel__msg *from = t->head;
+
+	if (linked_to(t, tw, &from))
+		return;
+	if (t->closed)
+		race_seen(RACE_CLOSE_WAITED);
+	for (unsigned i = 0; !linked_to(t, tw, &from); i++) {
+		if (i < 64) {
+			keel__cpu_relax();
+			continue;
+		}
+		/* `from` is the last linked record: the gap is after it. */
+		nap_for_link(t, from, keel__clock_now() + nap, 0);
+		if (nap < LINK_NAP_MAX)
+			nap *= 2;
+	}
+}
+
+/* Fast path: ask senders for a wake-up, if the queue is empty and quiet
+ * (see THE TAIL WORD). 1 if armed; 0 if a record is queued or a send is
+ * linking. */
+static int arm_fast(struct keel__task *t)
+{
+	uint64_t tw = load_acquire(&t->tailw);
+
+	if ((tw & TW_IDX_MASK) != MSG_IDX_STUB || t->head != &t->stub ||
+	    load_acquire(&t->stub.next))
+		return 0;
+	KEEL_YIELD();
+	if (cas_acq_rel(&t->tailw, &tw, tw | TW_SLEEPING))
+		return 1;
+	race_seen(RACE_ARM_LOST);
+	return 0;
+}
+
+/* Woken, or gave up waiting: take the arming back unless a sender took it
+ * (it then unparks us, a spurious wake for a later park). */
+static void disarm_fast(struct keel__task *t)
+{
+	uint64_t tw = load_relaxed(&t->tailw);
+
+	while ((tw & TW_SLEEPING) &&
+	       !cas_weak_acq_rel(&t->tailw, &tw, tw & ~TW_SLEEPING))
+		;
+}
+
+/* The owner wants to sleep on the fast path but a send is between its CAS
+ * and its link after the head: wait for the link (WAITING FOR A LINK), the
+ * deadline or cancellation, whichever is first. */
+static int wait_linking(struct keel__task *t, keel_time_t deadline)
+{
+	keel_time_t nap = LINK_NAP_MIN, until;
+	int rc;
+
+	if (!poppable(t))
+		race_seen(RACE_SLEEP_LINKING);
+	for (unsigned i = 0; !poppable(t); i++) {
+		if (i < 64) {
+			keel__cpu_relax();
+			continue;
+		}
+		until = keel__clock_now() + nap;
+		if (deadline < until)
+			until = deadline;
+		rc = nap_for_link(t, t->head, until, 1);
+		if (rc == -ECANCELED || (rc == -ETIMEDOUT && until == deadline))
+			return rc;
+		if (nap < LINK_NAP_MAX)
+			nap *= 2;
+	}
+	return 0;
+}
+
+/* Owner only: send every sender to the counted path (fd mode, a bound),
+ * and wait until the fast sends accepted before are linked. */
+static void go_slow(struct keel__task *t)
+{
+	uint64_t tw = load_relaxed(&t->tailw);
+
+	if (t->slow)
+		return;
+	while (!cas_weak_acq_rel(&t->tailw, &tw, (tw & ~TW_SLEEPING) | TW_SLOW))
+		;
+	t->slow = 1;
+	wait_linked(t, tw);
+}
+
+/* Owner only: back to the fast path (a bound removed, no fd). */
+static void go_fast(struct keel__task *t)
+{
+	if (!t->slow || t->fd_mode || t->loop_mode || load_relaxed(&t->mb_limit))
+		return;
+	fetch_and_acq_rel(&t->tailw, ~TW_SLOW);
+	t->slow = 0;
+}
+
+/* The slow path's arming, on the mailbox word. */
 static void arm(struct keel__task *t)
 {
 	fetch_or_acq_rel(&t->mword, MB_SLEEPING);
@@ -763,15 +1104,28 @@ int keel_serve(keel_time_t deadline)
 			n = run_batch(t);
 			continue;
 		}
-		if (t->fd_mode)
+		if (t->fd_mode) {
 			fd_arm(t);
-		else if (t->loop_mode)
+		} else if (t->loop_mode) {
 			loop_arm(t);
-		else
+		} else if (t->slow) {
 			arm(t);
+		} else if (!arm_fast(t)) {
+			/* Queued meanwhile, or a send is linking and will
+			 * not wake us: wait for its link. */
+			if ((n = run_batch(t)) > 0)
+				break;
+			rc = wait_linking(t, deadline);
+			n = run_batch(t);
+			if (n == 0 && rc == -ECANCELED)
+				break;
+			continue;
+		}
 		if ((n = run_batch(t)) > 0)
 			break;
 		rc = keel__wait(t, deadline, 1, "serve");
+		if (!t->slow)
+			disarm_fast(t);
 		n = run_batch(t);
 		if (n == 0 && rc == -ECANCELED)
 			break;
@@ -802,6 +1156,8 @@ int keel_mailbox_fd(void)
 		/* Pairs with the acquire in notify(). */
 		store_release(&t->notify_wfd, wfd);
 	}
+	/* Senders must be counted to touch the fd: the counted path. */
+	go_slow(t);
 	/* Armed from now on, outside a serve; inside one (called from a
 	 * message), the serve's end arms it. */
 	if (!t->fd_mode && !t->serving) {
@@ -828,6 +1184,9 @@ int keel_mailbox_serve_from_loop(void)
 	if (t->loop_mode)
 		return 0;
 	t->loop_owed = 0;
+	/* A serve is scheduled by the sender that clears SLEEPING in the
+	 * mailbox word: senders must take the counted path, as for the fd. */
+	go_slow(t);
 	/* Pairs with the acquire in notify(). */
 	store_release(&t->loop_thread, (uintptr_t)pthread_self());
 	t->loop_mode = 1;
@@ -840,11 +1199,47 @@ int keel_mailbox_serve_from_loop(void)
 
 /* ---- Closing -------------------------------------------------------------- */
 
+/* Set CLOSED in the tail word (see THE TAIL WORD); returns the value it
+ * replaced, whose index is the last record accepted. */
+static uint64_t seal(struct keel__task *t)
+{
+	uint64_t tw = load_relaxed(&t->tailw);
+
+	while (!(tw & TW_CLOSED) &&
+	       !cas_weak_acq_rel(&t->tailw, &tw,
+				 (tw & ~TW_SLEEPING) | TW_CLOSED))
+		;
+	return tw;
+}
+
+void keel__mbox_seal(struct keel__task *t)
+{
+	(void)seal(t);
+}
+
+void keel__mbox_fork_child(struct keel__task *t)
+{
+	struct keel__msg *m = t->head, *next;
+	uint64_t tw = load_relaxed(&t->tailw);
+
+	while ((next = load_relaxed(&m->next)) != NULL)
+		m = next;
+	/* Records linked after a vanished sender's are lost with it here
+	 * (they are the parent's); the queue ends where the links end. */
+	store_relaxed(&t->tailw,
+		      (tw & ~TW_IDX_MASK) |
+			      (m == &t->stub ? MSG_IDX_STUB : m->idx));
+}
+
 static void close_and_wait(struct keel__task *t)
 {
 	int64_t spins = 0;
+	uint64_t last;
 
 	t->closed = 1;
+	/* From here every send is refused (tail word first, then the
+	 * mailbox word for the counted path and the room waiters). */
+	last = seal(t);
 	fetch_or_acq_rel(&t->mword, MB_CLOSED);
 	/* Senders waiting for room leave with -ESHUTDOWN. */
 	wake_room(t, 1);
@@ -858,6 +1253,8 @@ static void close_and_wait(struct keel__task *t)
 		}
 		keel__park(t, KEEL_FOREVER);
 	}
+	/* And the fast sends accepted before the seal: their links. */
+	wait_linked(t, last);
 }
 
 void keel__mbox_shutdown(struct keel__task *t)
@@ -928,6 +1325,9 @@ int keel_mailbox_limit(size_t max)
 	if (t->closed)
 		return -ESHUTDOWN;
 	old = load_relaxed(&t->mb_limit);
+	/* A bounded mailbox's senders take places: the counted path. */
+	if (max)
+		go_slow(t);
 	if (max && !old)
 		count_queued(t);
 	store_relaxed(&t->mb_limit, (uint32_t)max);
@@ -937,6 +1337,7 @@ int keel_mailbox_limit(size_t max)
 		fetch_or_acq_rel(&t->mword, MB_BOUNDED);
 	else
 		fetch_and_acq_rel(&t->mword, ~MB_BOUNDED);
+	go_fast(t); /* unless still bounded, or in fd mode */
 	if (!max || max > old)
 		wake_room(t, 1);
 	return 0;

@@ -74,9 +74,12 @@
 
 #include "internal.h"
 
-#define MSG_CHUNK_SHIFT 10
 #define MSG_CHUNK ((uint32_t)1 << MSG_CHUNK_SHIFT)
-#define MSG_MAX_CHUNKS ((uint32_t)1 << (MSG_IDX_BITS - MSG_CHUNK_SHIFT))
+/* The last chunk is never carved: a mailbox's tail word names its stub by
+ * the index MSG_IDX_STUB (mailbox.c), which no record may have. */
+#define MSG_MAX_CHUNKS (((uint32_t)1 << (MSG_IDX_BITS - MSG_CHUNK_SHIFT)) - 1)
+_Static_assert(MSG_MAX_CHUNKS << MSG_CHUNK_SHIFT <= MSG_IDX_STUB,
+	       "a record index would collide with the stub's");
 
 /* Free records the pool keeps at least, before giving memory back. */
 #ifndef KEEL_MSG_POOL_KEEP
@@ -85,7 +88,8 @@
 #define MSG_POOL_KEEP ((uint32_t)(KEEL_MSG_POOL_KEEP))
 #define MSG_CHUNK_BYTES (sizeof(struct keel__msg) * MSG_CHUNK)
 
-static _Atomic(struct keel__msg *) msg_chunks[MSG_MAX_CHUNKS];
+/* The chunks carved so far; read by keel__msg_at() (internal.h). */
+_Atomic(struct keel__msg *) keel__msg_chunks[MSG_MAX_CHUNKS];
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static uint32_t msg_count;         /* records carved so far */
 static struct keel__msg *batches;  /* global pool, under pool_lock */
@@ -116,15 +120,11 @@ static uint16_t picked[MSG_MAX_CHUNKS];
 /* Tests: chunks given back so far. */
 _Atomic uint64_t keel__msg_chunks_released;
 
-struct keel__msg *keel__msg_at(uint32_t idx)
+struct keel__msg *keel__msg_at_checked(uint32_t idx)
 {
-	struct keel__msg *chunk;
-
 	if (idx >> MSG_CHUNK_SHIFT >= MSG_MAX_CHUNKS)
 		return NULL;
-	/* Pairs with the release in carve(). */
-	chunk = load_acquire(&msg_chunks[idx >> MSG_CHUNK_SHIFT]);
-	return chunk ? &chunk[idx & (MSG_CHUNK - 1)] : NULL;
+	return keel__msg_at(idx);
 }
 
 /* Under pool_lock: put a batch of n records, linked by next, in the pool. */
@@ -142,7 +142,7 @@ static void pool_push(struct keel__msg *head, uint32_t n)
 static struct keel__msg *carve_released(uint32_t *n)
 {
 	uint32_t ci = released[--nreleased];
-	struct keel__msg *c = load_relaxed(&msg_chunks[ci]), *first = NULL;
+	struct keel__msg *c = load_relaxed(&keel__msg_chunks[ci]), *first = NULL;
 	uint64_t gen = released_gen[ci] + 1;
 	/* Not above: the next use as a ctx call raises it before its handle
 	 * is made, and a record at MSG_CTX_GEN_LAST was never freed. */
@@ -178,7 +178,7 @@ static struct keel__msg *carve(uint32_t *n)
 		return carve_released(n);
 	if (first >> MSG_CHUNK_SHIFT >= MSG_MAX_CHUNKS)
 		return NULL;
-	c = load_relaxed(&msg_chunks[first >> MSG_CHUNK_SHIFT]);
+	c = load_relaxed(&keel__msg_chunks[first >> MSG_CHUNK_SHIFT]);
 	if (!c) {
 		/* Zero-filled. */
 		if (!(c = keel__pages_alloc(MSG_CHUNK_BYTES)))
@@ -189,7 +189,7 @@ static struct keel__msg *carve(uint32_t *n)
 			atomic_init(&c[i].state,
 				    (uint64_t)1 << MSG_STATE_BITS | ST_FREE);
 		}
-		store_release(&msg_chunks[first >> MSG_CHUNK_SHIFT], c);
+		store_release(&keel__msg_chunks[first >> MSG_CHUNK_SHIFT], c);
 	}
 	/* MSG_CHUNK is a multiple of the batch: a batch never spans chunks. */
 	for (uint32_t i = MSG_CACHE_BATCH; i-- > 0;) {
@@ -306,7 +306,7 @@ static void trim(uint32_t surplus)
 	}
 	rebatch(list, &out, &kept);
 	for (uint32_t i = 0; i < nrel; i++) {
-		struct keel__msg *c = load_relaxed(&msg_chunks[picked[i]]);
+		struct keel__msg *c = load_relaxed(&keel__msg_chunks[picked[i]]);
 
 		/* If the platform cannot, the memory stays; the chunk is
 		 * carved again all the same, as if it read zeros. */

@@ -522,7 +522,7 @@ int keel_ctx_finish(keel_ctx_t *ctx)
 
 	if (!v)
 		return -EINVAL;
-	if (!(m = keel__msg_at((uint32_t)(v & ((1u << CTX_IDX_BITS) - 1)))))
+	if (!(m = keel__msg_at_checked((uint32_t)(v & ((1u << CTX_IDX_BITS) - 1)))))
 		return -EINVAL;
 	/* The record may be in any later use by now; `target` and `state`
 	 * are atomics, and the state check under the lock is what decides. */

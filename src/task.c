@@ -86,6 +86,9 @@ static struct keel__task *new_chunk(uint32_t first)
 		/* Generation 0 is never handed out, so no handle matches a
 		 * slot that was never used. */
 		atomic_init(&t->mword, MB_CLOSED | MB_ENDED);
+		atomic_init(&t->tailw, TW_CLOSED | MSG_IDX_STUB);
+		atomic_init(&t->link_wait, LINK_WAIT_NONE);
+		t->stub.idx = MSG_IDX_STUB;
 		atomic_init(&t->notify_wfd, -1);
 		t->notify_rfd = -1;
 		t->wake_rfd = t->wake_wfd = -1;
@@ -238,6 +241,7 @@ void keel__task_end(struct keel__task *t, int status)
 void keel__task_discard(struct keel__task *t)
 {
 	t->closed = 1;
+	keel__mbox_seal(t);
 	fetch_or_acq_rel(&t->mword, MB_CLOSED | MB_ENDED);
 	store_release(&t->ended, TASK_LEFT);
 	keel__task_release(t);
@@ -594,12 +598,15 @@ static void fork_child(void)
 		/* Senders caught mid-send by the fork do not exist here: their
 		 * counts must not make a close wait forever. */
 		fetch_and_acq_rel(&t->mword, ~MB_COUNT_MASK);
+		if (t == self && t->in_use)
+			keel__mbox_fork_child(t);
 		if (!t->in_use || t == self)
 			continue;
 		/* Vanished: the status of a task cut off (not an error). */
 		if (load_relaxed(&t->ended) == TASK_RUNNING)
 			t->status = -ECANCELED;
 		t->closed = 1;
+		keel__mbox_seal(t);
 		fetch_or_acq_rel(&t->mword, MB_CLOSED | MB_ENDED);
 		store_release(&t->ended, TASK_LEFT);
 	}
