@@ -807,6 +807,10 @@ const void *keel__graph_lock(uint32_t id);
 const char *keel__graph_site(uint32_t from, uint32_t to);
 /* Live locks and current edges, counted. */
 void keel__graph_count(uint32_t *nlocks, uint32_t *nedges);
+/* Where the edge table is: the one large table, hashed, so that a few
+ * thousand edges touch every page of it (the interposer asks for huge
+ * pages there). */
+void keel__graph_table(void **start, size_t *bytes);
 
 /* ---- Thread cache ------------------------------------------------------ */
 /* Run fn(arg) on a cached thread with the given stack size (0: default),

@@ -66,6 +66,7 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -117,18 +118,27 @@ COMPAT(pthread_rwlock_unlock, int, (pthread_rwlock_t *))
 #define HAVE_COMPAT 1
 #endif
 
+#define KNOWN_BITS 9
+#define KNOWN (1u << KNOWN_BITS)
+
 /* The thread's record and flags, one TLS block: the fast paths reach
  * both from one thread-pointer offset. */
 struct lc_thread {
 	struct keel__lockstate ls; /* the held record */
 	uint32_t busy; /* in the checker: lock calls go straight through */
 	uint32_t in_dlsym;
-	/* Nestings this thread knows are in the graph, by the held lock's
-	 * node and the taken lock's address (from << 48 | address), so a
-	 * known nesting skips the address table: direct-mapped, cleared
-	 * when lc_forgets moves (an address may now be another lock). */
-	uint32_t known_epoch;
-	uint64_t known[64];
+	/* Nestings this thread knows are in the graph, by the addresses of
+	 * the held lock and the taken one, so that a known nesting skips
+	 * the address table and the graph (and, for a default mutex, the
+	 * out-of-line path: pthread_mutex_lock() answers it inline).
+	 * Direct-mapped; an entry is valid only while lc_forgets has not
+	 * moved since it was written (an address may now be another lock;
+	 * both had nodes when it was written, so either one's destroy or
+	 * re-init moves lc_forgets). 512 entries: a server that stripes its
+	 * data under thousands of locks (memcached's 4096 item locks, each
+	 * taken before a few others) nests many locks, not deeply. */
+	uint32_t known_epoch[KNOWN];
+	uintptr_t known_from[KNOWN], known_to[KNOWN];
 	/* Stacks recently taken at a pair of call sites (where the held
 	 * lock was taken, where this one is): the index of the record
 	 * holding it, +1. An unwind costs microseconds; locks created and
@@ -137,6 +147,39 @@ struct lc_thread {
 	uint32_t stack_at[16];
 };
 static KEEL_TLS struct lc_thread lc_t;
+
+/* *_init and *_destroy: whatever was learned about this address is about
+ * another lock. */
+static _Atomic uint32_t lc_forgets;
+
+static inline size_t known_at(const void *from, const void *to)
+{
+	uint64_t k = (uint64_t)(uintptr_t)from * 0x9E3779B97F4A7C15ull ^
+		     (uint64_t)(uintptr_t)to;
+
+	return (size_t)((k * 0xC2B2AE3D27D4EB4Full) >> (64 - KNOWN_BITS));
+}
+
+/* 1 if this thread knows "to taken while from is held" is in the graph. */
+static inline int known_nesting(const void *from, const void *to)
+{
+	size_t i = known_at(from, to);
+
+	return lc_t.known_from[i] == (uintptr_t)from &&
+	       lc_t.known_to[i] == (uintptr_t)to &&
+	       lc_t.known_epoch[i] ==
+		       atomic_load_explicit(&lc_forgets, memory_order_relaxed);
+}
+
+static inline void know_nesting(const void *from, const void *to,
+				uint32_t forgets)
+{
+	size_t i = known_at(from, to);
+
+	lc_t.known_from[i] = (uintptr_t)from;
+	lc_t.known_to[i] = (uintptr_t)to;
+	lc_t.known_epoch[i] = forgets;
+}
 
 static anyfn fallback(int i)
 {
@@ -242,6 +285,14 @@ static const char *kind_name(unsigned bits)
 	}
 }
 
+/* The hashed tables (this one and the graph's edges) are touched at
+ * random: a few thousand locks touch every 4 KB page of them, two faults
+ * each (a read maps the zero page, the first write copies it), which in a
+ * short run cost more than the checking. They start on a huge-page
+ * boundary and are advised to use huge pages (start()): a fault per 2 MB.
+ * Where transparent huge pages are off, nothing changes. */
+#define HUGE_PAGE ((size_t)2 << 20)
+
 /* Address -> node id. A slot, once given to an address, keeps it; the
  * node is 0 until the lock first takes part in a nesting, and again after
  * its *_destroy or *_init (keel__graph_forget() writes the 0). */
@@ -253,7 +304,7 @@ struct slot {
 	uint32_t node; /* the graph's word for this lock (NODE_TAKEN | id) */
 	uint32_t pad;
 };
-static struct slot slots[NSLOTS];
+static struct slot slots[NSLOTS] __attribute__((aligned(HUGE_PAGE)));
 
 static struct slot *slot_of(const void *lock, int create)
 {
@@ -293,10 +344,6 @@ static uint32_t node_of(void *lock)
 	li = (struct keel__lockinfo){lock, NULL, &s->node, 0, 0};
 	return keel__graph_node(&li, 1);
 }
-
-/* *_init and *_destroy: whatever was learned about this address is about
- * another lock. */
-static _Atomic uint32_t lc_forgets;
 
 /* Under busy. */
 static void forget(void *lock)
@@ -689,8 +736,8 @@ static void report_cycle(struct cycle *c, void *lock, unsigned bits,
 /* ---- The check -------------------------------------------------------------- */
 
 /* Learn "lock taken while h is held"; report if that closes a cycle. */
-static void learn(struct keel__lockstate *ls, struct keel__held *h, void *lock,
-		  unsigned bits, int mode, void *pc)
+static void learn(struct keel__held *h, void *lock, unsigned bits, int mode,
+		  void *pc)
 {
 	uint32_t from, to;
 	uint8_t modes = (uint8_t)((h->mode == LM_EXCL ? HOLD_W : 0) |
@@ -699,35 +746,28 @@ static void learn(struct keel__lockstate *ls, struct keel__held *h, void *lock,
 	const char *known;
 	struct cycle c;
 
-	uint64_t key, *slot;
 	uint32_t forgets = atomic_load_explicit(&lc_forgets, memory_order_relaxed);
 
+	if (known_nesting(h->lock, lock))
+		return;
 	if (!h->node)
 		h->node = (uint16_t)node_of(h->lock);
 	from = h->node;
 	if (!from)
 		return;
-	key = (uint64_t)from << 48 | ((uint64_t)(uintptr_t)lock & 0xffffffffffffull);
-	if (unlikely(lc_t.known_epoch != forgets)) {
-		memset(lc_t.known, 0, sizeof lc_t.known);
-		lc_t.known_epoch = forgets;
-	}
-	slot = &lc_t.known[(key * 0x9E3779B97F4A7C15ull) >> 58];
-	if (*slot == key)
-		return;
 	to = node_of(lock);
 	if (!to || from == to)
 		return;
-	if (keel__lc_edge_known(ls, from, to, lock)) {
-		*slot = key;
-		return;
-	}
-	*slot = key;
+	know_nesting(h->lock, lock, forgets);
 	/* Known to the graph already (another thread learned it): only
 	 * its modes may grow. */
 	if ((known = keel__graph_site(from, to)) != NULL) {
 		e = (struct erec *)(uintptr_t)known;
-		if (erec_is(e, from, to))
+		/* A write only when the modes grow: the record is shared,
+		 * and threads that take the same order keep reading it. */
+		if (erec_is(e, from, to) &&
+		    (atomic_load_explicit(&e->modes, memory_order_relaxed) &
+		     modes) != modes)
 			atomic_fetch_or_explicit(&e->modes, modes,
 						 memory_order_relaxed);
 		return;
@@ -799,7 +839,7 @@ static int check(struct keel__lockstate *ls, void *lock, unsigned bits,
 
 		if (!h->lock || (h->bits & HELD_WAITING))
 			continue;
-		learn(ls, h, lock, bits, mode, pc);
+		learn(h, lock, bits, mode, pc);
 		if (!(h->bits & K_TRY))
 			break;
 	}
@@ -831,8 +871,24 @@ static void atfork_child(void)
 	lc_t.busy--;
 }
 
+static void huge_pages(void *p, size_t n)
+{
+#ifdef MADV_HUGEPAGE
+	uintptr_t a = ((uintptr_t)p + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1);
+	uintptr_t e = ((uintptr_t)p + n) & ~(uintptr_t)(HUGE_PAGE - 1);
+
+	if (e > a)
+		(void)madvise((void *)a, e - a, MADV_HUGEPAGE);
+#else
+	(void)p;
+	(void)n;
+#endif
+}
+
 static void start(void)
 {
+	void *table;
+	size_t bytes;
 	int expected = 0;
 	Dl_info di;
 	ssize_t n;
@@ -840,6 +896,9 @@ static void start(void)
 	if (!atomic_compare_exchange_strong(&lc_started, &expected, 1))
 		return;
 	lc_t.busy++;
+	huge_pages(slots, sizeof slots);
+	keel__graph_table(&table, &bytes);
+	huge_pages(table, bytes);
 	for (int i = 0; i < NFUNCS; i++)
 		(void)resolve(i);
 	if (dladdr((void *)(uintptr_t)start, &di))
@@ -1044,12 +1103,36 @@ static __attribute__((noinline)) int mutex_lock_slow(pthread_mutex_t *m,
 	return mutex_after(m, REAL_ON(pthread_mutex_lock)(m), pc);
 }
 
-/* The common case inline: checking on, nothing held (nothing to check),
- * a default mutex; the entry goes in the record's first slot. */
+/* A nesting the check would pass without learning anything: the lock on
+ * top is an ordinary hold (not a trylock's, not released by a condition
+ * wait), this thread has seen the same nesting in the graph, and the lock
+ * is not held already (a self-deadlock is reported by the slow path). */
+static inline int nested_known(struct keel__lockstate *ls, void *lock,
+			       uint32_t d)
+{
+	const struct keel__held *top;
+
+	if (unlikely(d - 1 >= KEEL_LOCK_STACK || lc_t.busy))
+		return 0;
+	top = &ls->stack[d - 1];
+	if (!top->lock || (top->bits & (HELD_WAITING | K_TRY)))
+		return 0;
+	for (uint32_t i = 0; i < d; i++)
+		if (ls->stack[i].lock == lock)
+			return 0;
+	return known_nesting(top->lock, lock);
+}
+
+/* The common cases inline: checking on, a default mutex, and nothing held
+ * (nothing to check) or a nesting known to be in the graph; the entry
+ * goes on the record. */
 EXPORT int pthread_mutex_lock(pthread_mutex_t *m)
 {
+	uint32_t d = lc_t.ls.depth;
+
 	if (likely(atomic_load_explicit(&lc_state, memory_order_relaxed) == ST_ON &&
-		   lc_t.ls.depth == 0 && m->__data.__kind == 0)) {
+		   m->__data.__kind == 0 &&
+		   (d == 0 || nested_known(&lc_t.ls, m, d)))) {
 		push(&lc_t.ls, m, RET_ADDR(), LM_EXCL, K_MUTEX);
 		return REAL_ON(pthread_mutex_lock)(m);
 	}

@@ -87,7 +87,13 @@ struct gedge {
 
 static pthread_mutex_t glock = PTHREAD_MUTEX_INITIALIZER;
 static struct gnode nodes[MAX_NODES + 1]; /* 1-based */
-static struct gedge edges[MAX_EDGES];
+/* KEEL_GRAPH_TABLE_ALIGN: the interposer's tables start on a huge-page
+ * boundary (see keel__graph_table()). */
+#ifndef KEEL_GRAPH_TABLE_ALIGN
+#define KEEL_GRAPH_TABLE_ALIGN 64
+#endif
+static struct gedge edges[MAX_EDGES]
+	__attribute__((aligned(KEEL_GRAPH_TABLE_ALIGN)));
 static uint32_t nnodes, free_node;
 static _Atomic int graph_warned;
 _Atomic uint32_t keel__graph_epoch;
@@ -444,6 +450,12 @@ const char *keel__graph_site(uint32_t from, uint32_t to)
 		return NULL;
 	idx = edge_find(from, to);
 	return idx >= 0 ? edges[idx].site : NULL;
+}
+
+void keel__graph_table(void **start, size_t *bytes)
+{
+	*start = edges;
+	*bytes = sizeof edges;
 }
 
 void keel__graph_count(uint32_t *nlocks, uint32_t *nedges)
