@@ -492,6 +492,7 @@ int keel_spawn(keel_scope_t *s, keel_fn fn, void *arg,
 	static const keel_spawn_opts defaults;
 	struct keel__scope *sc;
 	struct keel__task *c;
+	keel_task_t old = KEEL_TASK_NONE;
 	int idx, rc;
 
 	if (!fn)
@@ -531,12 +532,20 @@ int keel_spawn(keel_scope_t *s, keel_fn fn, void *arg,
 	pthread_mutex_unlock(&c->chain_lock);
 	if (!c->background)
 		fetch_add_relaxed(&sc->nfg, 1);
-	if (out)
+	/* The handle is written before the thread starts, so that a child
+	 * that reads it where the caller keeps it (a struct passed as its
+	 * argument) finds it there; if the thread cannot start, the caller's
+	 * variable gets its old value back: a failed call has no effect. */
+	if (out) {
+		old = *out;
 		*out = c->id;
+	}
 	/* Started under the lock, so that a close (which needs the lock)
 	 * cannot see the entry before its thread exists. */
 	rc = keel__thread_start(run_child, c, opts->stack_size);
 	if (rc < 0) {
+		if (out)
+			*out = old;
 		sc->entries[idx].kind = E_NONE;
 		sc->ndone++;
 		if (!c->background)

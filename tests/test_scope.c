@@ -152,6 +152,31 @@ static int stale_cleanup(void *arg)
 	return 0;
 }
 
+static int never_runs(void *arg)
+{
+	(void)arg;
+	return 0;
+}
+
+/* A spawn that fails has no side effect: the handle the caller passed
+ * keeps its value, even when the failure comes last (the thread cannot
+ * start, here for a stack larger than the address space). */
+TEST(failed_spawn_leaves_the_handle_alone)
+{
+	keel_spawn_opts huge = {
+		.stack_size = sizeof(size_t) < 8 ? SIZE_MAX / 4 * 3
+						 : (size_t)(UINT64_C(1) << 46)};
+	keel_task_t child = (keel_task_t)0x1234;
+	keel_scope_t *s;
+
+	CHECK_OK(keel_scope_open(&s, NULL));
+	CHECK_RC(keel_spawn(s, never_runs, NULL, &huge, &child), -ENOMEM);
+	CHECK(child == (keel_task_t)0x1234);
+	CHECK_RC(keel_spawn(s, NULL, NULL, NULL, &child), -EINVAL);
+	CHECK(child == (keel_task_t)0x1234);
+	CHECK_OK(keel_scope_close(s));
+}
+
 TEST(stale_scope_handle_never_names_a_later_scope)
 {
 	enum { ROUNDS = (1 << 16) + 1000 };

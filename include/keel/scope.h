@@ -132,7 +132,9 @@ KEEL_API int keel_scope_open(keel_scope_t **out, const keel_scope_opts *opts);
  * @fn:   the child's body; its return value is the child's status.
  * @arg:  passed to @fn.
  * @opts: may be NULL for the defaults.
- * @out:  where the child's handle is stored; may be NULL.
+ * @out:  where the child's handle is stored; may be NULL. It is stored
+ *        before the child starts (a child may read it where the caller
+ *        keeps it); on failure *@out keeps the value it had.
  *
  * The child runs on a cached thread, inside @s: cancelling @s cancels it,
  * and @s's deadline applies to its waits. It ends when @fn returns; its
