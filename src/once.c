@@ -536,7 +536,8 @@ static void watch_release(struct ov *v, struct call *k)
 	keel__q_wake(v->waitq, v->qlock, 0);
 }
 
-/* Sleep until woken, `until`, or cancelled; -ECANCELED or 0. */
+/* Sleep until woken, `until`, or cancelled; -ECANCELED, -EDEADLK (a
+ * thread that must not block) or 0. */
 static int wait_a_while(struct ov *v, struct call *k, uint64_t w,
 			keel_time_t until)
 {
@@ -572,7 +573,7 @@ static int wait_a_while(struct ov *v, struct call *k, uint64_t w,
 		if (!__atomic_load_n(&n.woken, __ATOMIC_RELAXED))
 			keel__q_remove(v->waitq, &n);
 		keel__qunlock(v->qlock);
-		return rc == -ECANCELED ? rc : 0;
+		return rc == -ECANCELED || rc == -EDEADLK ? rc : 0;
 	}
 }
 

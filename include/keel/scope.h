@@ -252,7 +252,9 @@ KEEL_API int keel_task_cancel(keel_task_t t);
  * -ECANCELED if it was cancelled otherwise before the close; -EINVAL if @s
  * is not a scope; -EPERM if the caller does not own @s; -EBUSY if a scope
  * opened inside @s is still open, or if called from inside the setup of a
- * keel_resource() of @s (nothing is closed; the latter is also reported).
+ * keel_resource() of @s (nothing is closed; the latter is also reported);
+ * -EDEADLK on the main JavaScript thread of a WebAssembly program while a
+ * child has not ended (nothing is closed: that thread must not wait).
  */
 KEEL_API int keel_scope_close(keel_scope_t *s);
 
@@ -334,7 +336,8 @@ KEEL_API int keel_main_opts(keel_body_fn body, void *arg,
  * stays joinable); -EINVAL if @t was spawned without keeping its handle
  * joinable (keel_spawn_opts.detached): it is reaped when it ends;
  * -ESRCH if @t is not a live child or was joined already;
- * -EPERM if the caller does not own @t's scope.
+ * -EPERM if the caller does not own @t's scope; -EDEADLK on the main
+ * JavaScript thread of a WebAssembly program if @t has not ended.
  */
 KEEL_API int keel_join(keel_task_t t, int *status, keel_time_t deadline);
 

@@ -29,6 +29,11 @@
  * installed by every Emscripten (3.1.6 has the functions, not the header):
  * then the two calls are declared here.
  *
+ * THE MAIN JAVASCRIPT THREAD
+ * keel__thread_may_block() is 0 there (with or without PROXY_TO_PTHREAD:
+ * the thread is the same), so keel's blocking calls refuse with -EDEADLK
+ * instead of spinning (keel__wait(), docs/webassembly.md).
+ *
  * OWNER DEATH
  * Robust mutexes never report their owner's death here (thread exit does
  * not walk the robust list). The once does not need them to: a dying
@@ -157,6 +162,14 @@ int keel__thread_is_initial(void)
 	if (emscripten_proxy_main)
 		main_tid += 1;
 	return gettid() == main_tid;
+}
+
+int keel__thread_may_block(void)
+{
+	/* Node's main thread could wait, but it is the one that starts
+	 * Workers; a browser's must not, and its futex waits spin. The same
+	 * rule for both, so that what passes under Node holds in a page. */
+	return !emscripten_is_main_browser_thread();
 }
 
 void *keel__pages_alloc(size_t bytes)
