@@ -25,7 +25,13 @@
  * through a proxying queue of keel's own (not the system queue, whose work
  * also runs inside futex waits: a serve must run only from the event
  * loop). Emscripten posts the target's Worker a message, and the queue is
- * run when the thread is back in its event loop. proxying.h is not
+ * run when the thread is back in its event loop. Emscripten 3.1.6's main
+ * thread does not know that message when a Worker sends it (its handler
+ * lacks the command), so a serve for the main JavaScript thread sent from
+ * another thread takes the system queue instead, with a function that only
+ * schedules the serve (a zero-delay timeout): the system queue also runs
+ * inside the main thread's futex waits, the timeout only from its loop.
+ * proxying.h is not
  * installed by every Emscripten (3.1.6 has the functions, not the header):
  * then the two calls are declared here.
  *
@@ -44,6 +50,7 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
+#include <emscripten/emscripten.h>
 #include <emscripten/threading.h>
 #include <errno.h>
 #include <limits.h>
@@ -88,6 +95,11 @@ int keel__loop_supported(void)
 	return loop_queue != NULL;
 }
 
+static void loop_serve_later(void)
+{
+	emscripten_async_call(loop_serve, NULL, 0);
+}
+
 void keel__loop_notify(uintptr_t thread)
 {
 	/* keel__loop_supported() made the queue before any thread could
@@ -96,8 +108,13 @@ void keel__loop_notify(uintptr_t thread)
 	 * (docs/webassembly.md). */
 	atomic_fetch_add_explicit(&keel__loop_notified, 1,
 				  memory_order_relaxed);
-	emscripten_proxy_async(loop_queue, (pthread_t)thread, loop_serve,
-			       NULL);
+	if ((pthread_t)thread == emscripten_main_browser_thread_id() &&
+	    !emscripten_is_main_browser_thread())
+		emscripten_async_run_in_main_runtime_thread(EM_FUNC_SIG_V,
+							    loop_serve_later);
+	else
+		emscripten_proxy_async(loop_queue, (pthread_t)thread,
+				       loop_serve, NULL);
 }
 
 void keel__platform_fork(int phase)
