@@ -1136,6 +1136,9 @@ int keel_scope_run(keel_body_fn body, void *arg, const keel_scope_opts *opts)
 
 	if (!body)
 		return -EINVAL;
+	/* It waits for the children: not on the main JavaScript thread. */
+	if (!keel__thread_may_block())
+		return -EDEADLK;
 	if ((rc = keel_scope_open(&s, opts)) < 0)
 		return rc;
 	t = keel__self();

@@ -31,9 +31,8 @@
  * another thread takes the system queue instead, with a function that only
  * schedules the serve (a zero-delay timeout): the system queue also runs
  * inside the main thread's futex waits, the timeout only from its loop.
- * proxying.h is not
- * installed by every Emscripten (3.1.6 has the functions, not the header):
- * then the two calls are declared here.
+ * proxying.h is not installed by every Emscripten (3.1.6 has the
+ * functions, not the header): then the two calls are declared here.
  *
  * THE MAIN JAVASCRIPT THREAD
  * keel__thread_may_block() is 0 there (with or without PROXY_TO_PTHREAD:

@@ -119,6 +119,22 @@ TEST(main_thread_refuses_blocking_calls)
 	atomic_store(&done_runs, 0);
 }
 
+static int body_runs(keel_scope_t *s, void *arg)
+{
+	(void)s;
+	(void)arg;
+	atomic_fetch_add(&ran, 1);
+	return 0;
+}
+
+/* They wait for their children by design: refused, and nothing runs. */
+TEST(main_thread_refuses_scope_run_and_main)
+{
+	CHECK_RC(keel_scope_run(body_runs, NULL, NULL), -EDEADLK);
+	CHECK_EQ(keel_main(body_runs, NULL), 1);
+	CHECK_EQ(atomic_load(&ran), 0);
+}
+
 /* A once whose init runs on the worker: waiting for it is refused. */
 static keel_once_t the_once = KEEL_ONCE_INIT;
 static _Atomic int init_started, init_release;
