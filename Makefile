@@ -12,6 +12,8 @@
 #   make test-wasm    the suite on WebAssembly threads (Emscripten), under
 #                     Node; installs Debian's emscripten and nodejs if
 #                     missing (docs/webassembly.md)
+#   make bench-wasm   keel's mailbox beside Emscripten's proxying queues,
+#                     under Node (docs/webassembly.md)
 #   make fuzz         the libFuzzer harnesses (clang), FUZZ_TIME seconds
 #                     each (default 600); FUZZ_HARNESSES picks some
 #   make install PREFIX=/usr/local
@@ -38,7 +40,7 @@ FUZZ_TIME ?= 600
 FUZZ_HARNESSES ?= mailbox scope lock once
 FUZZ_CC ?= clang
 
-.PHONY: all build demo test test-m32 test-wasm bench bench-deps sanitize asan tsan fuzz install clean
+.PHONY: all build demo test test-m32 test-wasm bench-wasm bench bench-deps sanitize asan tsan fuzz install clean
 
 all: build
 
@@ -76,6 +78,15 @@ test-m32:
 # Cross-compiled: CC does not apply; CMAKE_ARGS and WERROR=1 do.
 test-wasm:
 	sh tests/wasm/run-suite.sh $(BUILD)/wasm $(JOBS) $(WERROR_FLAG) $(CMAKE_ARGS)
+
+# Release build into $(BUILD)/wasm-bench; needs emcc and node (make
+# test-wasm installs them).
+bench-wasm:
+	@NODE_PATH=/usr/share/nodejs emcmake $(CMAKE) -S . -B $(BUILD)/wasm-bench \
+		-DCMAKE_BUILD_TYPE=Release -DKEEL_BUILD_TESTS=OFF \
+		-DKEEL_BUILD_EXAMPLES=OFF -DKEEL_BUILD_BENCH=ON $(CMAKE_ARGS) >/dev/null
+	NODE_PATH=/usr/share/nodejs $(CMAKE) --build $(BUILD)/wasm-bench -j $(JOBS) --target keel_bench_wasm
+	cd $(BUILD)/wasm-bench/bench && node --no-experimental-fetch keel_bench_wasm.js
 
 bench:
 	@$(call CONFIGURE,$(BUILD)/bench,-DCMAKE_BUILD_TYPE=Release -DKEEL_BUILD_BENCH=ON -DKEEL_BUILD_TESTS=OFF -DKEEL_BUILD_EXAMPLES=OFF)

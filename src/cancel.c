@@ -300,6 +300,11 @@ int keel__wait(struct keel__task *t, keel_time_t deadline, int cancellable,
 			return rc;
 		if (t->eff_deadline < eff)
 			eff = t->eff_deadline;
+		/* The main JavaScript thread: refuse a wait that would
+		 * sleep rather than spin there (a deadline already past only
+		 * looks). */
+		if (!keel__thread_may_block() && eff > keel__clock_now())
+			return -EDEADLK;
 	}
 	store_relaxed(&t->blocked_in, what);
 	rc = keel__park(t, eff);

@@ -510,12 +510,14 @@ static inline int keel__check(struct keel__task *t)
  * deadline of the task's scopes applies too, and cancellation ends the
  * wait: returns -ECANCELED. Otherwise 0 (perhaps spurious: callers loop)
  * or -ETIMEDOUT at the caller's own deadline. `what` names the wait for
- * keel_dump(). */
+ * keel_dump(). A cancellable wait on a thread that must not block
+ * (keel__thread_may_block()) that would sleep returns -EDEADLK instead;
+ * non-cancellable waits are short matters of instructions and are kept. */
 int keel__wait(struct keel__task *t, keel_time_t deadline, int cancellable,
 	       const char *what);
 
 /* Wait until cond(arg) holds: spin briefly, then keel__wait() in a loop.
- * 0 once it holds; else keel__wait()'s -ETIMEDOUT or -ECANCELED. */
+ * 0 once it holds; else keel__wait()'s -ETIMEDOUT, -ECANCELED or -EDEADLK. */
 int keel__wait_for(struct keel__task *t, int (*cond)(void *), void *arg,
 		   keel_time_t deadline, int cancellable, const char *what);
 

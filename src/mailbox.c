@@ -1127,8 +1127,8 @@ int keel_serve(keel_time_t deadline)
 		if (!t->slow)
 			disarm_fast(t);
 		n = run_batch(t);
-		if (n == 0 && rc == -ECANCELED)
-			break;
+		if (n == 0 && (rc == -ECANCELED || rc == -EDEADLK))
+			break; /* -EDEADLK: a thread that must not wait */
 	}
 	if (t->fd_mode && !t->closed)
 		fd_settle(t);

@@ -130,6 +130,12 @@ int keel_main_opts(keel_body_fn body, void *arg, const keel_scope_opts *opts)
 		report_error("no body", -EINVAL);
 		return 1;
 	}
+	if (!keel__thread_may_block()) {
+		/* The main JavaScript thread: it would wait for the body's
+		 * children and its signal thread. */
+		report_error("called on the main JavaScript thread", -EDEADLK);
+		return 1;
+	}
 	if (opts)
 		o = *opts;
 	if (!o.name)

@@ -74,9 +74,11 @@
  * thread-local list (`held`), and keel's thread-exit hook unlocks them as
  * the thread ends (pthread_exit, cancellation, return from a thread that
  * ended inside init): its probers then find them free, which reads as
- * dead, as above. Only a raw exit that runs no hook is left to the robust
- * mutexes, and it exists only where they work. A thread holding more than
- * HELD_MAX at once goes without the extra ones (its deadline covers it).
+ * dead, as above. The hook also wakes the once's waiters, which look
+ * again at once instead of at their next poll. Only a raw exit that runs
+ * no hook is left to the robust mutexes, and it exists only where they
+ * work. A thread holding more than HELD_MAX at once goes without the
+ * extra ones (its deadline covers it).
  *
  * WAITING
  * In one process a waiter queues a node on the once and sleeps on its
@@ -125,12 +127,6 @@ struct running {
 
 static KEEL_TLS const struct running *running;
 
-/* The lifelines this thread holds (see LIFELINES above). */
-#define HELD_MAX 8
-static KEEL_TLS struct {
-	pthread_mutex_t *m[HELD_MAX];
-	unsigned n;
-} held;
 
 /* 1 if this thread is running init for claim gen of the once at word. */
 static int running_on(const uint64_t *word, uint64_t gen)
@@ -162,6 +158,18 @@ struct ov {
 	uint32_t *watch;  /* NULL: shared (every waiter looks) */
 	int shared;
 };
+
+/* The lifelines this thread holds (see LIFELINES above), each with its
+ * index in its once's array and whether the once is shared: enough to
+ * find the once, whose waiters the exit hook wakes. (Small: keel's TLS
+ * must fit the C library's reserve for dlopen().) */
+#define HELD_MAX 8
+static KEEL_TLS struct {
+	pthread_mutex_t *m[HELD_MAX];
+	uint8_t idx[HELD_MAX];
+	uint8_t shared[HELD_MAX];
+	unsigned n;
+} held;
 
 struct keel_claim {
 	struct ov *ov;
@@ -297,6 +305,8 @@ static int lifeline_try(const struct ov *v, int i)
 	}
 	/* The exit hook must run for this thread to let go of it. */
 	keel__tls_register();
+	held.idx[held.n] = (uint8_t)i;
+	held.shared[held.n] = (uint8_t)v->shared;
 	held.m[held.n++] = m;
 	return 1;
 }
@@ -321,19 +331,50 @@ static void lifeline_drop(const struct ov *v, int i)
 	m = &v->lifeline[i];
 	for (unsigned j = held.n; j-- > 0;) {
 		if (held.m[j] == m) {
-			held.m[j] = held.m[--held.n];
+			held.n--;
+			held.m[j] = held.m[held.n];
+			held.idx[j] = held.idx[held.n];
+			held.shared[j] = held.shared[held.n];
 			break;
 		}
 	}
 	pthread_mutex_unlock(m);
 }
 
+/* Wake the waiters of the once whose lifeline `idx` is m. */
+static void held_wake(pthread_mutex_t *m, unsigned idx, int shared)
+{
+	char *first = (char *)(m - idx);
+	struct ov v = {0};
+
+	if (shared) {
+		keel_once_shared_t *o = (keel_once_shared_t *)(void *)(
+			first - offsetof(keel_once_shared_t, k_lifeline));
+
+		v.word = &o->k_word;
+		v.shared = 1;
+	} else {
+		keel_once_t *o = (keel_once_t *)(void *)(
+			first - offsetof(keel_once_t, k_lifeline));
+
+		v.waitq = &o->k_waitq;
+		v.qlock = &o->k_qlock;
+	}
+	wake_all(&v);
+}
+
 void keel__once_thread_exit(void)
 {
 	/* The thread's stack is gone: so are the frames `running` names. */
 	running = NULL;
-	while (held.n > 0)
-		pthread_mutex_unlock(held.m[--held.n]);
+	/* The once outlives its owner's claim: its waiters are woken to
+	 * find the lifeline free now, not at their next poll. */
+	while (held.n > 0) {
+		held.n--;
+		pthread_mutex_unlock(held.m[held.n]);
+		held_wake(held.m[held.n], held.idx[held.n],
+			  held.shared[held.n]);
+	}
 }
 
 /* ---- Claims ---------------------------------------------------------------- */
@@ -536,7 +577,8 @@ static void watch_release(struct ov *v, struct call *k)
 	keel__q_wake(v->waitq, v->qlock, 0);
 }
 
-/* Sleep until woken, `until`, or cancelled; -ECANCELED or 0. */
+/* Sleep until woken, `until`, or cancelled; -ECANCELED, -EDEADLK (a
+ * thread that must not block) or 0. */
 static int wait_a_while(struct ov *v, struct call *k, uint64_t w,
 			keel_time_t until)
 {
@@ -572,7 +614,7 @@ static int wait_a_while(struct ov *v, struct call *k, uint64_t w,
 		if (!__atomic_load_n(&n.woken, __ATOMIC_RELAXED))
 			keel__q_remove(v->waitq, &n);
 		keel__qunlock(v->qlock);
-		return rc == -ECANCELED ? rc : 0;
+		return rc == -ECANCELED || rc == -EDEADLK ? rc : 0;
 	}
 }
 

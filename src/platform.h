@@ -75,6 +75,12 @@ void keel__thread_set_os_name(const char *name);
 /* Nonzero if the calling thread is the process's initial thread. */
 int keel__thread_is_initial(void);
 
+/* Nonzero if the calling thread may sleep in a wait. 0 only on the main
+ * JavaScript thread of a WebAssembly program (a browser's main thread
+ * must never block, and a futex wait there only spins): keel's blocking
+ * calls refuse there with -EDEADLK (keel__wait()). 1 everywhere else. */
+int keel__thread_may_block(void);
+
 /* fork(): 0 prepare, 1 parent, 2 child. Taken last by keel's prepare
  * handler (nothing is taken while the platform's own locks are held):
  * the portable layer's futex buckets, held by a thread that does not come

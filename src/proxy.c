@@ -437,7 +437,9 @@ static int call_common(keel_task_t target, enum keel__msg_kind kind,
 		return -EINVAL;
 	if (!(c = keel__self()))
 		return -ENOMEM;
-	if (target == c->id)
+	/* To itself, or from a thread that must not wait for the reply (the
+	 * main JavaScript thread: keel_call_then() is for it). */
+	if (target == c->id || !keel__thread_may_block())
 		return -EDEADLK;
 	keel__lock_check_blocking("keel_call()");
 	if (!(m = new_call(c, kind, target)))

@@ -1024,6 +1024,19 @@ static int close_scope(struct keel__scope *sc, struct keel__task *t)
 	return rc;
 }
 
+/* Under sc->lock: every child of the scope has left (and given back its
+ * slot), so closing it waits for nobody (its cleanups aside). */
+static int close_would_not_wait(struct keel__scope *sc)
+{
+	for (uint32_t i = 0; i < sc->nentries; i++) {
+		struct entry *e = &sc->entries[i];
+
+		if (e->kind == E_CHILD && !e->done && !has_left(e->task))
+			return 0;
+	}
+	return none_reaping(sc);
+}
+
 int keel_scope_close(keel_scope_t *s)
 {
 	struct keel__task *t = keel__self();
@@ -1045,6 +1058,8 @@ int keel_scope_close(keel_scope_t *s)
 			     "the setup of one of its resources; refused "
 			     "(-EBUSY)",
 			     sc->name);
+	if (rc == 0 && !keel__thread_may_block() && !close_would_not_wait(sc))
+		rc = -EDEADLK; /* the main JavaScript thread: stays open */
 	if (rc == 0)
 		scope_set_state(sc, SC_CLOSING);
 	pthread_mutex_unlock(&sc->lock);
@@ -1130,6 +1145,9 @@ int keel_scope_run(keel_body_fn body, void *arg, const keel_scope_opts *opts)
 
 	if (!body)
 		return -EINVAL;
+	/* It waits for the children: not on the main JavaScript thread. */
+	if (!keel__thread_may_block())
+		return -EDEADLK;
 	if ((rc = keel_scope_open(&s, opts)) < 0)
 		return rc;
 	t = keel__self();

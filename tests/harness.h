@@ -53,24 +53,25 @@ __attribute__((noreturn)) void harness_skip(const char *why);
  * no epoll, no raw syscall() (SYS_exit, SYS_gettid), no prctl(), no
  * sockets of the system's (its own are WebSockets), no poll() that waits
  * for a pipe (FD_WAIT: so keel_read() and the like cannot wait), no
- * /proc, no dlopen() of keel's library, and no HOST_FS: its files live
- * in its own in-memory file system, which the commands system() runs on
- * the host cannot see. (Where /proc is missing, the cases that read it
- * skip themselves when they find it so.) Emscripten alone has JS_LOOP:
- * threads that return to a JavaScript event loop.
+ * /proc, no dlopen() of keel's library. (Where /proc is missing, the
+ * cases that read it skip themselves when they find it so.) Emscripten
+ * alone has JS_LOOP: threads that return to a JavaScript event loop.
+ * HOST_FILES: a file the program writes is one the commands that system()
+ * runs can read (under Node, Emscripten's files are in the program's
+ * memory).
  */
 #if defined(__EMSCRIPTEN__)
 #define HARNESS_HAVE_FORK 0
 #define HARNESS_HAVE_SOCKETS 0
 #define HARNESS_HAVE_FD_WAIT 0
 #define HARNESS_HAVE_JS_LOOP 1
-#define HARNESS_HAVE_HOST_FS 0
+#define HARNESS_HAVE_HOST_FILES 0
 #else
 #define HARNESS_HAVE_FORK 1
 #define HARNESS_HAVE_SOCKETS 1
 #define HARNESS_HAVE_FD_WAIT 1
 #define HARNESS_HAVE_JS_LOOP 0
-#define HARNESS_HAVE_HOST_FS 1
+#define HARNESS_HAVE_HOST_FILES 1
 #endif
 #if defined(__linux__)
 #define HARNESS_HAVE_EPOLL 1

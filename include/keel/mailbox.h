@@ -152,7 +152,9 @@ KEEL_API int keel_mailbox_limit(size_t max);
  * deadline passed before any ran (including @deadline 0 with nothing
  * pending); -ECANCELED if the task is cancelled; -ESHUTDOWN if its mailbox
  * is closed; -EBUSY if called from inside a message being served; -ENOMEM
- * if the thread could not be adopted.
+ * if the thread could not be adopted; -EDEADLK on the main JavaScript
+ * thread of a WebAssembly program, which must not wait, with nothing
+ * pending and @deadline not past (keel_serve(0) only looks).
  */
 KEEL_API int keel_serve(keel_time_t deadline);
 
@@ -247,7 +249,8 @@ KEEL_API int keel_mailbox_close(void);
  * point (until @work starts). The calling task does not serve its own
  * mailbox while it waits.
  * Return: 0 when @work ran; -EINVAL if @work is NULL; -EDEADLK if @target is
- * the calling task; -ESRCH if @target is not a live task; -ESHUTDOWN if its
+ * the calling task, or on the main JavaScript thread of a WebAssembly
+ * program, which must not wait (nothing is sent; use keel_call_then()); -ESRCH if @target is not a live task; -ESHUTDOWN if its
  * mailbox closed before @work ran; -ETIMEDOUT if the deadline passed, or
  * -ECANCELED if the caller was cancelled, before @work started (including
  * while waiting for room in a full mailbox); -ENOMEM.

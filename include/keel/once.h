@@ -152,7 +152,9 @@ typedef struct keel_once_opts {
  * runs, up to @opts->max_wait.
  * Return: 0 and the value; @init's error, to its own caller only (an init
  * returning 0 without publishing gives -EPROTO); -EDEADLK if the calling
- * thread's own init is running on @o; -ETIMEDOUT after max_wait;
+ * thread's own init is running on @o, or on the main JavaScript thread of
+ * a WebAssembly program (which must not wait) while another's runs;
+ * -ETIMEDOUT after max_wait;
  * -ECANCELED if the caller was cancelled while waiting; -EINVAL if @o or
  * @init is NULL or @opts is invalid (negative, max_wait < deadline, level
  * above KEEL_LEVEL_MAX, unknown flags), whether or not the once is done;

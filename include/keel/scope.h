@@ -254,7 +254,9 @@ KEEL_API int keel_task_cancel(keel_task_t t);
  * -ECANCELED if it was cancelled otherwise before the close; -EINVAL if @s
  * is not a scope; -EPERM if the caller does not own @s; -EBUSY if a scope
  * opened inside @s is still open, or if called from inside the setup of a
- * keel_resource() of @s (nothing is closed; the latter is also reported).
+ * keel_resource() of @s (nothing is closed; the latter is also reported);
+ * -EDEADLK on the main JavaScript thread of a WebAssembly program while a
+ * child has not ended (nothing is closed: that thread must not wait).
  */
 KEEL_API int keel_scope_close(keel_scope_t *s);
 
@@ -271,7 +273,9 @@ KEEL_API int keel_scope_close(keel_scope_t *s);
  * Context: a task (adopted if needed); blocks; not a cancellation point
  * itself, but @body and the wait are inside the scope.
  * Return: as keel_scope_close(), with @body's failure counted first if it
- * came first; or keel_scope_open()'s error.
+ * came first; or keel_scope_open()'s error; -EDEADLK on the main
+ * JavaScript thread of a WebAssembly program, which must not wait
+ * (nothing runs).
  */
 KEEL_API int keel_scope_run(keel_body_fn body, void *arg,
 			    const keel_scope_opts *opts);
@@ -313,10 +317,12 @@ KEEL_API int keel_main(keel_body_fn body, void *arg);
  * SIGINT, 143 for SIGTERM) if a signal cancelled the scope; else @body's
  * return value if it is positive (255 if above); else 1 if the scope
  * failed (@body's negative errno, a child's failure, -ETIMEDOUT for the
- * scope's deadline, -EINVAL for bad @opts); else 0. A failure is also
- * written to stderr, one line naming the error ("keel_main: body failed:
- * ECONNREFUSED (connection refused)"). A cancellation by other means (the
- * body cancelling its own scope) is a clean end, not a failure.
+ * scope's deadline, -EINVAL for bad @opts, -EDEADLK on the main
+ * JavaScript thread of a WebAssembly program, where nothing runs); else
+ * 0. A failure is also written to stderr, one line naming the error
+ * ("keel_main: body failed: ECONNREFUSED (connection refused)"). A
+ * cancellation by other means (the body cancelling its own scope) is a
+ * clean end, not a failure.
  */
 KEEL_API int keel_main_opts(keel_body_fn body, void *arg,
 			    const keel_scope_opts *opts);
@@ -336,7 +342,8 @@ KEEL_API int keel_main_opts(keel_body_fn body, void *arg,
  * stays joinable); -EINVAL if @t was spawned without keeping its handle
  * joinable (keel_spawn_opts.detached): it is reaped when it ends;
  * -ESRCH if @t is not a live child or was joined already;
- * -EPERM if the caller does not own @t's scope.
+ * -EPERM if the caller does not own @t's scope; -EDEADLK on the main
+ * JavaScript thread of a WebAssembly program if @t has not ended.
  */
 KEEL_API int keel_join(keel_task_t t, int *status, keel_time_t deadline);
 

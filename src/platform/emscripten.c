@@ -25,9 +25,19 @@
  * through a proxying queue of keel's own (not the system queue, whose work
  * also runs inside futex waits: a serve must run only from the event
  * loop). Emscripten posts the target's Worker a message, and the queue is
- * run when the thread is back in its event loop. proxying.h is not
- * installed by every Emscripten (3.1.6 has the functions, not the header):
- * then the two calls are declared here.
+ * run when the thread is back in its event loop. Emscripten 3.1.6's main
+ * thread does not know that message when a Worker sends it (its handler
+ * lacks the command), so a serve for the main JavaScript thread sent from
+ * another thread takes the system queue instead, with a function that only
+ * schedules the serve (a zero-delay timeout): the system queue also runs
+ * inside the main thread's futex waits, the timeout only from its loop.
+ * proxying.h is not installed by every Emscripten (3.1.6 has the
+ * functions, not the header): then the two calls are declared here.
+ *
+ * THE MAIN JAVASCRIPT THREAD
+ * keel__thread_may_block() is 0 there (with or without PROXY_TO_PTHREAD:
+ * the thread is the same), so keel's blocking calls refuse with -EDEADLK
+ * instead of spinning (keel__wait(), docs/webassembly.md).
  *
  * OWNER DEATH
  * Robust mutexes never report their owner's death here (thread exit does
@@ -39,6 +49,7 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
+#include <emscripten/emscripten.h>
 #include <emscripten/threading.h>
 #include <errno.h>
 #include <limits.h>
@@ -83,6 +94,11 @@ int keel__loop_supported(void)
 	return loop_queue != NULL;
 }
 
+static void loop_serve_later(void)
+{
+	emscripten_async_call(loop_serve, NULL, 0);
+}
+
 void keel__loop_notify(uintptr_t thread)
 {
 	/* keel__loop_supported() made the queue before any thread could
@@ -91,8 +107,13 @@ void keel__loop_notify(uintptr_t thread)
 	 * (docs/webassembly.md). */
 	atomic_fetch_add_explicit(&keel__loop_notified, 1,
 				  memory_order_relaxed);
-	emscripten_proxy_async(loop_queue, (pthread_t)thread, loop_serve,
-			       NULL);
+	if ((pthread_t)thread == emscripten_main_browser_thread_id() &&
+	    !emscripten_is_main_browser_thread())
+		emscripten_async_run_in_main_runtime_thread(EM_FUNC_SIG_V,
+							    loop_serve_later);
+	else
+		emscripten_proxy_async(loop_queue, (pthread_t)thread,
+				       loop_serve, NULL);
 }
 
 void keel__platform_fork(int phase)
@@ -157,6 +178,14 @@ int keel__thread_is_initial(void)
 	if (emscripten_proxy_main)
 		main_tid += 1;
 	return gettid() == main_tid;
+}
+
+int keel__thread_may_block(void)
+{
+	/* Node's main thread could wait, but it is the one that starts
+	 * Workers; a browser's must not, and its futex waits spin. The same
+	 * rule for both, so that what passes under Node holds in a page. */
+	return !emscripten_is_main_browser_thread();
 }
 
 void *keel__pages_alloc(size_t bytes)

@@ -134,6 +134,11 @@ void keel__thread_set_os_name(const char *name)
 	pthread_setname_np(pthread_self(), buf);
 }
 
+int keel__thread_may_block(void)
+{
+	return 1;
+}
+
 int keel__thread_is_initial(void)
 {
 	return syscall(SYS_gettid) == getpid();

@@ -167,6 +167,11 @@ __attribute__((constructor)) static void record_initial_thread(void)
 	initial_thread = pthread_self();
 }
 
+int keel__thread_may_block(void)
+{
+	return 1;
+}
+
 int keel__thread_is_initial(void)
 {
 	return pthread_equal(initial_thread, pthread_self());
