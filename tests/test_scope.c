@@ -168,9 +168,18 @@ TEST(failed_spawn_leaves_the_handle_alone)
 						 : (size_t)(UINT64_C(1) << 46)};
 	keel_task_t child = (keel_task_t)0x1234;
 	keel_scope_t *s;
+	int rc;
 
 	CHECK_OK(keel_scope_open(&s, NULL));
-	CHECK_RC(keel_spawn(s, never_runs, NULL, &huge, &child), -ENOMEM);
+	rc = keel_spawn(s, never_runs, NULL, &huge, &child);
+	if (rc == 0) {
+		/* Where such a thread starts after all (Emscripten 3.1.6
+		 * does), there is no late failure to test. */
+		CHECK_OK(keel_scope_close(s));
+		harness_skip("the platform starts a thread whose stack is "
+			     "larger than the address space");
+	}
+	CHECK_RC(rc, -ENOMEM);
 	CHECK(child == (keel_task_t)0x1234);
 	CHECK_RC(keel_spawn(s, NULL, NULL, NULL, &child), -EINVAL);
 	CHECK(child == (keel_task_t)0x1234);
