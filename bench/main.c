@@ -439,8 +439,9 @@ static int is_variant(const char *impl)
 	return n > k && strcmp(impl + n - k, VARIANT_SUFFIX) == 0;
 }
 
-/* The fastest measured impl of a bench other than keel: among the
- * like-for-like peers, or (variants != 0) among the variants. */
+/* The fastest measured impl of a bench other than keel's own (keel and
+ * keel_*): among the like-for-like peers, or (variants != 0) among the
+ * variants. */
 static const struct entry *fastest_peer(const char *id, int variants)
 {
 	const struct entry *best = NULL;
@@ -448,7 +449,7 @@ static const struct entry *fastest_peer(const char *id, int variants)
 	for (int i = 0; i < nentries; i++) {
 		const struct entry *e = &entries[i];
 
-		if (strcmp(e->id, id) == 0 && strcmp(e->impl, "keel") != 0 &&
+		if (strcmp(e->id, id) == 0 && strncmp(e->impl, "keel", 4) != 0 &&
 		    is_variant(e->impl) == variants && measured(e) &&
 		    (!best || e->median < best->median))
 			best = e;

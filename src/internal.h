@@ -68,6 +68,11 @@ enum keel__msg_kind {
 	MSG_CALL_CTX,
 	MSG_THEN,
 	MSG_THEN_CTX,
+	/* A keel_msg_t, the sender's memory: line 0 only (mailbox.c,
+	 * CALLER-OWNED MESSAGES). */
+	MSG_FOREIGN,
+	/* A keel_msg_t after keel_msg_fini(). */
+	MSG_FOREIGN_DEAD,
 };
 
 /* The low 8 bits of a record's state word; see proxy.c for the machine. */
@@ -108,7 +113,14 @@ union keel__fn {
 	keel_ctx_work_fn ctx_work;
 };
 
+/* A record is two cache lines, each an anonymous union with its own line
+ * so that the fields keep their names. The type asks only for its fields'
+ * alignment (the table's records are line-aligned by its layout): a
+ * keel_msg_t, which is line 0 alone in a sender's own 8-aligned memory,
+ * is reached through it too (mailbox.c, CALLER-OWNED MESSAGES). */
 struct keel__msg {
+	union {
+	struct {
 	/* Line 0: everything a post touches, on both sides. */
 	_Atomic(struct keel__msg *) next; /* queue link; free-list link */
 	union keel__fn fn;
@@ -123,7 +135,19 @@ struct keel__msg {
 	/* It took one of a bounded mailbox's places (mailbox.c); 0 while
 	 * free, so a send to an unbounded mailbox need not write it. */
 	uint8_t counted;
+	/* MSG_FOREIGN only: sent on the counted path, so the owner counts
+	 * its outcome in the registration (mailbox.c, CALLER-OWNED
+	 * MESSAGES). */
+	uint8_t noted;
+	/* MSG_FOREIGN only: keel__foreign_key() of its address and index,
+	 * which a send checks without reading the registrations. */
+	uint64_t key;
+	};
+	char line0_[KEEL_CACHELINE];
+	};
 
+	union {
+	struct {
 	/* Line 1: calls only. */
 	struct keel__task *caller; /* who waits or gets the reply */
 	keel_task_t caller_id;
@@ -141,7 +165,12 @@ struct keel__msg {
 	 * only, under the target's ctx_lock; read by keel_ctx_finish() on
 	 * possibly stale handles. */
 	_Atomic uint64_t ctx_gen;
-} KEEL_ALIGNED(KEEL_CACHELINE);
+	};
+	char line1_[KEEL_CACHELINE];
+	};
+};
+_Static_assert(sizeof(struct keel__msg) == 2 * KEEL_CACHELINE,
+	       "a record is two cache lines");
 
 struct keel__msg *keel__msg_refill(void);
 /* A record freed while this thread's cache is full: kept with the others
@@ -155,15 +184,59 @@ struct keel__msg *keel__msg_at_checked(uint32_t idx);
 #define MSG_CHUNK_SHIFT 10
 /* The index no record has: a mailbox's stub (mailbox.c). */
 #define MSG_IDX_STUB ((uint32_t)0xffffff)
+/* Indices from here up to the stub's name registered keel_msg_t's (msg.c,
+ * CALLER-OWNED MESSAGES), never a table record. */
+#define MSG_IDX_FOREIGN ((uint32_t)0xc00000)
+#define MSG_FOREIGN_MAX (MSG_IDX_STUB - MSG_IDX_FOREIGN)
 extern _Atomic(struct keel__msg *) keel__msg_chunks[];
+
+/* A registered keel_msg_t (msg.c): the message, NULL while the index is
+ * free; and a count of its outcomes on the counted path, which a sender
+ * reads after linking instead of the message's own memory (it only ever
+ * grows, whichever message holds the index). */
+struct keel__foreign {
+	_Atomic(struct keel__msg *) msg;
+	_Atomic uint64_t served;
+	uint32_t next_free; /* while free: the next free index, under a lock */
+};
+extern _Atomic(struct keel__foreign *) keel__foreign_chunks[];
+
+/* The registration of foreign index idx, which was handed out. */
+static inline struct keel__foreign *keel__foreign_at(uint32_t idx)
+{
+	uint32_t i = idx - MSG_IDX_FOREIGN;
+	struct keel__foreign *chunk =
+		load_acquire(&keel__foreign_chunks[i >> MSG_CHUNK_SHIFT]);
+
+	return &chunk[i & ((1u << MSG_CHUNK_SHIFT) - 1)];
+}
+
+/* What a registered keel_msg_t at m with index idx holds in its key: a
+ * copy elsewhere, or memory that was never registered, does not (but for
+ * a 2^-64 chance of garbage). */
+static inline uint64_t keel__foreign_key(const struct keel__msg *m,
+					 uint32_t idx)
+{
+	return ((uint64_t)(uintptr_t)m ^ 0x6b65656c6d736721ull) *
+		       0x9e3779b97f4a7c15ull ^
+	       idx;
+}
+
+/* m's registration if m is a keel_msg_t that keel_msg_init() registered
+ * (and no keel_msg_fini() since), else NULL. */
+struct keel__foreign *keel__foreign_check(struct keel__msg *m);
+/* Tests: keel_msg_t's registered now. */
+extern _Atomic uint64_t keel__foreign_live;
 
 /* The record at index idx, which was handed out (a queued record's, say):
  * no bounds check. Pairs with the release that published its chunk. */
 static inline struct keel__msg *keel__msg_at(uint32_t idx)
 {
-	struct keel__msg *chunk =
-		load_acquire(&keel__msg_chunks[idx >> MSG_CHUNK_SHIFT]);
+	struct keel__msg *chunk;
 
+	if (unlikely(idx >= MSG_IDX_FOREIGN))
+		return load_acquire(&keel__foreign_at(idx)->msg);
+	chunk = load_acquire(&keel__msg_chunks[idx >> MSG_CHUNK_SHIFT]);
 	return chunk ? &chunk[idx & ((1u << MSG_CHUNK_SHIFT) - 1)] : NULL;
 }
 /* Tests: chunks whose memory was given back; how long free records must
@@ -344,7 +417,7 @@ struct keel__task {
 	char pad1[KEEL_CACHELINE - sizeof(void *)];
 
 	/* The queue's stub record (Vyukov's algorithm); its own lines. */
-	struct keel__msg stub;
+	struct keel__msg stub KEEL_ALIGNED(KEEL_CACHELINE);
 
 	/* Wake-up line: read by wakers, written rarely. */
 	_Atomic uint32_t park;

@@ -77,9 +77,15 @@
 #define MSG_CHUNK ((uint32_t)1 << MSG_CHUNK_SHIFT)
 /* The last chunk is never carved: a mailbox's tail word names its stub by
  * the index MSG_IDX_STUB (mailbox.c), which no record may have. */
-#define MSG_MAX_CHUNKS (((uint32_t)1 << (MSG_IDX_BITS - MSG_CHUNK_SHIFT)) - 1)
-_Static_assert(MSG_MAX_CHUNKS << MSG_CHUNK_SHIFT <= MSG_IDX_STUB,
-	       "a record index would collide with the stub's");
+#define MSG_MAX_CHUNKS_BITS                                                 \
+	(((uint32_t)1 << (MSG_IDX_BITS - MSG_CHUNK_SHIFT)) - 1)
+/* Nor those of registered keel_msg_t's (CALLER-OWNED MESSAGES). */
+#define MSG_MAX_CHUNKS                                                      \
+	(MSG_MAX_CHUNKS_BITS < (MSG_IDX_FOREIGN >> MSG_CHUNK_SHIFT)          \
+		 ? MSG_MAX_CHUNKS_BITS                                       \
+		 : (MSG_IDX_FOREIGN >> MSG_CHUNK_SHIFT))
+_Static_assert(MSG_MAX_CHUNKS << MSG_CHUNK_SHIFT <= MSG_IDX_FOREIGN,
+	       "a record index would collide with a keel_msg_t's or the stub's");
 
 /* Free records the pool keeps at least, before giving memory back. */
 #ifndef KEEL_MSG_POOL_KEEP
@@ -405,10 +411,136 @@ void keel__msg_flush(void)
 		}
 }
 
+/* ---- Caller-owned messages ---------------------------------------------
+ *
+ * CALLER-OWNED MESSAGES. A keel_msg_t lives in the sender's memory, but a
+ * tail word names the last record by a 24-bit index (mailbox.c). So each
+ * keel_msg_t is registered: keel_msg_init() gives it an index of its own
+ * above MSG_IDX_FOREIGN, and keel__msg_at() turns such an index into the
+ * message through a table of registrations that, like the record table,
+ * only grows (chunks of 1 << MSG_CHUNK_SHIFT, never freed). An index is
+ * free again after keel_msg_fini(); free indices form a stack linked
+ * through their registrations, under foreign_lock (init and fini are not
+ * on any hot path).
+ *
+ * Only line 0 of a record exists in a keel_msg_t, which holds only posts.
+ * Nothing reads a message whose outcome has begun: the one reader that
+ * would (a counted sender after its link, mailbox.c) reads the
+ * registration's `served` instead, which stays keel's memory. */
+_Atomic(struct keel__foreign *)
+	keel__foreign_chunks[(MSG_FOREIGN_MAX >> MSG_CHUNK_SHIFT) + 1];
+static pthread_mutex_t foreign_lock = PTHREAD_MUTEX_INITIALIZER;
+static uint32_t foreign_used; /* indices handed out so far */
+/* Free indices given back, a stack linked through their registrations
+ * (next_free), + 1; 0 if empty. */
+static uint32_t foreign_free;
+/* Tests: registrations live now. */
+_Atomic uint64_t keel__foreign_live;
+
+/* Is m a keel_msg_t that keel_msg_init() registered (and no fini since)?
+ * Reads only the registration table and m's own line 0. */
+static struct keel__foreign *registered(struct keel__msg *m)
+{
+	uint32_t idx = m->idx;
+	struct keel__foreign *chunk;
+
+	if (m->kind != MSG_FOREIGN || idx < MSG_IDX_FOREIGN ||
+	    idx >= MSG_IDX_STUB)
+		return NULL;
+	chunk = load_acquire(&keel__foreign_chunks[(idx - MSG_IDX_FOREIGN) >>
+						   MSG_CHUNK_SHIFT]);
+	if (!chunk)
+		return NULL;
+	chunk += (idx - MSG_IDX_FOREIGN) & ((1u << MSG_CHUNK_SHIFT) - 1);
+	return load_acquire(&chunk->msg) == m ? chunk : NULL;
+}
+
+struct keel__foreign *keel__foreign_check(struct keel__msg *m)
+{
+	return registered(m);
+}
+
+int keel_msg_init(keel_msg_t *msg)
+{
+	struct keel__msg *m = (struct keel__msg *)(void *)msg;
+	struct keel__foreign *f;
+	uint32_t i;
+
+	if (!msg)
+		return -EINVAL;
+	if (registered(m)) {
+		/* Initialised already: keep its index if it is idle. */
+		uint64_t st = load_acquire(&m->state);
+
+		if ((st & MSG_STATE_MASK) != ST_FREE)
+			return -EBUSY;
+		return 0;
+	}
+	pthread_mutex_lock(&foreign_lock);
+	if (foreign_free) {
+		i = foreign_free - 1;
+		foreign_free = keel__foreign_at(MSG_IDX_FOREIGN + i)->next_free;
+	} else if (foreign_used < MSG_FOREIGN_MAX) {
+		i = foreign_used;
+		if (!load_relaxed(&keel__foreign_chunks[i >> MSG_CHUNK_SHIFT])) {
+			struct keel__foreign *c =
+				calloc((size_t)1 << MSG_CHUNK_SHIFT, sizeof *c);
+
+			if (!c) {
+				pthread_mutex_unlock(&foreign_lock);
+				return -ENOMEM;
+			}
+			store_release(&keel__foreign_chunks[i >> MSG_CHUNK_SHIFT],
+				      c);
+		}
+		foreign_used++;
+	} else {
+		pthread_mutex_unlock(&foreign_lock);
+		return -ENOMEM;
+	}
+	pthread_mutex_unlock(&foreign_lock);
+	memset(msg, 0, sizeof *msg);
+	m->idx = MSG_IDX_FOREIGN + i;
+	m->kind = MSG_FOREIGN;
+	m->key = keel__foreign_key(m, m->idx);
+	f = keel__foreign_at(m->idx);
+	/* Release: m's fields for whoever finds it through the table. */
+	store_release(&f->msg, m);
+	fetch_add_relaxed(&keel__foreign_live, 1);
+	return 0;
+}
+
+int keel_msg_fini(keel_msg_t *msg)
+{
+	struct keel__msg *m = (struct keel__msg *)(void *)msg;
+	struct keel__foreign *f;
+	uint64_t st;
+
+	if (!msg || !(f = registered(m)))
+		return -EINVAL;
+	/* The same CAS a send makes: whichever comes first wins. */
+	st = load_relaxed(&m->state);
+	if ((st & MSG_STATE_MASK) != ST_FREE ||
+	    !cas_acq_rel(&m->state, &st, st | ST_ABANDONED))
+		return -EBUSY;
+	m->kind = MSG_FOREIGN_DEAD;
+	m->key = 0;
+	store_release(&f->msg, NULL);
+	pthread_mutex_lock(&foreign_lock);
+	f->next_free = foreign_free;
+	foreign_free = m->idx - MSG_IDX_FOREIGN + 1;
+	pthread_mutex_unlock(&foreign_lock);
+	fetch_add_relaxed(&keel__foreign_live, (uint64_t)-1);
+	return 0;
+}
+
 void keel__msg_fork(int phase)
 {
-	if (phase == 0)
+	if (phase == 0) {
 		pthread_mutex_lock(&pool_lock);
-	else
+		pthread_mutex_lock(&foreign_lock);
+	} else {
+		pthread_mutex_unlock(&foreign_lock);
 		pthread_mutex_unlock(&pool_lock);
+	}
 }

@@ -102,6 +102,106 @@ KEEL_API int keel_post_until(keel_task_t target, keel_work_fn work,
 			     keel_time_t deadline);
 
 /**
+ * typedef keel_msg_t - a message whose memory the sender owns.
+ *
+ * keel_post() takes a record from keel's own table for each message. A
+ * sender that already has a struct per request can embed a keel_msg_t in
+ * it and send that instead, with keel_post_msg(): nothing is allocated
+ * per send, and the messages lie where the sender put them (an array of
+ * requests is read in order, which is what a deep queue wants).
+ *
+ * Opaque, 64 bytes, 8-byte alignment (place it on a 64-byte boundary to
+ * keep it on one cache line). Register it once with keel_msg_init() and
+ * unregister it with keel_msg_fini() before its memory goes: each one
+ * registered holds one of about four million places until then.
+ */
+typedef struct keel_msg {
+	uint64_t keel_private_[8];
+}
+#if defined(__GNUC__) || defined(__clang__)
+__attribute__((aligned(8))) /* 32-bit x86 aligns uint64_t to 4 */
+#endif
+keel_msg_t;
+
+/**
+ * keel_msg_init() - register a keel_msg_t for sending.
+ * @msg: the message; its contents are overwritten.
+ *
+ * Calling it again on a registered message that is not queued keeps it
+ * as it is. Not for a message in memory that another registered one still
+ * occupies (copying a keel_msg_t does not register the copy).
+ *
+ * Context: any thread; takes a process-wide lock briefly; not a
+ * cancellation point.
+ * Return: 0; -EINVAL if @msg is NULL; -EBUSY if it is registered and
+ * queued; -ENOMEM if about four million messages are registered already
+ * or memory ran out.
+ */
+KEEL_API int keel_msg_init(keel_msg_t *msg);
+
+/**
+ * keel_msg_fini() - unregister a keel_msg_t.
+ * @msg: a message from keel_msg_init().
+ *
+ * Afterwards @msg may be freed, or registered again. It may be called
+ * from the message's own work or cancel handler, which is where a sender
+ * that frees its request there unregisters it.
+ *
+ * Context: any thread; takes a process-wide lock briefly.
+ * Return: 0; -EINVAL if @msg is not registered; -EBUSY if it is queued
+ * (accepted by a mailbox and its work or cancel has not started yet).
+ */
+KEEL_API int keel_msg_fini(keel_msg_t *msg);
+
+/**
+ * keel_post_msg() - send a fire-and-forget message in the sender's memory.
+ * @target: the task to run it.
+ * @msg:    a message from keel_msg_init(), not queued.
+ * @work:   as for keel_post(); must not be NULL.
+ * @cancel: as for keel_post(); may be NULL.
+ * @arg:    passed to @work or @cancel.
+ *
+ * keel_post() without the allocation, with the same guarantee: if it
+ * returns 0, exactly one of @work or @cancel runs; if it returns an error,
+ * neither does. From a successful return until @work or @cancel starts,
+ * @msg belongs to keel: it must stay in place and must not be sent again
+ * (that is refused with -EBUSY), nor finished. Once @work or @cancel has
+ * started, @msg is the sender's again: the handler may send it anew, or
+ * finish and free it. keel tells a message sent again while queued
+ * (-EBUSY), but two threads sending one message at the same moment race
+ * on it as on any object of theirs: that is undefined. Ordered with the
+ * sender's keel_post()s: one
+ * sender's messages to one target run in the order they were sent, of
+ * either kind. Bounded mailboxes count it as any message.
+ *
+ * Context: as keel_post().
+ * Return: 0 if the message was accepted; -EINVAL if @work is NULL or @msg
+ * is not registered; -EBUSY if @msg is queued; -ESRCH, -ESHUTDOWN, -EAGAIN
+ * as keel_post().
+ */
+KEEL_API int keel_post_msg(keel_task_t target, keel_msg_t *msg,
+			   keel_work_fn work, keel_work_fn cancel, void *arg);
+
+/**
+ * keel_post_msg_until() - keel_post_msg(), waiting for room.
+ * @target:   the task to run it.
+ * @msg:      as for keel_post_msg().
+ * @work:     as for keel_post(); must not be NULL.
+ * @cancel:   as for keel_post(); may be NULL.
+ * @arg:      passed to @work or @cancel.
+ * @deadline: as for keel_post_until().
+ *
+ * keel_post_until() for a keel_msg_t.
+ *
+ * Context: as keel_post_until().
+ * Return: as keel_post_until(), and -EINVAL or -EBUSY for @msg as
+ * keel_post_msg().
+ */
+KEEL_API int keel_post_msg_until(keel_task_t target, keel_msg_t *msg,
+				 keel_work_fn work, keel_work_fn cancel,
+				 void *arg, keel_time_t deadline);
+
+/**
  * keel_mailbox_limit() - bound the calling task's mailbox.
  * @max: the most messages its queue may hold; 0 for no bound (the default).
  *

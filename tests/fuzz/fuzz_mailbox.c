@@ -17,7 +17,9 @@
  * joins ended workers (keel_join, pthread_join), starts new ones into the
  * freed slots, and checks the live ones. A worker may bound its mailbox
  * (keel_mailbox_limit, 0 to 4) and post with keel_post_until (deadline
- * 0, 100 us or forever). Families for FUZZ_NO: ctx, exit, bound.
+ * 0, 100 us or forever). Every other post is a keel_msg_t of the
+ * message's token (keel_post_msg, keel_post_msg_until), finished by its
+ * refusal or its outcome. Families for FUZZ_NO: ctx, exit, bound.
  *
  * THE MODEL
  * Each worker is OPEN, CLOSED (its mailbox), ENDING (told to end; not
@@ -51,6 +53,7 @@
 #include <string.h>
 
 #include "fuzz.h"
+#include "internal.h"
 
 #define NW 4
 #define MAX_TOK 1024
@@ -75,6 +78,11 @@ struct worker {
 };
 
 struct token {
+	/* Every other post is a keel_msg_t of the token's (keel_post_msg,
+	 * keel_post_msg_until): registered before its send, finished by
+	 * its refusal or by its outcome, which scribbles over it. */
+	keel_msg_t msg;
+	int own;
 	int kind, target, caller, accepted, target_gen, later;
 	pthread_t target_th, caller_th;
 	atomic_int work, cancel, done;
@@ -122,7 +130,48 @@ static struct token *new_token(int kind, int target, int caller)
 	atomic_init(&t->work, 0);
 	atomic_init(&t->cancel, 0);
 	atomic_init(&t->done, 0);
+	t->own = 0;
 	return t;
+}
+
+static void tok_work(void *p);
+static void tok_cancel(void *p);
+static keel_time_t until_deadline(int count);
+
+/* Post t to worker `target`, as keel_post() or, every other token, as a
+ * keel_msg_t (_until with until >= 0). */
+static int post_token(struct token *t, keel_task_t target, int until)
+{
+	int rc;
+
+	t->own = (int)(t - toks) % 2;
+	if (t->own)
+		FZ_CHECK(keel_msg_init(&t->msg) == 0, "mailbox.rc",
+			 "keel_msg_init failed");
+	if (until >= 0)
+		rc = t->own ? keel_post_msg_until(target, &t->msg, tok_work,
+						  tok_cancel, t,
+						  until_deadline(until))
+			    : keel_post_until(target, tok_work, tok_cancel, t,
+					      until_deadline(until));
+	else
+		rc = t->own ? keel_post_msg(target, &t->msg, tok_work,
+					    tok_cancel, t)
+			    : keel_post(target, tok_work, tok_cancel, t);
+	if (rc != 0 && t->own)
+		FZ_CHECK(keel_msg_fini(&t->msg) == 0, "mailbox.rc",
+			 "keel_msg_fini of a refused keel_msg_t failed");
+	return rc;
+}
+
+/* A keel_msg_t's outcome began: it is the sender's again. */
+static void own_again(struct token *t)
+{
+	if (!t->own)
+		return;
+	FZ_CHECK(keel_msg_fini(&t->msg) == 0, "mailbox.rc",
+		 "keel_msg_fini in a keel_msg_t's outcome failed");
+	memset(&t->msg, 0x5a, sizeof t->msg);
 }
 
 static void on_target(struct token *t, const char *what)
@@ -146,6 +195,7 @@ static void tok_work(void *p)
 	struct token *t = p;
 
 	on_target(t, "work");
+	own_again(t);
 	atomic_fetch_add(&t->work, 1);
 }
 
@@ -154,6 +204,7 @@ static void tok_cancel(void *p)
 	struct token *t = p;
 
 	on_target(t, "cancel");
+	own_again(t);
 	atomic_fetch_add(&t->cancel, 1);
 }
 
@@ -253,7 +304,7 @@ static void command(void *p)
 	case C_POST:
 		for (int i = 0; i < c->count; i++) {
 			t = new_token(C_POST, c->target, c->self);
-			rc = keel_post(W[c->target].task, tok_work, tok_cancel, t);
+			rc = post_token(t, W[c->target].task, -1);
 			t->accepted = rc == 0;
 			FZ_CHECK(send_ok(c->target, rc), "mailbox.rc",
 				 "worker %d: post to %s worker %d: %d (%s)",
@@ -302,9 +353,7 @@ static void command(void *p)
 		for (int i = 0; i < (c->target == c->self ? w->limit + 1 : 1);
 		     i++) {
 			t = new_token(C_POST, c->target, c->self);
-			rc = keel_post_until(W[c->target].task, tok_work,
-					     tok_cancel, t,
-					     until_deadline(c->count));
+			rc = post_token(t, W[c->target].task, c->count);
 			t->accepted = rc == 0;
 			FZ_CHECK(until_ok(c->self, c->target, c->count, rc),
 				 "mailbox.rc",
@@ -652,7 +701,7 @@ static int run_input(const uint8_t *data, size_t size)
 				w->state = W_CLOSED;
 		} else if (op == 6) {
 			struct token *t = new_token(C_POST, y, -1);
-			rc = keel_post(W[y].task, tok_work, tok_cancel, t);
+			rc = post_token(t, W[y].task, -1);
 
 			fz_note("driver: post to worker %d (%s): %d", y,
 				wnames[W[y].state], rc);
@@ -695,6 +744,10 @@ static int run_input(const uint8_t *data, size_t size)
 			op_join(&W[i]);
 	keel_scope_close(input_scope);
 	check_tokens();
+	/* Every keel_msg_t was finished by its refusal or its outcome. */
+	FZ_CHECK(atomic_load(&keel__foreign_live) == 0, "mailbox.one-outcome",
+		 "%llu keel_msg_t's still registered after every outcome",
+		 (unsigned long long)atomic_load(&keel__foreign_live));
 	fz_watch_disarm();
 	return 0;
 }

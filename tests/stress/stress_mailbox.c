@@ -13,6 +13,10 @@
  * Sizes: KEEL_THREADS senders (4), KEEL_ITERS messages each (100,000;
  * 2,500,000 under KEEL_STRESS=long, 10^7 in all), KEEL_SEED.
  *
+ * A third of the messages are keel_msg_t's of the sender's (keel_post_msg,
+ * keel_post_msg_until), registered just before their send and finished
+ * by their outcome or refusal, which then scribbles over them.
+ *
  * The _bounded variants run the same chaos with small mailbox limits that
  * the targets set (and change) at random: sends are also refused with
  * -EAGAIN, blocking sends (keel_post_until, keel_call) wait for room and
@@ -29,10 +33,24 @@
 #define MAX_SLOTS 4096
 
 struct msg_rec {
+	/* Sent with keel_post_msg() (if `own`): registered just before,
+	 * finished by the sender if refused, else by its outcome. */
+	keel_msg_t km;
 	keel_task_t target;  /* written by the sender before the post */
 	atomic_uchar ran, cancelled, wrong_task, after_close;
 	unsigned char accepted, refused; /* written by its sender only */
+	unsigned char own;
 };
+
+/* Its outcome began: a keel_msg_t is the sender's again. Finish it and
+ * scribble over it, so that any later touch by keel shows. */
+static void own_again(struct msg_rec *m)
+{
+	if (!m->own)
+		return;
+	CHECK_OK(keel_msg_fini(&m->km));
+	memset(&m->km, 0x5a, sizeof m->km);
+}
 
 struct lane {
 	_Atomic keel_task_t current;
@@ -66,6 +84,7 @@ static void chaos_work(void *p)
 	struct msg_rec *m = p;
 
 	check_place(m);
+	own_again(m);
 	atomic_fetch_add(&m->ran, 1);
 }
 
@@ -75,6 +94,7 @@ static void chaos_cancel(void *p)
 
 	if (keel_self() != m->target)
 		atomic_store(&m->wrong_task, 1);
+	own_again(m);
 	atomic_fetch_add(&m->cancelled, 1);
 }
 
@@ -154,21 +174,33 @@ static void *sender_main(void *p)
 		uint64_t r = rng_next(&s->rng);
 
 		m->target = atomic_load(&l->current);
+		/* A third of the messages are the sender's own keel_msg_t. */
+		m->own = (r >> 4) % 3 == 0;
+		if (m->own)
+			CHECK_OK(keel_msg_init(&m->km));
 		if (bounded && (r & 1)) {
 			/* Wait for room: forever, or up to 100 us. */
 			keel_time_t d = (r >> 1) & 1 ? KEEL_FOREVER
 					 : keel_after((keel_time_t)(r >> 8) %
 						      100000);
 
-			rc = keel_post_until(m->target, chaos_work,
-					     chaos_cancel, m, d);
+			rc = m->own ? keel_post_msg_until(m->target, &m->km,
+							  chaos_work,
+							  chaos_cancel, m, d)
+				    : keel_post_until(m->target, chaos_work,
+						      chaos_cancel, m, d);
 			CHECK(rc != -EAGAIN && rc != -ECANCELED);
 		} else {
-			rc = keel_post(m->target, chaos_work, chaos_cancel, m);
+			rc = m->own ? keel_post_msg(m->target, &m->km,
+						    chaos_work, chaos_cancel, m)
+				    : keel_post(m->target, chaos_work,
+						chaos_cancel, m);
 		}
 		if (rc == 0) {
 			m->accepted = 1;
 		} else {
+			if (m->own)
+				CHECK_OK(keel_msg_fini(&m->km));
 			CHECK(rc == -ESHUTDOWN || rc == -ESRCH ||
 			      (bounded && (rc == -EAGAIN || rc == -ETIMEDOUT)));
 			m->refused = 1;
@@ -197,6 +229,7 @@ static void exactly_once_chaos(int bound, long iters_default,
 	struct sender *senders = calloc((size_t)nthreads, sizeof *senders);
 	long total = nthreads * iters, accepted = 0, refused = 0, ran = 0;
 	long cancelled = 0, spawned = 0;
+	long own[3] = {0, 0, 0}; /* keel_msg_t's ran, cancelled, refused */
 	keel_time_t start = keel_now();
 
 	uint64_t waits_before = atomic_load(&keel__room_waits_ok);
@@ -240,6 +273,11 @@ static void exactly_once_chaos(int bound, long iters_default,
 		CHECK_EQ(atomic_load(&m->after_close), 0);
 		accepted += m->accepted;
 		refused += m->refused;
+		if (m->own) {
+			own[0] += r;
+			own[1] += c;
+			own[2] += m->refused;
+		}
 		ran += r;
 		cancelled += c;
 	}
@@ -247,17 +285,24 @@ static void exactly_once_chaos(int bound, long iters_default,
 	       "%ld target tasks; %.1f ms\n",
 	       total, accepted, ran, cancelled, refused, spawned,
 	       (double)(keel_now() - start) / 1e6);
+	printf("of them keel_msg_t's: ran %ld, cancelled %ld, refused %ld\n",
+	       own[0], own[1], own[2]);
 	CHECK_EQ(accepted + refused, total);
 	CHECK_EQ(ran + cancelled, accepted);
+	/* Every keel_msg_t was finished by its outcome or its refusal. */
+	CHECK_EQ(atomic_load(&keel__foreign_live), 0);
 	if (out) {
 		out->ran += ran;
 		out->cancelled += cancelled;
 		out->refused += refused;
 	} else {
-		/* The run must have exercised both outcomes and refusals. */
+		/* The run must have exercised both outcomes and refusals,
+		 * with keel_msg_t's too. */
 		CHECK_INT(ran, >, 0);
 		CHECK_INT(cancelled, >, 0);
 		CHECK_INT(refused, >, 0);
+		for (int k = 0; k < 3; k++)
+			CHECK_INT(own[k], >, 0);
 	}
 	if (bound) {
 		long waited = (long)(atomic_load(&keel__room_waits_ok) -
