@@ -1012,10 +1012,10 @@ static int run_batch(struct keel__task *t)
  * and the most between two looks (a pause is 26 ns on the EPYC the
  * benchmarks ran on; compile-time knobs for measuring). */
 #ifndef SPIN_BACKOFF_FIRST
-#define SPIN_BACKOFF_FIRST 16
+#define SPIN_BACKOFF_FIRST 32
 #endif
 #ifndef SPIN_BACKOFF_MAX
-#define SPIN_BACKOFF_MAX 16
+#define SPIN_BACKOFF_MAX 32
 #endif
 
 /* Spin for a poppable message within the adaptive budget. A look reads
@@ -1027,7 +1027,7 @@ static int run_batch(struct keel__task *t)
  * is at the head (a send linking after it, or about to), the owner waits
  * SPIN_BACKOFF_FIRST pauses before it looks, and doubles its pauses after
  * each look that finds nothing, up to SPIN_BACKOFF_MAX: a batch builds up
- * meanwhile (10 to 30 messages then), and a message that arrives during
+ * meanwhile (tens of messages), and a message that arrives during
  * the spin waits at most one round of pauses. An empty queue (the stub at
  * the head) the owner watches at every pause: its link is written once,
  * by the next send, and a call waits on it. */
