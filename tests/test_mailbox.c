@@ -541,22 +541,46 @@ static void *loop_main(void *p)
 	return NULL;
 }
 
+/* With own_msgs, every other message is one of 8 keel_msg_t's of the
+ * sender's, each sent again once its last send has run: the counted path
+ * an fd-mode owner puts its senders on, with messages whose memory the
+ * sender takes back while the owner may still be asleep. */
+static int own_msgs;
+
 static void *loop_sender(void *p)
 {
 	struct loop *l = p;
+	keel_msg_t ms[8];
 
-	for (int i = 0; i < LOOP_MSGS; i++)
-		CHECK_OK(keel_post(l->id, loop_msg, NULL, l));
+	for (int k = 0; k < 8; k++)
+		CHECK_OK(keel_msg_init(&ms[k]));
+	for (int i = 0; i < LOOP_MSGS; i++) {
+		int rc;
+
+		if (!own_msgs || i % 2 == 0) {
+			CHECK_OK(keel_post(l->id, loop_msg, NULL, l));
+			continue;
+		}
+		while ((rc = keel_post_msg(l->id, &ms[(i / 2) % 8], loop_msg,
+					   NULL, l)) == -EBUSY)
+			sched_yield();
+		CHECK_OK(rc);
+	}
 	CHECK_EQ(write(l->pipefd[1], "x", 1), 1);
+	/* Each is idle once the loop has run everything (the test joins
+	 * the loop first), then finished. */
+	for (int k = 0; k < 8; k++)
+		while (keel_msg_fini(&ms[k]) == -EBUSY)
+			sched_yield();
 	return NULL;
 }
 
-TEST(fd_drives_an_epoll_loop)
+static void epoll_loop_case(int own)
 {
-	HARNESS_NEED(EPOLL);
 	struct loop l;
 	pthread_t th, senders[LOOP_SENDERS];
 
+	own_msgs = own;
 	memset(&l, 0, sizeof l);
 	event_init(&l.ready);
 	CHECK_EQ(pipe(l.pipefd), 0);
@@ -569,8 +593,21 @@ TEST(fd_drives_an_epoll_loop)
 	harness_join(th);
 	CHECK_EQ(atomic_load(&l.msgs), LOOP_SENDERS * LOOP_MSGS);
 	CHECK_EQ(l.pipe_bytes, LOOP_SENDERS);
+	CHECK_EQ(atomic_load(&keel__foreign_live), 0);
 	close(l.pipefd[0]);
 	close(l.pipefd[1]);
+}
+
+TEST(fd_drives_an_epoll_loop)
+{
+	HARNESS_NEED(EPOLL);
+	epoll_loop_case(0);
+}
+
+TEST(fd_drives_an_epoll_loop_with_keel_msgs)
+{
+	HARNESS_NEED(EPOLL);
+	epoll_loop_case(1);
 }
 
 TEST(fd_readable_while_pending)
