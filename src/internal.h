@@ -222,9 +222,6 @@ static inline uint64_t keel__foreign_key(const struct keel__msg *m,
 	       idx;
 }
 
-/* m's registration if m is a keel_msg_t that keel_msg_init() registered
- * (and no keel_msg_fini() since), else NULL. */
-struct keel__foreign *keel__foreign_check(struct keel__msg *m);
 /* Tests: keel_msg_t's registered now. */
 extern _Atomic uint64_t keel__foreign_live;
 

@@ -626,7 +626,8 @@ int keel_post(keel_task_t target, keel_work_fn work, keel_work_fn cancel,
 }
 
 _Static_assert(sizeof(keel_msg_t) == KEEL_CACHELINE &&
-		       offsetof(struct keel__msg, noted) <
+		       offsetof(struct keel__msg, key) +
+				       sizeof(((struct keel__msg *)0)->key) <=
 			       sizeof(keel_msg_t) &&
 		       _Alignof(keel_msg_t) >= _Alignof(struct keel__msg),
 	       "a keel_msg_t holds line 0 of a record");

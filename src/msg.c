@@ -455,11 +455,6 @@ static struct keel__foreign *registered(struct keel__msg *m)
 	return load_acquire(&chunk->msg) == m ? chunk : NULL;
 }
 
-struct keel__foreign *keel__foreign_check(struct keel__msg *m)
-{
-	return registered(m);
-}
-
 int keel_msg_init(keel_msg_t *msg)
 {
 	struct keel__msg *m = (struct keel__msg *)(void *)msg;
@@ -518,7 +513,9 @@ int keel_msg_fini(keel_msg_t *msg)
 
 	if (!msg || !(f = registered(m)))
 		return -EINVAL;
-	/* The same CAS a send makes: whichever comes first wins. */
+	/* A CAS: of two finishes of one message, one wins. (A send's check
+	 * is a load and a store, mailbox.c: a send racing a finish of the
+	 * same message is the program's race.) */
 	st = load_relaxed(&m->state);
 	if ((st & MSG_STATE_MASK) != ST_FREE ||
 	    !cas_acq_rel(&m->state, &st, st | ST_ABANDONED))
