@@ -291,16 +291,6 @@ static void leave_refused(struct keel__task *t)
 		keel__unpark(t);
 }
 
-/* A sender whose release found SLEEPING set: the owner asked to be told of
- * messages. Notify it, but only while counted in flight again, so that the
- * owner (which closes its eventfd only after close has waited out every
- * sender) can never have closed the fd under us.
- * Between the release and the count taken again, the owner may have served
- * the message, ended that serve and armed anew: clearing that new arming
- * would leave the fd readable for a message already run. So a sender whose
- * record has been freed since it linked it (its generation moved: the
- * owner popped it and its outcome ran) leaves the arming alone; the owner
- * looks at its queue after every arming, and whoever sends next signals. */
 /* What moves once a record's outcome has run: its generation (the state
  * word's high bits; not the state, which a caller may move while the
  * record is queued), or a keel_msg_t's count of outcomes in its
@@ -317,6 +307,16 @@ static inline uint64_t outcome_gen_now(struct outcome_gen g)
 	return load_acquire(g.w) >> g.shift;
 }
 
+/* A sender whose release found SLEEPING set: the owner asked to be told of
+ * messages. Notify it, but only while counted in flight again, so that the
+ * owner (which closes its eventfd only after close has waited out every
+ * sender) can never have closed the fd under us.
+ * Between the release and the count taken again, the owner may have served
+ * the message, ended that serve and armed anew: clearing that new arming
+ * would leave the fd readable for a message already run. So a sender whose
+ * record has been freed since it linked it (its generation moved: the
+ * owner popped it and its outcome ran) leaves the arming alone; the owner
+ * looks at its queue after every arming, and whoever sends next signals. */
 static void notify_sleeper(struct keel__task *t, keel_task_t id,
 			   struct outcome_gen genw, uint64_t mgen)
 {
@@ -951,19 +951,28 @@ static void foreign_done(struct keel__msg *m)
 	store_release(&m->state, st & ~MSG_STATE_MASK);
 }
 
+/* A post's outcome begins: its record is freed, or a keel_msg_t given
+ * back to its sender, once what the outcome needs has been read. */
+static void post_done(struct keel__msg *m)
+{
+	if (m->kind == MSG_FOREIGN)
+		foreign_done(m);
+	else
+		keel__msg_free(m);
+}
+
+static int is_post(const struct keel__msg *m)
+{
+	return m->kind == MSG_POST || m->kind == MSG_FOREIGN;
+}
+
 static void run_msg(struct keel__task *t, struct keel__msg *m)
 {
-	if (m->kind == MSG_FOREIGN) {
+	if (is_post(m)) {
 		keel_work_fn work = m->fn.work;
 		void *arg = m->arg;
 
-		foreign_done(m);
-		work(arg);
-	} else if (m->kind == MSG_POST) {
-		keel_work_fn work = m->fn.work;
-		void *arg = m->arg;
-
-		keel__msg_free(m);
+		post_done(m);
 		work(arg);
 	} else {
 		keel__proxy_run(t, m);
@@ -972,18 +981,11 @@ static void run_msg(struct keel__task *t, struct keel__msg *m)
 
 static void cancel_msg(struct keel__task *t, struct keel__msg *m)
 {
-	if (m->kind == MSG_FOREIGN) {
+	if (is_post(m)) {
 		keel_work_fn cancel = m->cancel;
 		void *arg = m->arg;
 
-		foreign_done(m);
-		if (cancel)
-			cancel(arg);
-	} else if (m->kind == MSG_POST) {
-		keel_work_fn cancel = m->cancel;
-		void *arg = m->arg;
-
-		keel__msg_free(m);
+		post_done(m);
 		if (cancel)
 			cancel(arg);
 	} else {
@@ -1009,14 +1011,11 @@ static int run_batch(struct keel__task *t)
  * sending usually links its next message within them, and a clock read
  * costs as much as a message. */
 #define SPIN_UNTIMED 64
-/* The pauses before the first look at a queue with a record at its head,
- * and the most between two looks (a pause is 26 ns on the EPYC the
- * benchmarks ran on; compile-time knobs for measuring). */
-#ifndef SPIN_BACKOFF_FIRST
-#define SPIN_BACKOFF_FIRST 32
-#endif
-#ifndef SPIN_BACKOFF_MAX
-#define SPIN_BACKOFF_MAX 32
+/* The pauses between two looks at a queue with a record at its head (a
+ * pause is 26 ns on the EPYC the benchmarks ran on; a compile-time knob
+ * for measuring). */
+#ifndef SPIN_BACKOFF
+#define SPIN_BACKOFF 32
 #endif
 
 /* Spin for a poppable message within the adaptive budget. A look reads
@@ -1026,16 +1025,16 @@ static int run_batch(struct keel__task *t)
  * keel_msg_t's from 10 to 70 ns a message, the owner finding the queue
  * empty every third message and serving two at a time. So while a record
  * is at the head (a send linking after it, or about to), the owner waits
- * SPIN_BACKOFF_FIRST pauses before it looks, and doubles its pauses after
- * each look that finds nothing, up to SPIN_BACKOFF_MAX: a batch builds up
- * meanwhile (tens of messages), and a message that arrives during
- * the spin waits at most one round of pauses. An empty queue (the stub at
- * the head) the owner watches at every pause: its link is written once,
- * by the next send, and a call waits on it. */
+ * SPIN_BACKOFF pauses before each look: a batch builds up meanwhile (tens
+ * of messages), and a message that arrives during the spin waits at most
+ * that long. An empty queue (the stub at the head) the owner looks at
+ * after every pause: its link is written once, by the next send, and a
+ * call waits on it. The head does not move during the spin (only pop()
+ * moves it), so neither does the choice. */
 static int spin_for_message(struct keel__task *t, keel_time_t deadline)
 {
 	keel_time_t stop = 0;
-	unsigned pauses = t->head == &t->stub ? 1 : SPIN_BACKOFF_FIRST,
+	unsigned pauses = t->head == &t->stub ? 1 : SPIN_BACKOFF,
 		 since_clock = 0;
 
 	/* The caller has just found nothing: wait before the first look. */
@@ -1047,13 +1046,6 @@ static int spin_for_message(struct keel__task *t, keel_time_t deadline)
 			return 1;
 		}
 		since_clock += pauses;
-		/* An empty queue (the stub at its head) has only its link
-		 * to look at, which the next send writes once: look often,
-		 * a call waits on it. */
-		if (t->head == &t->stub)
-			pauses = 1;
-		else if (pauses < SPIN_BACKOFF_MAX)
-			pauses *= 2;
 		if (!stop) {
 			if (since_clock >= SPIN_UNTIMED) {
 				stop = keel__clock_now() + t->spin_ns;
@@ -1082,7 +1074,9 @@ static void fd_arm(struct keel__task *t)
 	t->fd_armed = 1;
 }
 
-static void fd_disarm(struct keel__task *t)
+/* Take back an arming of the fd or the loop, if one is out: a sender that
+ * took it first owes the owner a signal, counted in *owed. */
+static void disarm_counting(struct keel__task *t, uint32_t *owed)
 {
 	uint64_t old;
 
@@ -1090,8 +1084,13 @@ static void fd_disarm(struct keel__task *t)
 		return;
 	old = fetch_and_acq_rel(&t->mword, ~MB_SLEEPING);
 	if (!(old & MB_SLEEPING))
-		t->fd_owed++;
+		(*owed)++;
 	t->fd_armed = 0;
+}
+
+static void fd_disarm(struct keel__task *t)
+{
+	disarm_counting(t, &t->fd_owed);
 }
 
 /* Something is pending, or the task is cancelled or closed: the fd must be
@@ -1165,14 +1164,8 @@ static void loop_arm(struct keel__task *t)
 
 static void loop_disarm(struct keel__task *t)
 {
-	uint64_t old;
-
-	if (!t->fd_armed)
-		return;
-	old = fetch_and_acq_rel(&t->mword, ~MB_SLEEPING);
-	if (!(old & MB_SLEEPING))
-		t->loop_owed++; /* a sender scheduled a serve */
-	t->fd_armed = 0;
+	/* A sender that took the arming scheduled a serve. */
+	disarm_counting(t, &t->loop_owed);
 }
 
 static void loop_settle(struct keel__task *t)
@@ -1476,7 +1469,7 @@ static void count_queued(struct keel__task *t)
 
 		if (m == &t->stub || m->counted)
 			continue;
-		if (m->kind != MSG_POST && m->kind != MSG_FOREIGN &&
+		if (!is_post(m) &&
 		    (st == ST_REPLY_DONE || st == ST_REPLY_CANCEL))
 			continue;
 		m->counted = 1;

@@ -127,7 +127,6 @@ struct running {
 
 static KEEL_TLS const struct running *running;
 
-
 /* 1 if this thread is running init for claim gen of the once at word. */
 static int running_on(const uint64_t *word, uint64_t gen)
 {

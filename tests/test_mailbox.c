@@ -569,9 +569,13 @@ static void *loop_sender(void *p)
 	CHECK_EQ(write(l->pipefd[1], "x", 1), 1);
 	/* Each is idle once the loop has run everything (the test joins
 	 * the loop first), then finished. */
-	for (int k = 0; k < 8; k++)
-		while (keel_msg_fini(&ms[k]) == -EBUSY)
+	for (int k = 0; k < 8; k++) {
+		int rc;
+
+		while ((rc = keel_msg_fini(&ms[k])) == -EBUSY)
 			sched_yield();
+		CHECK_OK(rc);
+	}
 	return NULL;
 }
 
