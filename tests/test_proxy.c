@@ -266,7 +266,7 @@ TEST(call_target_thread_exits_inside_work)
 struct exit_mid_drain {
 	keel_task_t id;
 	pthread_t th;
-	harness_event ready, go;
+	harness_event ready, inside, go;
 	atomic_int ran;
 };
 
@@ -274,6 +274,7 @@ static void wait_then_exit(void *p)
 {
 	struct exit_mid_drain *x = p;
 
+	event_set(&x->inside);
 	event_wait(&x->go);
 	pthread_exit(NULL);
 }
@@ -312,11 +313,17 @@ TEST(calls_queued_behind_a_thread_exit_are_cancelled)
 
 	memset(&x, 0, sizeof x);
 	event_init(&x.ready);
+	event_init(&x.inside);
 	event_init(&x.go);
 	x.th = harness_thread(drain_server, &x);
 	event_wait(&x.ready);
 	slot = keel__task_slot(x.id);
 	CHECK_OK(keel_post(x.id, wait_then_exit, NULL, &x));
+	/* Popped (its place given back) and running: from now on the
+	 * places counted are the calls'. Without this wait, a count of
+	 * NCALLERS could include the post and leave a call unsent until
+	 * after the thread ended (-ESRCH, seen once in CI). */
+	event_wait(&x.inside);
 	for (int i = 0; i < NCALLERS; i++)
 		callers[i] = harness_thread(sync_caller, &x);
 	/* Every call queued (the low half of mb_queued counts places). */
