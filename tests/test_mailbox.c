@@ -1392,6 +1392,99 @@ static void stale_work(void *p)
 	harness_fail(__FILE__, __LINE__, "a stale handle reached a task");
 }
 
+/* ---- The owner's wait in a stream (mailbox.c, spin_pauses) ---- */
+
+/* Spin (yielding) until the task is parked in a wait: what a test waits
+ * for before it makes room (or sends), so that this is what wakes it. */
+static void bp_wait_blocked(keel_task_t t)
+{
+	while (!load_relaxed(&keel__task_slot(t)->blocked_in))
+		sched_yield();
+}
+
+
+/* A target that serves until told, and batches of messages sent to it one
+ * drain at a time: each batch's first message holds the owner until the
+ * whole batch is queued, and the next batch goes only once the owner,
+ * having run them all, sleeps. So each batch is exactly one drain, and
+ * its first message sees the wait the drains before it chose. */
+struct stream_probe {
+	_Atomic unsigned released; /* batches whose rest is queued */
+	_Atomic unsigned ran;      /* messages run */
+	_Atomic int done;
+	unsigned batch;            /* the owner's count of first messages */
+	uint32_t seen[16];
+};
+
+static void stream_first(void *p)
+{
+	struct stream_probe *s = p;
+
+	s->seen[s->batch++] = keel__self()->stream_pauses;
+	while (atomic_load(&s->released) < s->batch)
+		sched_yield();
+	atomic_fetch_add(&s->ran, 1);
+}
+
+static void stream_rest(void *p)
+{
+	atomic_fetch_add(&((struct stream_probe *)p)->ran, 1);
+}
+
+static void stream_done(void *p)
+{
+	atomic_store(&((struct stream_probe *)p)->done, 1);
+}
+
+static void stream_body(struct target *t)
+{
+	struct stream_probe *s = t->ctx;
+
+	while (!atomic_load(&s->done))
+		CHECK(keel_serve(KEEL_FOREVER) >= 0);
+}
+
+TEST(owner_waits_longer_in_a_stream_and_not_for_calls)
+{
+	static const unsigned sizes[] = {200, 200, 200, 200, 200, 200, 200,
+					 100, 1,   1,   20,  20,  1};
+	/* The pauses between looks each batch's first message saw:
+	 * none before any drain; from the first stream drain on, 32
+	 * doubling to the cap of 512; a drain slower than one message for
+	 * four pauses halves it; one of a single message (a call's) ends
+	 * the stream, and a stream starts again at 32 after a drain of 20
+	 * (at least 16 messages, and one for every 4 of 32 pauses). */
+	static const uint32_t want[] = {0,   32,  64,  128, 256, 512, 512,
+					512, 256, 0,   0,   32,  64};
+	enum { NB = sizeof sizes / sizeof sizes[0] };
+	_Static_assert(sizeof want / sizeof want[0] == NB, "one per batch");
+	struct stream_probe s = {0};
+	struct target t;
+	unsigned total = 0;
+
+	start_target(&t, stream_body, &s);
+	for (unsigned k = 0; k < NB; k++) {
+		CHECK_OK(keel_post(t.id, stream_first, NULL, &s));
+		for (unsigned i = 1; i < sizes[k]; i++)
+			CHECK_OK(keel_post(t.id, stream_rest, NULL, &s));
+		total += sizes[k];
+		atomic_store(&s.released, k + 1);
+		while (atomic_load(&s.ran) < total)
+			sched_yield();
+		/* Asleep: its drain ended and its spin weighed it. */
+		bp_wait_blocked(t.id);
+	}
+	CHECK_OK(keel_post(t.id, stream_done, NULL, &s));
+	harness_join(t.th);
+	CHECK(s.batch == NB);
+	for (unsigned k = 0; k < NB; k++) {
+		if (s.seen[k] != want[k])
+			harness_fail(__FILE__, __LINE__,
+				     "batch %u saw %u pauses, want %u", k,
+				     (unsigned)s.seen[k], (unsigned)want[k]);
+	}
+}
+
 TEST(stale_handles_never_reach_a_new_task)
 {
 	struct newcomer n;
@@ -1499,14 +1592,6 @@ TEST(serve_returns_when_cancelled)
 }
 
 /* ---- Backpressure ---- */
-
-/* Spin (yielding) until the task is parked in a wait: what a test waits
- * for before it makes room, so that the room is what wakes it. */
-static void bp_wait_blocked(keel_task_t t)
-{
-	while (!load_relaxed(&keel__task_slot(t)->blocked_in))
-		sched_yield();
-}
 
 /* A target that bounds its mailbox to `limit`, fills it with as many
  * messages of its own, says so, then serves once when told, and serves
