@@ -113,23 +113,40 @@ union keel__fn {
 	keel_ctx_work_fn ctx_work;
 };
 
-/* A record is two cache lines, each an anonymous union with its own line
- * so that the fields keep their names. The type asks only for its fields'
- * alignment (the table's records are line-aligned by its layout): a
- * keel_msg_t, which is line 0 alone in a sender's own 8-aligned memory,
- * is reached through it too (mailbox.c, CALLER-OWNED MESSAGES). */
+/* A record is two cache lines in two tables. Line 0, `struct keel__msg`,
+ * is everything a post touches, on both sides; line 1, `struct
+ * keel__msg_call`, is what only calls use. A chunk of the table holds
+ * MSG_CHUNK line 0s side by side and then their MSG_CHUNK line 1s, so a
+ * stream of posts moves through memory a line per message, not two, and
+ * never faults in the call half's pages (msg.c). keel__msg_call() finds
+ * a table record's line 1 at a fixed distance from its line 0.
+ *
+ * Line 0 is an anonymous union with its own line so that the fields keep
+ * their names. The type asks only for its fields' alignment (the table's
+ * records are line-aligned by its layout): a keel_msg_t, which is a line 0
+ * in a sender's own 8-aligned memory, is reached through it too
+ * (mailbox.c, CALLER-OWNED MESSAGES); a keel_msg_t and a mailbox's stub
+ * have no line 1. */
 struct keel__msg {
 	union {
 	struct {
-	/* Line 0: everything a post touches, on both sides. */
 	_Atomic(struct keel__msg *) next; /* queue link; free-list link */
 	union keel__fn fn;
-	void *arg;
+	/* While free, a batch's first record links the next batch of the
+	 * pool in batch_next and keeps the batch's length in batch_n
+	 * (msg.c). */
+	union {
+		void *arg;
+		struct keel__msg *batch_next;
+	};
 	keel_work_fn cancel;
 	/* generation << 8 | enum keel__msg_state; the generation changes each
 	 * time the record is freed. */
 	_Atomic uint64_t state;
-	keel_work_fn done;
+	union {
+		keel_work_fn done;
+		uintptr_t batch_n;
+	};
 	uint32_t idx;
 	uint8_t kind;
 	/* It took one of a bounded mailbox's places (mailbox.c); 0 while
@@ -145,18 +162,19 @@ struct keel__msg {
 	};
 	char line0_[KEEL_CACHELINE];
 	};
+};
+_Static_assert(sizeof(struct keel__msg) == KEEL_CACHELINE,
+	       "a record's line 0 is one cache line");
 
-	union {
-	struct {
-	/* Line 1: calls only. */
+/* Line 1 of a record: calls only. */
+struct keel__msg_call {
 	struct keel__task *caller; /* who waits or gets the reply */
 	keel_task_t caller_id;
 	/* _ctx kinds: the task whose in-flight list holds the record. Read
 	 * without a lock by keel_ctx_finish() on possibly stale handles. */
 	_Atomic(struct keel__task *) target;
 	/* The caller's owner-only list of then-kind records awaiting a
-	 * reply; while free, a batch's first record links the next batch
-	 * in oprev and keeps the batch's length in caller_id. */
+	 * reply. */
 	struct keel__msg *oprev, *onext;
 	/* The target's in-flight ctx list, under target->ctx_lock. */
 	struct keel__msg *iprev, *inext;
@@ -165,12 +183,9 @@ struct keel__msg {
 	 * only, under the target's ctx_lock; read by keel_ctx_finish() on
 	 * possibly stale handles. */
 	_Atomic uint64_t ctx_gen;
-	};
-	char line1_[KEEL_CACHELINE];
-	};
 };
-_Static_assert(sizeof(struct keel__msg) == 2 * KEEL_CACHELINE,
-	       "a record is two cache lines");
+_Static_assert(sizeof(struct keel__msg_call) <= KEEL_CACHELINE,
+	       "a record's line 1 is one cache line");
 
 struct keel__msg *keel__msg_refill(void);
 /* A record freed while this thread's cache is full: kept with the others
@@ -182,6 +197,16 @@ void keel__msg_flush(void);
 struct keel__msg *keel__msg_at_checked(uint32_t idx);
 /* The table is chunks of 1 << MSG_CHUNK_SHIFT records (msg.c). */
 #define MSG_CHUNK_SHIFT 10
+
+/* The line 1 of m, a record of the table (never a keel_msg_t or a stub):
+ * MSG_CHUNK line-0 slots further on, in its chunk. */
+static inline struct keel__msg_call *keel__msg_call(struct keel__msg *m)
+{
+	return (struct keel__msg_call *)(void *)((uintptr_t)m +
+						 ((uintptr_t)1
+						  << MSG_CHUNK_SHIFT) *
+							 sizeof *m);
+}
 /* The index no record has: a mailbox's stub (mailbox.c). */
 #define MSG_IDX_STUB ((uint32_t)0xffffff)
 /* Indices from here up to the stub's name registered keel_msg_t's (msg.c,
@@ -413,7 +438,7 @@ struct keel__task {
 	struct keel__msg *head;
 	char pad1[KEEL_CACHELINE - sizeof(void *)];
 
-	/* The queue's stub record (Vyukov's algorithm); its own lines. */
+	/* The queue's stub record (Vyukov's algorithm); its own line. */
 	struct keel__msg stub KEEL_ALIGNED(KEEL_CACHELINE);
 
 	/* Wake-up line: read by wakers, written rarely. */

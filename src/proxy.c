@@ -74,6 +74,12 @@
 
 #include "internal.h"
 
+/* A call record's line 1 (internal.h). */
+static inline struct keel__msg_call *mc(struct keel__msg *m)
+{
+	return keel__msg_call(m);
+}
+
 /* A ctx handle (see CTX HANDLES above). */
 #define CTX_IDX_BITS MSG_IDX_BITS
 
@@ -100,7 +106,7 @@ static keel_ctx_t *ctx_encode(struct keel__msg *m)
 {
 	/* 1 <= ctx_gen <= MSG_CTX_GEN_LAST: the handle is never NULL and
 	 * loses no bit. */
-	uintptr_t gen = (uintptr_t)load_relaxed(&m->ctx_gen);
+	uintptr_t gen = (uintptr_t)load_relaxed(&mc(m)->ctx_gen);
 
 	return (keel_ctx_t *)(gen << CTX_IDX_BITS | m->idx);
 }
@@ -110,7 +116,7 @@ static keel_ctx_t *ctx_encode(struct keel__msg *m)
 /* For call kinds: publish the outcome; C frees the record. */
 static void complete_call(struct keel__msg *m, enum keel__msg_state st)
 {
-	struct keel__task *c = m->caller;
+	struct keel__task *c = mc(m)->caller;
 
 	/* Pairs with the acquire load in call_wait(). After this store the
 	 * record is C's. */
@@ -121,12 +127,12 @@ static void complete_call(struct keel__msg *m, enum keel__msg_state st)
 /* For then kinds: deliver done or cancel to C's mailbox. */
 static void reply(struct keel__msg *m, enum keel__msg_state st)
 {
-	struct keel__task *c = m->caller;
+	struct keel__task *c = mc(m)->caller;
 	uint64_t w = load_relaxed(&m->state);
 
 	/* Published to C by the send's release. */
 	store_relaxed(&m->state, with_st(w, st));
-	if (keel__mbox_reply(m->caller_id, m) == 0)
+	if (keel__mbox_reply(mc(m)->caller_id, m) == 0)
 		return;
 	store_release(&m->state, with_st(w, ST_ORPHANED));
 	keel__unpark(c);
@@ -134,21 +140,21 @@ static void reply(struct keel__msg *m, enum keel__msg_state st)
 
 static void outstanding_link(struct keel__task *c, struct keel__msg *m)
 {
-	m->oprev = NULL;
-	m->onext = c->outstanding;
+	mc(m)->oprev = NULL;
+	mc(m)->onext = c->outstanding;
 	if (c->outstanding)
-		c->outstanding->oprev = m;
+		mc(c->outstanding)->oprev = m;
 	c->outstanding = m;
 }
 
 static void outstanding_unlink(struct keel__task *c, struct keel__msg *m)
 {
-	if (m->oprev)
-		m->oprev->onext = m->onext;
+	if (mc(m)->oprev)
+		mc(mc(m)->oprev)->onext = mc(m)->onext;
 	else
-		c->outstanding = m->onext;
-	if (m->onext)
-		m->onext->oprev = m->oprev;
+		c->outstanding = mc(m)->onext;
+	if (mc(m)->onext)
+		mc(mc(m)->onext)->oprev = mc(m)->oprev;
 }
 
 /* ---- Target side ------------------------------------------------------ */
@@ -190,18 +196,19 @@ void keel__proxy_run(struct keel__task *t, struct keel__msg *m)
 		return;
 	case MSG_CALL_CTX:
 	case MSG_THEN_CTX: {
+		struct keel__msg_call *call = mc(m);
 		int ok;
 
 		pthread_mutex_lock(&t->ctx_lock);
 		/* Before the CAS: a finish that sees INFLIGHT sees the new
 		 * ctx_gen (CTX HANDLES). Below MSG_CTX_GEN_LAST (new_call). */
-		store_relaxed(&m->ctx_gen, load_relaxed(&m->ctx_gen) + 1);
+		store_relaxed(&call->ctx_gen, load_relaxed(&call->ctx_gen) + 1);
 		ok = claim(m, ST_QUEUED, ST_INFLIGHT);
 		if (ok) {
-			m->iprev = NULL;
-			m->inext = t->inflight;
+			mc(m)->iprev = NULL;
+			mc(m)->inext = t->inflight;
 			if (t->inflight)
-				t->inflight->iprev = m;
+				mc(t->inflight)->iprev = m;
 			t->inflight = m;
 		}
 		pthread_mutex_unlock(&t->ctx_lock);
@@ -232,7 +239,7 @@ void keel__proxy_cancel(struct keel__task *t, struct keel__msg *m)
 		return;
 	}
 	if (m->kind == MSG_CALL || m->kind == MSG_CALL_CTX) {
-		struct keel__task *c = m->caller;
+		struct keel__task *c = mc(m)->caller;
 
 		if (claim(m, ST_QUEUED, ST_SHUT)) {
 			/* The claim published SHUT and C may free the record
@@ -268,23 +275,23 @@ static void cancel_inflight(struct keel__task *t,
 	for (m = t->inflight; m; m = next) {
 		uint64_t w = load_relaxed(&m->state);
 
-		next = m->inext;
+		next = mc(m)->inext;
 		if (!which(m, t))
 			continue;
 		KEEL_ASSERT(st_of(w) == ST_INFLIGHT);
-		if (m->iprev)
-			m->iprev->inext = m->inext;
+		if (mc(m)->iprev)
+			mc(mc(m)->iprev)->inext = mc(m)->inext;
 		else
-			t->inflight = m->inext;
-		if (m->inext)
-			m->inext->iprev = m->iprev;
+			t->inflight = mc(m)->inext;
+		if (mc(m)->inext)
+			mc(mc(m)->inext)->iprev = mc(m)->iprev;
 		store_relaxed(&m->state, with_st(w, ST_RESOLVING));
-		m->inext = list;
+		mc(m)->inext = list;
 		list = m;
 	}
 	pthread_mutex_unlock(&t->ctx_lock);
 	for (m = list; m; m = next) {
-		next = m->inext;
+		next = mc(m)->inext;
 		if (m->kind == MSG_CALL_CTX)
 			complete_call(m, ST_SHUT);
 		else
@@ -301,7 +308,7 @@ static int any_record(struct keel__msg *m, struct keel__task *t)
 
 static int own_record(struct keel__msg *m, struct keel__task *t)
 {
-	return m->caller == t;
+	return mc(m)->caller == t;
 }
 
 /* T's mailbox has closed and drained: settle the replies T is owed. */
@@ -323,7 +330,7 @@ void keel__proxy_close(struct keel__task *t)
 			void *arg = m->arg;
 			uint64_t st;
 
-			next = m->onext;
+			next = mc(m)->onext;
 			if (claim(m, ST_QUEUED, ST_ABANDONED)) {
 				/* Work will never run; the target frees the
 				 * record, which must not be touched now. */
@@ -364,16 +371,16 @@ static struct keel__msg *new_call(struct keel__task *c, enum keel__msg_kind kind
 	/* A record that has no ctx generation left is retired: its handle
 	 * would have to wrap (CTX HANDLES). */
 	if (kind == MSG_CALL_CTX || kind == MSG_THEN_CTX)
-		while (m && load_relaxed(&m->ctx_gen) >= MSG_CTX_GEN_LAST)
+		while (m && load_relaxed(&mc(m)->ctx_gen) >= MSG_CTX_GEN_LAST)
 			m = keel__msg_alloc();
 	if (!m)
 		return NULL;
 	m->kind = (uint8_t)kind;
-	m->caller = c;
-	m->caller_id = c->id;
+	mc(m)->caller = c;
+	mc(m)->caller_id = c->id;
 	m->cancel = NULL;
 	m->done = NULL;
-	store_relaxed(&m->target, keel__task_slot(target));
+	store_relaxed(&mc(m)->target, keel__task_slot(target));
 	store_relaxed(&m->state, with_st(load_relaxed(&m->state), ST_QUEUED));
 	return m;
 }
@@ -528,21 +535,21 @@ int keel_ctx_finish(keel_ctx_t *ctx)
 		return -EINVAL;
 	/* The record may be in any later use by now; `target` and `state`
 	 * are atomics, and the state check under the lock is what decides. */
-	if (!(t = load_relaxed(&m->target)))
+	if (!(t = load_relaxed(&mc(m)->target)))
 		return -ESTALE;
 	pthread_mutex_lock(&t->ctx_lock);
 	w = load_acquire(&m->state);
 	if (st_of(w) != ST_INFLIGHT ||
-	    load_relaxed(&m->ctx_gen) != (uint64_t)(v >> CTX_IDX_BITS)) {
+	    load_relaxed(&mc(m)->ctx_gen) != (uint64_t)(v >> CTX_IDX_BITS)) {
 		pthread_mutex_unlock(&t->ctx_lock);
 		return -ESTALE;
 	}
-	if (m->iprev)
-		m->iprev->inext = m->inext;
+	if (mc(m)->iprev)
+		mc(mc(m)->iprev)->inext = mc(m)->inext;
 	else
-		t->inflight = m->inext;
-	if (m->inext)
-		m->inext->iprev = m->iprev;
+		t->inflight = mc(m)->inext;
+	if (mc(m)->inext)
+		mc(mc(m)->inext)->iprev = mc(m)->iprev;
 	store_relaxed(&m->state, with_st(w, ST_RESOLVING));
 	pthread_mutex_unlock(&t->ctx_lock);
 	if (m->kind == MSG_CALL_CTX)
