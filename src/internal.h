@@ -462,12 +462,9 @@ struct keel__task {
 	uint8_t loop_mode; /* served from its JavaScript event loop */
 	uint32_t loop_owed; /* loop serves scheduled, not run yet (mailbox.c) */
 	/* The stream the owner serves (mailbox.c, spin_pauses): records run
-	 * since the queue was last found empty, how many ran between the last
-	 * two times it was (a drain), whether spin_pauses() has weighed that
-	 * drain yet, and the pauses between looks in a stream (0: none). */
+	 * since its last spin, and the pauses between looks in a stream (0:
+	 * none). */
 	uint32_t run_len;
-	uint32_t last_run;
-	uint8_t drain_new;
 	uint32_t stream_pauses;
 	/* The thread whose event loop serves the mailbox, 0 if none: written
 	 * by the owner, read by the sender that clears SLEEPING. */

@@ -154,8 +154,6 @@ struct keel__task *keel__task_alloc(void)
 	t->inflight = NULL;
 	t->spin_ns = SPIN_INIT_NS;
 	t->run_len = 0;
-	t->last_run = 0;
-	t->drain_new = 0;
 	t->stream_pauses = 0;
 	t->serving = 0;
 	t->closed = 0;

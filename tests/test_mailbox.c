@@ -1404,16 +1404,21 @@ static void bp_wait_blocked(keel_task_t t)
 
 
 /* A target that serves until told, and batches of messages sent to it one
- * drain at a time: each batch's first message holds the owner until the
+ * run at a time: each batch's first message holds the owner until the
  * whole batch is queued, and the next batch goes only once the owner,
- * having run them all, sleeps. So each batch is exactly one drain, and
- * its first message sees the wait the drains before it chose. */
+ * having run them all, sleeps. So each batch is exactly the run between
+ * two spins, and its first message sees the wait the runs before it
+ * chose. */
+#define STREAM_TOPUP 3
+
 struct stream_probe {
 	_Atomic unsigned released; /* batches whose rest is queued */
 	_Atomic unsigned ran;      /* messages run */
 	_Atomic int done;
 	unsigned batch;            /* the owner's count of first messages */
 	uint32_t seen[16];
+	unsigned topup_after;      /* the batch after which the owner posts */
+	int topped;
 };
 
 static void stream_first(void *p)
@@ -1440,8 +1445,17 @@ static void stream_body(struct target *t)
 {
 	struct stream_probe *s = t->ctx;
 
-	while (!atomic_load(&s->done))
+	while (!atomic_load(&s->done)) {
 		CHECK(keel_serve(KEEL_FOREVER) >= 0);
+		/* Messages that come between two serves, with no spin
+		 * between them, belong to the same run. */
+		if (s->batch == s->topup_after + 1 && !s->topped) {
+			s->topped = 1;
+			for (int i = 0; i < STREAM_TOPUP; i++)
+				CHECK_OK(keel_post(keel_self(), stream_rest,
+						   NULL, s));
+		}
+	}
 }
 
 TEST(owner_waits_longer_in_a_stream_and_not_for_calls)
@@ -1449,16 +1463,18 @@ TEST(owner_waits_longer_in_a_stream_and_not_for_calls)
 	static const unsigned sizes[] = {200, 200, 200, 200, 200, 200, 200,
 					 100, 1,   1,   20,  20,  1};
 	/* The pauses between looks each batch's first message saw:
-	 * none before any drain; from the first stream drain on, 32
-	 * doubling to the cap of 512; a drain slower than one message for
-	 * four pauses halves it; one of a single message (a call's) ends
-	 * the stream, and a stream starts again at 32 after a drain of 20
-	 * (at least 16 messages, and one for every 4 of 32 pauses). */
+	 * none before any run; from the first stream run on, 32 doubling
+	 * to the cap of 512; a run slower than one message for four pauses
+	 * halves it; one of a single message (a call's) ends the stream,
+	 * and a stream starts again at 32 after a run of 20 (at least 16
+	 * messages, and one for every 4 of 32 pauses). Batch 4 is followed
+	 * by three messages the owner posts itself between two serves:
+	 * they extend its run (a run of 3 would end the stream). */
 	static const uint32_t want[] = {0,   32,  64,  128, 256, 512, 512,
 					512, 256, 0,   0,   32,  64};
 	enum { NB = sizeof sizes / sizeof sizes[0] };
 	_Static_assert(sizeof want / sizeof want[0] == NB, "one per batch");
-	struct stream_probe s = {0};
+	struct stream_probe s = {.topup_after = 4};
 	struct target t;
 	unsigned total = 0;
 
@@ -1468,10 +1484,12 @@ TEST(owner_waits_longer_in_a_stream_and_not_for_calls)
 		for (unsigned i = 1; i < sizes[k]; i++)
 			CHECK_OK(keel_post(t.id, stream_rest, NULL, &s));
 		total += sizes[k];
+		if (k == s.topup_after)
+			total += STREAM_TOPUP; /* the owner's own, after */
 		atomic_store(&s.released, k + 1);
 		while (atomic_load(&s.ran) < total)
 			sched_yield();
-		/* Asleep: its drain ended and its spin weighed it. */
+		/* Asleep: its run ended and its spin weighed it. */
 		bp_wait_blocked(t.id);
 	}
 	CHECK_OK(keel_post(t.id, stream_done, NULL, &s));
