@@ -140,8 +140,10 @@ static void reply(struct keel__msg *m, enum keel__msg_state st)
 
 static void outstanding_link(struct keel__task *c, struct keel__msg *m)
 {
-	mc(m)->oprev = NULL;
-	mc(m)->onext = c->outstanding;
+	struct keel__msg_call *mcall = mc(m);
+
+	mcall->oprev = NULL;
+	mcall->onext = c->outstanding;
 	if (c->outstanding)
 		mc(c->outstanding)->oprev = m;
 	c->outstanding = m;
@@ -149,12 +151,38 @@ static void outstanding_link(struct keel__task *c, struct keel__msg *m)
 
 static void outstanding_unlink(struct keel__task *c, struct keel__msg *m)
 {
-	if (mc(m)->oprev)
-		mc(mc(m)->oprev)->onext = mc(m)->onext;
+	struct keel__msg_call *mcall = mc(m);
+
+	if (mcall->oprev)
+		mc(mcall->oprev)->onext = mcall->onext;
 	else
-		c->outstanding = mc(m)->onext;
-	if (mc(m)->onext)
-		mc(mc(m)->onext)->oprev = mc(m)->oprev;
+		c->outstanding = mcall->onext;
+	if (mcall->onext)
+		mc(mcall->onext)->oprev = mcall->oprev;
+}
+
+/* The target's in-flight ctx list; under t->ctx_lock. */
+static void inflight_link(struct keel__task *t, struct keel__msg *m)
+{
+	struct keel__msg_call *mcall = mc(m);
+
+	mcall->iprev = NULL;
+	mcall->inext = t->inflight;
+	if (t->inflight)
+		mc(t->inflight)->iprev = m;
+	t->inflight = m;
+}
+
+static void inflight_unlink(struct keel__task *t, struct keel__msg *m)
+{
+	struct keel__msg_call *mcall = mc(m);
+
+	if (mcall->iprev)
+		mc(mcall->iprev)->inext = mcall->inext;
+	else
+		t->inflight = mcall->inext;
+	if (mcall->inext)
+		mc(mcall->inext)->iprev = mcall->iprev;
 }
 
 /* ---- Target side ------------------------------------------------------ */
@@ -204,13 +232,8 @@ void keel__proxy_run(struct keel__task *t, struct keel__msg *m)
 		 * ctx_gen (CTX HANDLES). Below MSG_CTX_GEN_LAST (new_call). */
 		store_relaxed(&call->ctx_gen, load_relaxed(&call->ctx_gen) + 1);
 		ok = claim(m, ST_QUEUED, ST_INFLIGHT);
-		if (ok) {
-			mc(m)->iprev = NULL;
-			mc(m)->inext = t->inflight;
-			if (t->inflight)
-				mc(t->inflight)->iprev = m;
-			t->inflight = m;
-		}
+		if (ok)
+			inflight_link(t, m);
 		pthread_mutex_unlock(&t->ctx_lock);
 		if (!ok) {
 			keel__msg_free(m);
@@ -279,12 +302,7 @@ static void cancel_inflight(struct keel__task *t,
 		if (!which(m, t))
 			continue;
 		KEEL_ASSERT(st_of(w) == ST_INFLIGHT);
-		if (mc(m)->iprev)
-			mc(mc(m)->iprev)->inext = mc(m)->inext;
-		else
-			t->inflight = mc(m)->inext;
-		if (mc(m)->inext)
-			mc(mc(m)->inext)->iprev = mc(m)->iprev;
+		inflight_unlink(t, m);
 		store_relaxed(&m->state, with_st(w, ST_RESOLVING));
 		mc(m)->inext = list;
 		list = m;
@@ -544,12 +562,7 @@ int keel_ctx_finish(keel_ctx_t *ctx)
 		pthread_mutex_unlock(&t->ctx_lock);
 		return -ESTALE;
 	}
-	if (mc(m)->iprev)
-		mc(mc(m)->iprev)->inext = mc(m)->inext;
-	else
-		t->inflight = mc(m)->inext;
-	if (mc(m)->inext)
-		mc(mc(m)->inext)->iprev = mc(m)->iprev;
+	inflight_unlink(t, m);
 	store_relaxed(&m->state, with_st(w, ST_RESOLVING));
 	pthread_mutex_unlock(&t->ctx_lock);
 	if (m->kind == MSG_CALL_CTX)
