@@ -44,7 +44,8 @@ void bench_register_skip(const char *id, const char *impl, const char *why);
 /* @impl is the keel variant the target is for ("keel" for keel itself);
  * @peer NULL names the fastest peer measured for @id in the same run, and
  * BENCH_FASTEST_PREALLOC the fastest of the peers' "_prealloc" variants
- * (the queue alone, see bench_mailbox.c). */
+ * (the queue alone, see bench_mailbox.c). Neither ever picks a reference
+ * row (an impl named <peer>_line, main.c). */
 #define BENCH_FASTEST_PREALLOC "_prealloc"
 void bench_register_target(const char *id, const char *impl, const char *peer,
 			   double max_ratio);

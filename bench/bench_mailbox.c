@@ -72,6 +72,12 @@
  * urcu_wfcq:       liburcu's wait-free concurrent queue (cds_wfcq_enqueue,
  *                  static inline versions); the consumer splices the whole
  *                  queue out at once and walks it.
+ * urcu_wfcq_line: urcu_wfcq_prealloc with each node on a cache line of its
+ *                  own (64 bytes, a keel_msg_t's size) instead of 24 bytes
+ *                  side by side. A reference row, compared with nothing
+ *                  (no target picks it as a peer): keel_msg moves a line a
+ *                  message, and this row shows what a line a message costs
+ *                  the fastest queue, beside what keel_msg costs.
  * For ck_ring and urcu_wfcq the consumer, finding the queue empty, spins
  *   for up to 2 us and then sleeps on a futex word with a "sleeping" flag
  *   (set the flag, look at the queue once more, FUTEX_WAIT); a producer
@@ -166,10 +172,15 @@ struct mb_impl {
 	void (*teardown)(struct mb_rep *r);
 };
 
+/* mb_rep.prealloc for urcu_wfcq_line: preallocated nodes a line each. */
+#define PREALLOC_LINE 2
+
 struct mb_rep {
 	const struct mb_impl *impl;
 	int nprod;
-	int prealloc; /* the _prealloc variant: see the top of the file */
+	/* The _prealloc variant: see the top of the file; PREALLOC_LINE
+	 * for urcu_wfcq_line. */
+	int prealloc;
 	long n;
 	void *q; /* the impl's queue */
 	pthread_barrier_t gate;
@@ -935,13 +946,26 @@ static int wq_ready(void *arg)
 	return !cds_wfcq_empty(&q->head, &q->tail);
 }
 
+_Static_assert(sizeof(struct wnode) <= CACHELINE, "a node fits a line");
+
+/* The node the producer sends as value v (from 1) in a _prealloc rep:
+ * side by side, or one to a cache line in urcu_wfcq_line. */
+static struct wnode *wq_node(struct mb_rep *r, struct wq *q, uint64_t v)
+{
+	size_t size = r->prealloc == PREALLOC_LINE ? CACHELINE
+						   : sizeof(struct wnode);
+
+	return (struct wnode *)(void *)((char *)q->nodes + (v - 1) * size);
+}
+
 static void wq_setup(struct mb_rep *r)
 {
 	struct wq *q = prealloc(sizeof *q);
+	size_t size = r->prealloc == PREALLOC_LINE ? CACHELINE
+						   : sizeof(struct wnode);
 
 	__cds_wfcq_init(&q->head, &q->tail);
-	q->nodes = r->prealloc ? prealloc((size_t)r->n * sizeof(struct wnode))
-			       : NULL;
+	q->nodes = r->prealloc ? prealloc((size_t)r->n * size) : NULL;
 	r->q = q;
 }
 
@@ -985,7 +1009,7 @@ static void wq_produce(struct mb_rep *r, uint64_t first, long count)
 	struct wq *q = r->q;
 
 	for (uint64_t v = first; v < first + (uint64_t)count; v++) {
-		struct wnode *m = r->prealloc ? &q->nodes[v - 1]
+		struct wnode *m = r->prealloc ? wq_node(r, q, v)
 					      : malloc(sizeof *m);
 
 		if (!m)
@@ -1085,6 +1109,14 @@ MB_PEER_MISSING(ck_ring, "Concurrency Kit")
 
 #ifdef HAVE_URCU
 MB_PEER(urcu_wfcq, urcu_mb, urcu_mb)
+BENCH(mailbox_1p1c, urcu_wfcq_line)
+{
+	return mb_measure(&urcu_mb, 1, PREALLOC_LINE);
+}
+BENCH(mailbox_2p1c, urcu_wfcq_line)
+{
+	return mb_measure(&urcu_mb, 2, PREALLOC_LINE);
+}
 #else
 MB_PEER_MISSING(urcu_wfcq, "liburcu")
 #endif

@@ -439,9 +439,21 @@ static int is_variant(const char *impl)
 	return n > k && strcmp(impl + n - k, VARIANT_SUFFIX) == 0;
 }
 
+/* Impls named <peer>_line are reference rows: a _prealloc variant
+ * reshaped to show one cost of keel's (bench_mailbox.c), compared with
+ * nothing. */
+#define REFERENCE_SUFFIX "_line"
+
+static int is_reference(const char *impl)
+{
+	size_t n = strlen(impl), k = strlen(REFERENCE_SUFFIX);
+
+	return n > k && strcmp(impl + n - k, REFERENCE_SUFFIX) == 0;
+}
+
 /* The fastest measured impl of a bench other than keel's own (keel and
- * keel_*): among the like-for-like peers, or (variants != 0) among the
- * variants. */
+ * keel_*) and the reference rows: among the like-for-like peers, or
+ * (variants != 0) among the variants. */
 static const struct entry *fastest_peer(const char *id, int variants)
 {
 	const struct entry *best = NULL;
@@ -450,6 +462,7 @@ static const struct entry *fastest_peer(const char *id, int variants)
 		const struct entry *e = &entries[i];
 
 		if (strcmp(e->id, id) == 0 && strncmp(e->impl, "keel", 4) != 0 &&
+		    !is_reference(e->impl) &&
 		    is_variant(e->impl) == variants && measured(e) &&
 		    (!best || e->median < best->median))
 			best = e;
