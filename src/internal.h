@@ -265,15 +265,18 @@ static inline struct keel__msg *keel__msg_at(uint32_t idx)
  * stay unused before they may be (msg.c, GIVING MEMORY BACK). */
 extern _Atomic uint64_t keel__msg_chunks_released;
 extern _Atomic keel_time_t keel__msg_decay_ns;
+/* Tests: how soon a refill must follow the last for a thread to take
+ * more (msg.c, HOW MUCH A THREAD TAKES). */
+extern _Atomic keel_time_t keel__msg_stream_ns;
 
 /* ---- Thread-local state ------------------------------------------------ */
 #define MSG_HOMES 4 /* home batches a thread gathers records of at once */
 
-/* Free records of one home batch (the MSG_CACHE_BATCH records carved
- * together), gathered by the thread that freed them; see msg.c. */
+/* Free records of one home (the MSG_HOME records of a chunk), gathered
+ * by the thread that freed them; see msg.c. */
 struct keel__msg_home {
 	struct keel__msg *head; /* linked by next, NULL-terminated */
-	uint32_t home;          /* idx / MSG_CACHE_BATCH */
+	uint32_t home;          /* idx / MSG_HOME */
 	uint32_t n;             /* 0: empty */
 };
 
@@ -286,6 +289,10 @@ struct keel__tls {
 	uint32_t rng;       /* yield injection */
 	uint32_t home_next; /* the slot to empty next when all are taken */
 	struct keel__msg_home homes[MSG_HOMES];
+	/* Records the next refill takes (0: MSG_CACHE_BATCH), and when the
+	 * last one was (msg.c, HOW MUCH A THREAD TAKES). */
+	uint32_t want;
+	keel_time_t refill_at;
 };
 
 extern KEEL_TLS struct keel__tls keel__tls;
@@ -299,7 +306,11 @@ extern void (*keel__thread_exit_hook)(void);
  * by another round of destructors). */
 void keel__tls_register(void);
 
+/* The most records a thread's cache takes back before freed records go
+ * to their homes, and what a refill takes at first (msg.c). */
 #define MSG_CACHE_BATCH 64
+/* A home: the records of one chunk (msg.c). */
+#define MSG_HOME ((uint32_t)1 << MSG_CHUNK_SHIFT)
 
 static inline struct keel__msg *keel__msg_alloc(void)
 {

@@ -8,13 +8,13 @@
  * is stale). Each record knows its index.
  *
  * Allocation never takes a lock on the common path. Each thread keeps a
- * LIFO cache of up to one batch of free records; a post allocates on the
- * sender's thread and frees on the target's, so records drift from senders
- * to receivers. An empty cache takes a batch from a global pool or carves
- * a new one out of the table; both take the pool lock once per batch.
+ * LIFO cache of free records; a post allocates on the sender's thread and
+ * frees on the target's, so records drift from senders to receivers. An
+ * empty cache takes a batch from a global pool or carves a new one out of
+ * the table; both take the pool lock once per batch.
  *
- * A record freed while the cache is full goes back to its home: the batch
- * of MSG_CACHE_BATCH records carved together, side by side in the table.
+ * A record freed while the cache holds MSG_CACHE_BATCH goes back to its
+ * home: the MSG_HOME records of its chunk, side by side in the table.
  * The freeing thread gathers records by home, MSG_HOMES homes at a time,
  * and gives a home back to the pool when all its records are in (or, when
  * another home turns up and all places are taken, the part it has of one
@@ -29,6 +29,21 @@
  * bench went from about 30 to 150-300 ns a message over 20 repetitions;
  * now it stays at 25-50). A thread's records go back to the pool when it
  * exits.
+ *
+ * HOW MUCH A THREAD TAKES. A refill takes MSG_CACHE_BATCH records, or, if
+ * the thread's last refill was less than keel__msg_stream_ns (1 ms) ago,
+ * twice what that one took, up to a home; a batch longer than that is cut
+ * and the rest goes back to the pool. So a thread that sends now and then
+ * holds at most 64 free records, and a thread that streams takes whole
+ * homes: its messages follow each other through 1024 neighbouring
+ * records. That is for the owner of a deep queue. With homes of 64 the
+ * queue was runs of 64 in an order the pool had shuffled (a sender took
+ * the batch the owner had just given back, then an older one, ...): an
+ * owner that fell behind its sender ran 15 to 19 ns a message even after
+ * the sender had stopped, against 6 to 10 for a queue in carving order,
+ * and never caught up while the sender ran. With homes of a chunk and
+ * streaming senders taking them whole, the queue is runs of 1024, and
+ * the owner keeps up or catches up (docs/performance.md).
  *
  * While free, a record's `next` links it in its cache or batch (it is the
  * queue link otherwise); a batch's first record keeps the batch's length
@@ -110,12 +125,15 @@ static uint32_t pool_free;
 static uint32_t trim_at = 2 * MSG_POOL_KEEP;
 static int trimming;
 /* Under pool_lock: the epoch's start, its low-water mark of pool_free,
- * and give_backs since the clock was last read. */
+ * and records given back since the clock was last read. */
 static keel_time_t epoch_start;
 static uint32_t pool_low;
 static uint32_t epoch_ticks;
 /* The epoch's length; tests set 0 (trim as soon as the pool grows). */
 _Atomic keel_time_t keel__msg_decay_ns = KEEL_SEC(1);
+/* How soon a refill must follow the thread's last to take twice as much
+ * (HOW MUCH A THREAD TAKES); tests set it. */
+_Atomic keel_time_t keel__msg_stream_ns = KEEL_MS(1);
 /* Chunks whose pages were given back, to carve again first (a stack,
  * under pool_lock), and per chunk the highest generation its records had
  * (written by the trimmer before the chunk is on the stack). */
@@ -158,13 +176,13 @@ static struct keel__msg *carve_released(uint32_t *n)
 	/* Not above: the next use as a ctx call raises it before its handle
 	 * is made, and a record at MSG_CTX_GEN_LAST was never freed. */
 	uint64_t ctx_gen = released_ctx_gen[ci];
-	for (uint32_t b = MSG_CHUNK / MSG_CACHE_BATCH; b-- > 0;) {
+	for (uint32_t b = MSG_CHUNK / MSG_HOME; b-- > 0;) {
 		struct keel__msg *head = NULL;
 
-		for (uint32_t i = MSG_CACHE_BATCH; i-- > 0;) {
-			struct keel__msg *m = &c[b * MSG_CACHE_BATCH + i];
+		for (uint32_t i = MSG_HOME; i-- > 0;) {
+			struct keel__msg *m = &c[b * MSG_HOME + i];
 
-			m->idx = ci << MSG_CHUNK_SHIFT | (b * MSG_CACHE_BATCH + i);
+			m->idx = ci << MSG_CHUNK_SHIFT | (b * MSG_HOME + i);
 			store_relaxed(&m->state, gen << MSG_STATE_BITS | ST_FREE);
 			store_relaxed(&keel__msg_call(m)->ctx_gen, ctx_gen);
 			store_relaxed(&m->next, head);
@@ -173,9 +191,9 @@ static struct keel__msg *carve_released(uint32_t *n)
 		if (b == 0)
 			first = head;
 		else
-			pool_push(head, MSG_CACHE_BATCH);
+			pool_push(head, MSG_HOME);
 	}
-	*n = MSG_CACHE_BATCH;
+	*n = MSG_HOME;
 	return first;
 }
 
@@ -203,41 +221,68 @@ static struct keel__msg *carve(uint32_t *n)
 		store_release(&keel__msg_chunks[first >> MSG_CHUNK_SHIFT], c);
 	}
 	/* MSG_CHUNK is a multiple of the batch: a batch never spans chunks. */
-	for (uint32_t i = MSG_CACHE_BATCH; i-- > 0;) {
+	for (uint32_t i = MSG_HOME; i-- > 0;) {
 		struct keel__msg *m = &c[(first + i) & (MSG_CHUNK - 1)];
 
 		store_relaxed(&m->next, head);
 		head = m;
 	}
-	msg_count += MSG_CACHE_BATCH;
-	*n = MSG_CACHE_BATCH;
+	msg_count += MSG_HOME;
+	*n = MSG_HOME;
 	return head;
+}
+
+/* How many records this refill takes (HOW MUCH A THREAD TAKES). */
+static uint32_t refill_want(struct keel__tls *tls)
+{
+	keel_time_t now = keel__clock_now();
+
+	if (tls->want && now - tls->refill_at < load_relaxed(&keel__msg_stream_ns))
+		tls->want = tls->want < MSG_HOME ? 2 * tls->want : MSG_HOME;
+	else
+		tls->want = MSG_CACHE_BATCH;
+	tls->refill_at = now;
+	return tls->want;
 }
 
 struct keel__msg *keel__msg_refill(void)
 {
-	struct keel__msg *b;
-	uint32_t n;
+	struct keel__tls *tls = &keel__tls;
+	struct keel__msg *b, *cut;
+	uint32_t n, want;
 
 	keel__tls_register();
+	want = refill_want(tls);
 	pthread_mutex_lock(&pool_lock);
 	if ((b = batches) != NULL) {
 		batches = b->batch_next;
 		n = (uint32_t)b->batch_n;
 		pool_free -= n;
-		if (pool_free < pool_low)
-			pool_low = pool_free;
-		/* The pool is emptying: the next trim may come sooner. */
-		if (pool_free < trim_at / 4 && trim_at > 2 * MSG_POOL_KEEP)
-			trim_at /= 2;
-	} else {
-		b = carve(&n);
-	}
-	pthread_mutex_unlock(&pool_lock);
-	if (!b)
+	} else if (!(b = carve(&n))) {
+		pthread_mutex_unlock(&pool_lock);
 		return NULL;
-	keel__tls.cache = load_relaxed(&b->next);
-	keel__tls.ncache = n - 1;
+	}
+	if (n > want) {
+		/* Keep the first `want`, in their order; the rest go back on
+		 * top, under the lock, so that a refill meanwhile finds them
+		 * (and does not carve a chunk of its own). A walk of want - 1
+		 * records: 63 for a thread that sends now and then, none for
+		 * a streaming one once it takes whole homes. */
+		cut = b;
+		for (uint32_t i = 1; i < want; i++)
+			cut = load_relaxed(&cut->next);
+		pool_push(load_relaxed(&cut->next), n - want);
+		store_relaxed(&cut->next, NULL);
+		n = want;
+	}
+	if (pool_free < pool_low)
+		pool_low = pool_free;
+	/* The pool is emptying: the next trim may come sooner. */
+	if (pool_free < trim_at / 4 && trim_at > 2 * MSG_POOL_KEEP)
+		trim_at /= 2;
+	pthread_mutex_unlock(&pool_lock);
+	tls->cache = load_relaxed(&b->next);
+	tls->ncache = n - 1;
 	return b;
 }
 
@@ -273,7 +318,7 @@ static void rebatch(struct keel__msg *list, struct keel__msg **out,
 			store_relaxed(&m->next, cur);
 			cur = m;
 			(*kept)++;
-			if (++ncur == MSG_CACHE_BATCH) {
+			if (++ncur == MSG_HOME) {
 				cur->batch_n = ncur;
 				cur->batch_next = *out;
 				*out = cur;
@@ -344,11 +389,13 @@ static void trim(uint32_t surplus)
  * stayed free through it, if that is enough. The clock is read every 16th
  * give_back (of 64 records each): an epoch's end is noticed a little late,
  * which does not matter. */
-static void epoch_check(void)
+static void epoch_check(uint32_t n)
 {
 	keel_time_t now;
 
-	if (++epoch_ticks < 16 || trimming)
+	/* The clock is read once per 1024 records given back. */
+	epoch_ticks += n;
+	if (epoch_ticks < 16 * MSG_CACHE_BATCH || trimming)
 		return;
 	epoch_ticks = 0;
 	now = keel__clock_now();
@@ -366,14 +413,14 @@ static void give_back(struct keel__msg *head, uint32_t n)
 {
 	pthread_mutex_lock(&pool_lock);
 	pool_push(head, n);
-	epoch_check();
+	epoch_check(n);
 	pthread_mutex_unlock(&pool_lock);
 }
 
 void keel__msg_free_home(struct keel__msg *m)
 {
 	struct keel__tls *tls = &keel__tls;
-	uint32_t home = m->idx / MSG_CACHE_BATCH;
+	uint32_t home = m->idx / MSG_HOME;
 	struct keel__msg_home *h = NULL;
 
 	for (int i = 0; i < MSG_HOMES; i++)
@@ -394,7 +441,7 @@ void keel__msg_free_home(struct keel__msg *m)
 	}
 	store_relaxed(&m->next, h->n ? h->head : NULL);
 	h->head = m;
-	if (++h->n == MSG_CACHE_BATCH) {
+	if (++h->n == MSG_HOME) {
 		give_back(h->head, h->n);
 		h->n = 0;
 	}

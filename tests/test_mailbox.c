@@ -2130,6 +2130,113 @@ TEST(message_memory_goes_back_after_a_burst)
 #endif
 }
 
+/* HOW MUCH A THREAD TAKES (msg.c): a thread's first refill takes
+ * MSG_CACHE_BATCH records, not a home. Four threads, each sending one
+ * message and staying alive with the rest of its refill, fit in one
+ * chunk of the table; taking whole homes they grew it by four. */
+struct once_sender {
+	keel_task_t to;
+	struct counters *c;
+	pthread_barrier_t *sent;
+	harness_event *leave;
+};
+
+static void *send_once_and_stay(void *p)
+{
+	struct once_sender *o = p;
+
+	CHECK_OK(keel_post(o->to, count_run, count_cancel, o->c));
+	CHECK_INT(keel__tls.ncache, <, MSG_CACHE_BATCH);
+	pthread_barrier_wait(o->sent);
+	event_wait(o->leave);
+	return NULL;
+}
+
+TEST(a_thread_that_sends_once_takes_a_small_batch)
+{
+	enum { NSEND = 4 };
+	struct counters c = {0};
+	harness_event go, leave;
+	pthread_barrier_t sent;
+	struct once_sender o;
+	pthread_t th[NSEND];
+	struct target t;
+	uint32_t before;
+
+	keel_self();
+	event_init(&go);
+	event_init(&leave);
+	CHECK_OK(pthread_barrier_init(&sent, NULL, NSEND + 1));
+	start_target(&t, bp_serve_when_told, &go);
+	before = records_in_table();
+	o = (struct once_sender){t.id, &c, &sent, &leave};
+	for (int i = 0; i < NSEND; i++)
+		th[i] = harness_thread(send_once_and_stay, &o);
+	pthread_barrier_wait(&sent);
+	CHECK_INT(records_in_table() - before, <=, MSG_HOME);
+	event_set(&leave);
+	for (int i = 0; i < NSEND; i++)
+		harness_join(th[i]);
+	event_set(&go);
+	harness_join(t.th);
+	CHECK_EQ(atomic_load(&c.ran), NSEND);
+	pthread_barrier_destroy(&sent);
+}
+
+/* A thread that refills again soon after its last refill takes twice as
+ * much, up to a home, and a home carved whole is a run of neighbours; a
+ * refill after a pause takes MSG_CACHE_BATCH again. The window is set
+ * to an hour, then to 0, so the test does not depend on timing. */
+TEST(a_streaming_thread_takes_whole_homes)
+{
+	struct counters c = {0};
+	harness_event go;
+	struct target t;
+	keel_time_t window = atomic_load(&keel__msg_stream_ns);
+	int sent = 0, reached = 0;
+
+	keel_self();
+	event_init(&go);
+	start_target(&t, bp_serve_when_told, &go);
+	atomic_store(&keel__msg_stream_ns, KEEL_SEC(3600));
+	while (sent < 4 * (int)MSG_HOME && !reached) {
+		CHECK_OK(keel_post(t.id, count_run, count_cancel, &c));
+		sent++;
+		reached = keel__tls.want == MSG_HOME &&
+			  keel__tls.ncache == MSG_HOME - 1;
+	}
+	CHECK(reached);
+	/* The rest of the home, in order: each record next to the one
+	 * before it, all the same way. */
+	{
+		struct keel__msg *m = keel__tls.cache, *next;
+		long step = 0;
+
+		for (; (next = load_relaxed(&m->next)) != NULL; m = next) {
+			long d = (long)next->idx - (long)m->idx;
+
+			if (!step)
+				step = d;
+			CHECK(d == 1 || d == -1);
+			CHECK_EQ(d, step);
+		}
+	}
+	/* A pause (a window of 0): back to a small batch. */
+	atomic_store(&keel__msg_stream_ns, 0);
+	while (keel__tls.ncache > 0) {
+		CHECK_OK(keel_post(t.id, count_run, count_cancel, &c));
+		sent++;
+	}
+	CHECK_OK(keel_post(t.id, count_run, count_cancel, &c));
+	sent++;
+	CHECK_EQ(keel__tls.want, MSG_CACHE_BATCH);
+	CHECK_EQ(keel__tls.ncache, MSG_CACHE_BATCH - 1);
+	atomic_store(&keel__msg_stream_ns, window);
+	event_set(&go);
+	harness_join(t.th);
+	CHECK_EQ(atomic_load(&c.ran), sent);
+}
+
 /* ---- Served from the JavaScript event loop (WebAssembly threads) ---- */
 
 /* Natively there is no such loop; on Emscripten the loop and the fd
