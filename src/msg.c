@@ -237,7 +237,8 @@ static uint32_t refill_want(struct keel__tls *tls)
 {
 	keel_time_t now = keel__clock_now();
 
-	if (tls->want && now - tls->refill_at < load_relaxed(&keel__msg_stream_ns))
+	if (tls->want &&
+	    now - tls->refill_at < load_relaxed(&keel__msg_stream_ns))
 		tls->want = tls->want < MSG_HOME ? 2 * tls->want : MSG_HOME;
 	else
 		tls->want = MSG_CACHE_BATCH;
