@@ -387,14 +387,13 @@ static void trim(uint32_t surplus)
 }
 
 /* Under pool_lock, after a give_back: has an epoch ended? Then trim what
- * stayed free through it, if that is enough. The clock is read every 16th
- * give_back (of 64 records each): an epoch's end is noticed a little late,
- * which does not matter. */
+ * stayed free through it, if that is enough. The clock is read once per
+ * 1024 records given back (n, this give_back's): an epoch's end is
+ * noticed a little late, which does not matter. */
 static void epoch_check(uint32_t n)
 {
 	keel_time_t now;
 
-	/* The clock is read once per 1024 records given back. */
 	epoch_ticks += n;
 	if (epoch_ticks < 16 * MSG_CACHE_BATCH || trimming)
 		return;
