@@ -279,6 +279,10 @@ static keel_time_t until_deadline(int count)
 /* What a keel_post_until() from worker x to worker y may return. */
 static int until_ok(int x, int y, int count, int rc)
 {
+	/* An ending worker's bounded mailbox is open, and may be full, until
+	 * its close: a short wait may time out there as at an open one. */
+	if (rc == -ETIMEDOUT && W[y].limit && W[y].state == W_ENDING)
+		return count < 2;
 	if (!W[y].limit || W[y].state != W_OPEN)
 		return rc != -EAGAIN && send_ok(y, rc);
 	if (rc == -ETIMEDOUT)
