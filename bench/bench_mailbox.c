@@ -194,6 +194,9 @@ struct mb_rep {
 	 * consumer's voluntary ones, and every thread's involuntary ones. */
 	long sleeps;
 	long preempts[MAX_PRODUCERS + 1];
+	/* Page faults in the timed span, per thread: memory a queue touched
+	 * for the first time (or again, after giving it back). */
+	long faults[MAX_PRODUCERS + 1];
 	/* CPU time of each thread in the timed span, ns (thread_cpu()). */
 	int64_t cpu[MAX_PRODUCERS + 1];
 };
@@ -223,7 +226,7 @@ static int64_t thread_cpu(void)
  * queue that costs more per message, a consumer that keeps falling asleep
  * and paying for its wake-ups, or threads that share a CPU.
  */
-static void thread_switches(long *voluntary, long *involuntary)
+static void thread_switches(long *voluntary, long *involuntary, long *faults)
 {
 	struct rusage ru;
 
@@ -231,6 +234,7 @@ static void thread_switches(long *voluntary, long *involuntary)
 		bench_fail("getrusage(RUSAGE_THREAD) failed");
 	*voluntary = ru.ru_nvcsw;
 	*involuntary = ru.ru_nivcsw;
+	*faults = ru.ru_minflt + ru.ru_majflt;
 }
 
 struct mb_producer {
@@ -241,20 +245,21 @@ struct mb_producer {
 static void *mb_consumer_main(void *arg)
 {
 	struct mb_rep *r = arg;
-	long v0, i0, v1, i1;
+	long v0, i0, f0, v1, i1, f1;
 
 	if (r->impl->prepare)
 		r->impl->prepare(r);
 	pthread_barrier_wait(&r->gate);
 	r->started[0] = bench_now();
-	thread_switches(&v0, &i0);
+	thread_switches(&v0, &i0, &f0);
 	r->cpu[0] = -thread_cpu();
 	r->impl->consume(r);
 	r->finished = bench_now();
 	r->cpu[0] += thread_cpu();
-	thread_switches(&v1, &i1);
+	thread_switches(&v1, &i1, &f1);
 	r->sleeps = v1 - v0;
 	r->preempts[0] = i1 - i0;
+	r->faults[0] = f1 - f0;
 	bench_event_set(&r->done);
 	return NULL;
 }
@@ -265,16 +270,17 @@ static void *mb_producer_main(void *arg)
 	struct mb_rep *r = p->r;
 	long per = r->n / r->nprod;
 	long count = p->idx == r->nprod - 1 ? r->n - per * p->idx : per;
-	long v0, i0, v1, i1;
+	long v0, i0, f0, v1, i1, f1;
 
 	pthread_barrier_wait(&r->gate);
 	r->started[1 + p->idx] = bench_now();
-	thread_switches(&v0, &i0);
+	thread_switches(&v0, &i0, &f0);
 	r->cpu[1 + p->idx] = -thread_cpu();
 	r->impl->produce(r, (uint64_t)(per * p->idx) + 1, count);
 	r->cpu[1 + p->idx] += thread_cpu();
-	thread_switches(&v1, &i1);
+	thread_switches(&v1, &i1, &f1);
 	r->preempts[1 + p->idx] = i1 - i0;
+	r->faults[1 + p->idx] = f1 - f0;
 	return NULL;
 }
 
@@ -286,7 +292,7 @@ static double mb_measure(const struct mb_impl *impl, int nprod, int prealloc)
 	uint64_t n, want;
 	int64_t start;
 	int64_t send_cpu;
-	long preempts;
+	long preempts, faults;
 	int timed_out;
 
 	r.n = bench_count(MB_MESSAGES, 1000);
@@ -318,11 +324,13 @@ static double mb_measure(const struct mb_impl *impl, int nprod, int prealloc)
 			   (unsigned long long)want);
 	start = r.started[0];
 	preempts = r.preempts[0];
+	faults = r.faults[0];
 	send_cpu = 0;
 	for (int i = 1; i <= nprod; i++) {
 		if (r.started[i] < start)
 			start = r.started[i];
 		preempts += r.preempts[i];
+		faults += r.faults[i];
 		send_cpu += r.cpu[i];
 	}
 	bench_extra("send_cpu_ns/msg", (double)send_cpu / (double)r.n);
@@ -331,6 +339,7 @@ static double mb_measure(const struct mb_impl *impl, int nprod, int prealloc)
 	 * with a timeout here), so this is its wakes per message too. */
 	bench_extra("sleeps/msg", (double)r.sleeps / (double)r.n);
 	bench_extra("preempts/msg", (double)preempts / (double)r.n);
+	bench_extra("faults/msg", (double)faults / (double)r.n);
 	return (double)(r.finished - start) / (double)r.n;
 }
 
@@ -1170,15 +1179,15 @@ struct rt_rep {
 static void *rt_server_main(void *arg)
 {
 	struct rt_rep *r = arg;
-	long v0, i0, v1, i1;
+	long v0, i0, f0, v1, i1, f1;
 
 	if (r->impl->prepare)
 		r->impl->prepare(r);
 	pthread_barrier_wait(&r->gate);
 	/* B's span runs to the untimed stop call: one call more than A's. */
-	thread_switches(&v0, &i0);
+	thread_switches(&v0, &i0, &f0);
 	r->impl->serve(r);
-	thread_switches(&v1, &i1);
+	thread_switches(&v1, &i1, &f1);
 	r->sleeps[1] = v1 - v0;
 	r->preempts[1] = i1 - i0;
 	return NULL;
@@ -1188,11 +1197,11 @@ static void *rt_caller_main(void *arg)
 {
 	struct rt_rep *r = arg;
 	int64_t start, now;
-	long i, v0, i0, v1, i1;
+	long i, v0, i0, f0, v1, i1, f1;
 
 	pthread_barrier_wait(&r->gate);
 	start = now = bench_now();
-	thread_switches(&v0, &i0);
+	thread_switches(&v0, &i0, &f0);
 	for (i = 1; i <= r->max_calls; i++) {
 		uint64_t reply = r->impl->call(r, (uint64_t)i);
 
@@ -1207,7 +1216,7 @@ static void *rt_caller_main(void *arg)
 		}
 	}
 	now = bench_now();
-	thread_switches(&v1, &i1);
+	thread_switches(&v1, &i1, &f1);
 	r->sleeps[0] = v1 - v0;
 	r->preempts[0] = i1 - i0;
 	r->calls = i - 1;

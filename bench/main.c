@@ -30,7 +30,7 @@
  * filter given as an argument or in KEEL_BENCH_FILTER, or if none is
  * given. Environment: KEEL_BENCH_REPS, KEEL_BENCH_SCALE (a multiplier of
  * operation counts), KEEL_BENCH_TIMEOUT (seconds allowed per repetition),
- * KEEL_BENCH_VERBOSE=1 (print every repetition's figure to stderr).
+ * KEEL_BENCH_VERBOSE=1 (print every repetition's figures to stderr).
  */
 #include <errno.h>
 #include <math.h>
@@ -316,9 +316,17 @@ static void run_rep(struct entry *e, int timed)
 			e->impl, (double)rep_limit_ns / 1e9);
 		return;
 	}
-	if (verbose)
-		fprintf(stderr, "  %s/%s %s: %.1f ns\n", e->id, e->impl,
+	if (verbose) {
+		fprintf(stderr, "  %s/%s %s: %.1f ns", e->id, e->impl,
 			timed ? "rep" : "warm-up", ns);
+		/* This repetition's own figures, to tell a slow repetition's
+		 * cause (a sleeping consumer, a busy sender) from the rest. */
+		for (int i = 0; timed && i < e->nextras; i++)
+			if (e->extras[i].n == e->nsamples + 1)
+				fprintf(stderr, " %s %.3g", e->extras[i].name,
+					e->extras[i].samples[e->nsamples]);
+		fputc('\n', stderr);
+	}
 	if (timed)
 		e->samples[e->nsamples++] = ns;
 }
