@@ -197,6 +197,9 @@ struct mb_rep {
 	/* Page faults in the timed span, per thread: memory a queue touched
 	 * for the first time (or again, after giving it back). */
 	long faults[MAX_PRODUCERS + 1];
+	/* The producers' voluntary context switches: the times a send
+	 * blocked (on a lock of the queue's, or for room). */
+	long send_sleeps[MAX_PRODUCERS];
 	/* CPU time of each thread in the timed span, ns (thread_cpu()). */
 	int64_t cpu[MAX_PRODUCERS + 1];
 };
@@ -281,6 +284,7 @@ static void *mb_producer_main(void *arg)
 	thread_switches(&v1, &i1, &f1);
 	r->preempts[1 + p->idx] = i1 - i0;
 	r->faults[1 + p->idx] = f1 - f0;
+	r->send_sleeps[p->idx] = v1 - v0;
 	return NULL;
 }
 
@@ -292,7 +296,7 @@ static double mb_measure(const struct mb_impl *impl, int nprod, int prealloc)
 	uint64_t n, want;
 	int64_t start;
 	int64_t send_cpu;
-	long preempts, faults;
+	long preempts, faults, send_sleeps;
 	int timed_out;
 
 	r.n = bench_count(MB_MESSAGES, 1000);
@@ -325,12 +329,14 @@ static double mb_measure(const struct mb_impl *impl, int nprod, int prealloc)
 	start = r.started[0];
 	preempts = r.preempts[0];
 	faults = r.faults[0];
+	send_sleeps = 0;
 	send_cpu = 0;
 	for (int i = 1; i <= nprod; i++) {
 		if (r.started[i] < start)
 			start = r.started[i];
 		preempts += r.preempts[i];
 		faults += r.faults[i];
+		send_sleeps += r.send_sleeps[i - 1];
 		send_cpu += r.cpu[i];
 	}
 	bench_extra("send_cpu_ns/msg", (double)send_cpu / (double)r.n);
@@ -338,6 +344,7 @@ static double mb_measure(const struct mb_impl *impl, int nprod, int prealloc)
 	/* Each sleep of the consumer ends in one wake-up (no impl sleeps
 	 * with a timeout here), so this is its wakes per message too. */
 	bench_extra("sleeps/msg", (double)r.sleeps / (double)r.n);
+	bench_extra("send_sleeps/msg", (double)send_sleeps / (double)r.n);
 	bench_extra("preempts/msg", (double)preempts / (double)r.n);
 	bench_extra("faults/msg", (double)faults / (double)r.n);
 	return (double)(r.finished - start) / (double)r.n;

@@ -26,7 +26,8 @@
  * when a benchmark computed a wrong result.
  *
  * Usage: keel_bench [-o results.json] [--list] [filter...]
- * A filter is a substring of "id/impl"; an impl runs if it matches any
+ * A filter is a substring of "id/impl", or its end if the filter ends in
+ * '$' (mailbox_1p1c/keel$); an impl runs if it matches any
  * filter given as an argument or in KEEL_BENCH_FILTER, or if none is
  * given. Environment: KEEL_BENCH_REPS, KEEL_BENCH_SCALE (a multiplier of
  * operation counts), KEEL_BENCH_TIMEOUT (seconds allowed per repetition),
@@ -235,9 +236,20 @@ static int matches(const struct entry *e)
 	if (nfilters == 0)
 		return 1;
 	snprintf(name, sizeof name, "%s/%s", e->id, e->impl);
-	for (int i = 0; i < nfilters; i++)
-		if (strstr(name, filters[i]))
+	for (int i = 0; i < nfilters; i++) {
+		size_t n = strlen(filters[i]), len = strlen(name);
+
+		/* "...$": the name ends with it (mailbox_2p1c/keel$ is keel
+		 * alone, without keel_msg). */
+		if (n && filters[i][n - 1] == '$') {
+			n--;
+			if (n <= len &&
+			    strncmp(name + len - n, filters[i], n) == 0)
+				return 1;
+		} else if (strstr(name, filters[i])) {
 			return 1;
+		}
+	}
 	return 0;
 }
 
@@ -603,7 +615,8 @@ static void usage(void)
 {
 	fprintf(stderr,
 		"usage: keel_bench [-o results.json] [--list] [filter...]\n"
-		"  filter: a substring of \"id/impl\" (also KEEL_BENCH_FILTER)\n"
+		"  filter: a substring of \"id/impl\", or its end if it ends\n"
+		"          in $ (also KEEL_BENCH_FILTER)\n"
 		"  env: KEEL_BENCH_REPS (7), KEEL_BENCH_SCALE (1),\n"
 		"       KEEL_BENCH_TIMEOUT (seconds per repetition, 10),\n"
 		"       KEEL_BENCH_VERBOSE=1 (every repetition to stderr)\n");
