@@ -389,16 +389,19 @@ static void trim(uint32_t surplus)
 	trimming = 0;
 }
 
+/* Records given back between two reads of the clock by epoch_check(). */
+#define EPOCH_CLOCK_RECORDS 1024
+
 /* Under pool_lock, after a give_back: has an epoch ended? Then trim what
  * stayed free through it, if that is enough. The clock is read once per
- * 1024 records given back (n, this give_back's): an epoch's end is
- * noticed a little late, which does not matter. */
+ * EPOCH_CLOCK_RECORDS records given back (n, this give_back's): an
+ * epoch's end is noticed a little late, which does not matter. */
 static void epoch_check(uint32_t n)
 {
 	keel_time_t now;
 
 	epoch_ticks += n;
-	if (epoch_ticks < 16 * MSG_CACHE_BATCH || trimming)
+	if (epoch_ticks < EPOCH_CLOCK_RECORDS || trimming)
 		return;
 	epoch_ticks = 0;
 	now = keel__clock_now();
