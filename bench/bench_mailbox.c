@@ -227,7 +227,8 @@ static int64_t thread_cpu(void)
  * thread of this run or of another process needed it). Reported per
  * message beside each time, so that a slow figure can be told apart: a
  * queue that costs more per message, a consumer that keeps falling asleep
- * and paying for its wake-ups, or threads that share a CPU.
+ * and paying for its wake-ups, or threads that share a CPU. And, if
+ * faults is not NULL, its page faults so far.
  */
 static void thread_switches(long *voluntary, long *involuntary, long *faults)
 {
@@ -237,7 +238,8 @@ static void thread_switches(long *voluntary, long *involuntary, long *faults)
 		bench_fail("getrusage(RUSAGE_THREAD) failed");
 	*voluntary = ru.ru_nvcsw;
 	*involuntary = ru.ru_nivcsw;
-	*faults = ru.ru_minflt + ru.ru_majflt;
+	if (faults)
+		*faults = ru.ru_minflt + ru.ru_majflt;
 }
 
 struct mb_producer {
@@ -1190,15 +1192,15 @@ struct rt_rep {
 static void *rt_server_main(void *arg)
 {
 	struct rt_rep *r = arg;
-	long v0, i0, f0, v1, i1, f1;
+	long v0, i0, v1, i1;
 
 	if (r->impl->prepare)
 		r->impl->prepare(r);
 	pthread_barrier_wait(&r->gate);
 	/* B's span runs to the untimed stop call: one call more than A's. */
-	thread_switches(&v0, &i0, &f0);
+	thread_switches(&v0, &i0, NULL);
 	r->impl->serve(r);
-	thread_switches(&v1, &i1, &f1);
+	thread_switches(&v1, &i1, NULL);
 	r->sleeps[1] = v1 - v0;
 	r->preempts[1] = i1 - i0;
 	return NULL;
@@ -1208,11 +1210,11 @@ static void *rt_caller_main(void *arg)
 {
 	struct rt_rep *r = arg;
 	int64_t start, now;
-	long i, v0, i0, f0, v1, i1, f1;
+	long i, v0, i0, v1, i1;
 
 	pthread_barrier_wait(&r->gate);
 	start = now = bench_now();
-	thread_switches(&v0, &i0, &f0);
+	thread_switches(&v0, &i0, NULL);
 	for (i = 1; i <= r->max_calls; i++) {
 		uint64_t reply = r->impl->call(r, (uint64_t)i);
 
@@ -1227,7 +1229,7 @@ static void *rt_caller_main(void *arg)
 		}
 	}
 	now = bench_now();
-	thread_switches(&v1, &i1, &f1);
+	thread_switches(&v1, &i1, NULL);
 	r->sleeps[0] = v1 - v0;
 	r->preempts[0] = i1 - i0;
 	r->calls = i - 1;
