@@ -1410,6 +1410,73 @@ TEST(destroy_while_others_wait_to_lock_is_ebusy)
 	free(b);
 }
 
+/* ---- The contended mutex's spin ---- */
+
+/* A thread that finds a mutex held spins a short while before it sleeps,
+ * unless the mutex is the one it released last (two threads taking turns
+ * at one lock would hand it over at every release, where a sleeper lets
+ * the running holder take it again and again). White-box: the waiter's
+ * own counts (keel__locks.spins_won and spins_lost) say whether it spun,
+ * and the holder lets go only once the word says the waiter sleeps (2),
+ * so a spin, if any, was lost. */
+struct spinner {
+	keel_mutex_t m;
+	harness_event ready, go;
+	int release_first;
+	uint32_t won, lost;
+};
+
+static void *spin_waiter(void *arg)
+{
+	struct spinner *s = arg;
+
+	if (s->release_first) {
+		keel_mutex_lock(&s->m);
+		keel_mutex_unlock(&s->m);
+	}
+	event_set(&s->ready);
+	event_wait(&s->go);
+	keel_mutex_lock(&s->m);
+	s->won = keel__locks.spins_won;
+	s->lost = keel__locks.spins_lost;
+	keel_mutex_unlock(&s->m);
+	return NULL;
+}
+
+static void spin_case(int release_first, uint32_t want_lost)
+{
+	struct spinner *s = calloc(1, sizeof *s);
+	pthread_t th;
+
+	CHECK(s != NULL);
+	CHECK_OK(keel_mutex_init(&s->m, 4, "spun-for", 0));
+	event_init(&s->ready);
+	event_init(&s->go);
+	s->release_first = release_first;
+	th = harness_thread(spin_waiter, s);
+	event_wait(&s->ready);
+	keel_mutex_lock(&s->m);
+	event_set(&s->go);
+	while (__atomic_load_n(&s->m.k_state, __ATOMIC_ACQUIRE) != 2)
+		sched_yield();
+	keel_mutex_unlock(&s->m);
+	harness_join(th);
+	CHECK_EQ(s->won, 0);
+	CHECK_EQ(s->lost, want_lost);
+	CHECK_OK(keel_mutex_destroy(&s->m));
+	free(s);
+}
+
+TEST(a_waiter_spins_before_it_sleeps)
+{
+	spin_case(0, 1);
+}
+
+TEST(a_thread_waiting_for_the_lock_it_released_last_sleeps_at_once)
+{
+	spin_case(1, 0);
+}
+
 /* ---- Cancellable locking ---- */
 
 static keel_mutex_t contended = KEEL_MUTEX_INIT(6, "contended");
