@@ -66,6 +66,7 @@
 #include "lockcheck.h"
 
 KEEL_TLS struct keel__lockstate keel__locks;
+KEEL_TLS struct keel__spinstate keel__spin;
 
 /* The public structs keep their words as plain integers (so the header is
  * also C++); keel's futex calls take the C11 atomic type of the same
@@ -196,10 +197,10 @@ static void bad_lock(void *lock, uint32_t *magic, const char *site)
  * Then the sleep: take the word as 2 (others may be waiting). */
 static __attribute__((noinline)) void mutex_wait(keel_mutex_t *m)
 {
-	struct keel__lockstate *ls = &keel__locks;
+	struct keel__spinstate *sp = &keel__spin;
 
-	if (ls->released != m) {
-		uint32_t budget = 2 * ls->spin_avg + SPIN_LOCK_MIN;
+	if (sp->released != m) {
+		uint32_t budget = 2 * sp->avg + SPIN_LOCK_MIN;
 
 		if (budget > SPIN_LOCK_MAX)
 			budget = SPIN_LOCK_MAX;
@@ -210,14 +211,14 @@ static __attribute__((noinline)) void mutex_wait(keel_mutex_t *m)
 			    __atomic_compare_exchange_n(&m->k_state, &z, 1, 0,
 							__ATOMIC_ACQUIRE,
 							__ATOMIC_RELAXED)) {
-				ls->spin_avg = (ls->spin_avg * 7 + i) / 8;
-				ls->spins_won++;
+				sp->avg = (sp->avg * 7 + i) / 8;
+				sp->won++;
 				return;
 			}
 			keel__cpu_relax();
 		}
-		ls->spin_avg /= 2;
-		ls->spins_lost++;
+		sp->avg /= 2;
+		sp->lost++;
 	}
 	if (A_LOAD(&m->k_state) == 2)
 		keel__futex_wait(fword(&m->k_state), 2, KEEL_FOREVER);
@@ -602,7 +603,7 @@ static __attribute__((noinline)) void mutex_unlock_slow(keel_mutex_t *m,
 		m->k_depth--;
 		return;
 	}
-	ls->released = m;
+	keel__spin.released = m;
 	mutex_release(m);
 }
 
@@ -620,7 +621,7 @@ void keel_mutex_unlock_at(keel_mutex_t *m, const char *site)
 	if (likely(d - 1 < KEEL_LOCK_STACK && ls->stack[d - 1].lock == m &&
 		   !(ls->stack[d - 1].bits & (HELD_RELOCK | HELD_COUNTED)))) {
 		ls->depth = d - 1;
-		ls->released = m;
+		keel__spin.released = m;
 		mutex_release(m);
 		return;
 	}

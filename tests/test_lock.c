@@ -1416,7 +1416,7 @@ TEST(destroy_while_others_wait_to_lock_is_ebusy)
  * unless the mutex is the one it released last (two threads taking turns
  * at one lock would hand it over at every release, where a sleeper lets
  * the running holder take it again and again). White-box: the waiter's
- * own counts (keel__locks.spins_won and spins_lost) say whether it spun,
+ * own counts (keel__spin.won and keel__spin.lost) say whether it spun,
  * and the holder lets go only once the word says the waiter sleeps (2),
  * so a spin, if any, was lost. */
 struct spinner {
@@ -1437,8 +1437,8 @@ static void *spin_waiter(void *arg)
 	event_set(&s->ready);
 	event_wait(&s->go);
 	keel_mutex_lock(&s->m);
-	s->won = keel__locks.spins_won;
-	s->lost = keel__locks.spins_lost;
+	s->won = keel__spin.won;
+	s->lost = keel__spin.lost;
 	keel_mutex_unlock(&s->m);
 	return NULL;
 }

@@ -127,17 +127,17 @@ static void *worker_main(void *arg)
 	 * the word in its spin, for at most SPIN_WIN_SECONDS: while other
 	 * programs keep the other CPUs busy, one thread runs at a time and
 	 * no holder lets go during a spin. */
-	if (keel__locks.spins_won)
+	if (keel__spin.won)
 		atomic_store(&a_spin_won, 1);
 	while (need_spin_win && !atomic_load(&a_spin_won) &&
 	       keel_now() < spin_win_deadline) {
 		one_sequence(w);
 		w->sequences++;
-		if (keel__locks.spins_won)
+		if (keel__spin.won)
 			atomic_store(&a_spin_won, 1);
 	}
-	w->spins_won = keel__locks.spins_won;
-	w->spins_lost = keel__locks.spins_lost;
+	w->spins_won = keel__spin.won;
+	w->spins_lost = keel__spin.lost;
 	barrier_wait(&phase); /* phase 1 done */
 	barrier_wait(&phase); /* its result checked */
 	/* Phase 2: the same reversed pair, again and again. */
