@@ -910,6 +910,10 @@ int keel_cond_wait_until_at(keel_cond_t *c, keel_mutex_t *m,
 	if (i >= 0)
 		ls->stack[i].bits |= HELD_WAITING;
 	__atomic_add_fetch(&m->k_cwait, 1, __ATOMIC_RELAXED);
+	/* Woken, it waited for a signaller, not taking turns at the mutex:
+	 * it may spin to take it back (see mutex_wait()), whatever it
+	 * released before. */
+	keel__spin.released = NULL;
 	mutex_release(m);
 	while (!A_LOAD_ACQ(&n.woken) && rc == 0)
 		rc = keel__wait(t, deadline, 1, "cond_wait");

@@ -1477,6 +1477,81 @@ TEST(a_thread_waiting_for_the_lock_it_released_last_sleeps_at_once)
 	spin_case(1, 0);
 }
 
+/* A thread woken from a condition variable spins for its mutex even when
+ * that mutex is the one it released last (its own unlock before it
+ * waited): it waits for a signaller, not taking turns. The signaller
+ * holds the mutex until the woken thread sleeps on it, so its spin, made,
+ * was lost. */
+struct cv_spinner {
+	keel_mutex_t m;
+	keel_cond_t c;
+	int waiting, signalled;
+	uint32_t won, lost;
+};
+
+static void *cv_spin_waiter(void *arg)
+{
+	struct cv_spinner *s = arg;
+	uint32_t won, lost;
+
+	keel_mutex_lock(&s->m);
+	keel_mutex_unlock(&s->m); /* now the mutex it released last */
+	keel_mutex_lock(&s->m);
+	/* Spins before this one (the main thread polls under the mutex)
+	 * do not count. */
+	won = keel__spin.won;
+	lost = keel__spin.lost;
+	s->waiting = 1;
+	while (!s->signalled)
+		keel_cond_wait(&s->c, &s->m);
+	s->won = keel__spin.won - won;
+	s->lost = keel__spin.lost - lost;
+	keel_mutex_unlock(&s->m);
+	return NULL;
+}
+
+TEST(a_thread_woken_from_a_condition_variable_spins_for_its_mutex)
+{
+	struct cv_spinner *s = calloc(1, sizeof *s);
+	pthread_t th;
+	int waiting = 0;
+
+	CHECK(s != NULL);
+	CHECK_OK(keel_mutex_init(&s->m, 4, "cv-spun-for", 0));
+	CHECK_OK(keel_cond_init(&s->c));
+	th = harness_thread(cv_spin_waiter, s);
+	/* Once its flag is seen under the mutex, the waiter is queued on
+	 * the condition variable (it let the mutex go in the wait). */
+	while (!waiting) {
+		keel_mutex_lock(&s->m);
+		waiting = s->waiting;
+		if (waiting) {
+			/* Taken as 2 if the waiter held it then: take it
+			 * again, as 1 (the waiter is on the condition
+			 * variable), so that only the woken waiter makes it
+			 * 2. */
+			while (__atomic_load_n(&s->m.k_state,
+					       __ATOMIC_RELAXED) != 1) {
+				keel_mutex_unlock(&s->m);
+				keel_mutex_lock(&s->m);
+			}
+			s->signalled = 1;
+			keel_cond_signal(&s->c);
+		} else {
+			keel_mutex_unlock(&s->m);
+			sched_yield();
+		}
+	}
+	while (__atomic_load_n(&s->m.k_state, __ATOMIC_ACQUIRE) != 2)
+		sched_yield();
+	keel_mutex_unlock(&s->m);
+	harness_join(th);
+	CHECK_EQ(s->won, 0);
+	CHECK_EQ(s->lost, 1);
+	CHECK_OK(keel_mutex_destroy(&s->m));
+	free(s);
+}
+
 /* ---- Cancellable locking ---- */
 
 static keel_mutex_t contended = KEEL_MUTEX_INIT(6, "contended");
