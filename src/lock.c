@@ -15,9 +15,10 @@
  * The mutex is its own futex lock (Drepper's three states):
  *   0 free, 1 held, 2 held and someone may be waiting.
  *   lock:    CAS 0 -> 1; else spin a while reading it, CAS 0 -> 1 when
- *            it reads 0 (not when the mutex is the one this thread
- *            released last: see mutex_wait()); then XCHG to 2 and
- *            futex-wait while the old value was not 0.
+ *            it reads 0 (no spin for the mutex this thread released
+ *            last, unless to wait on a condition variable: see
+ *            mutex_wait()); then XCHG to 2 and futex-wait while the old
+ *            value was not 0.
  *   unlock:  XCHG to 0; if the old value was 2, wake one futex waiter and
  *            one queued waiter.
  * k_owner is the holder's lock record (its keel__locks address), so
@@ -190,9 +191,11 @@ static void bad_lock(void *lock, uint32_t *magic, const char *site)
  * waiter would take the lock at each release, passing its cache line back
  * and forth at every turn, where a sleeper lets the running holder take
  * it again and again (throughput over fairness, as glibc's default mutex
- * does; lock_contended measures that case). The record of that mutex is
- * an address compared, never read through: a lock freed and another made
- * at its address costs at most one spin not made.
+ * does; lock_contended measures that case). keel_cond_wait() forgets
+ * it: a thread woken there waited for a signaller, not for its turn. The
+ * record of that mutex is an address compared, never read through: a
+ * lock freed and another made at its address costs at most one spin not
+ * made.
  *
  * Then the sleep: take the word as 2 (others may be waiting). */
 static __attribute__((noinline)) void mutex_wait(keel_mutex_t *m)
